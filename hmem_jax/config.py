@@ -1,0 +1,268 @@
+"""Typed, frozen configuration for every knob of a run, bindable from gin.
+
+Every dataclass here is registered with gin under its class name, so an
+experiment file says `ModelConfig.d_model = 512` or `TrainConfig.steps = 1000`.
+Sub-configs are built with `default_factory`, which goes through gin, so a
+binding on `ModelConfig` reaches the `TrainConfig.model` field without any
+indirection. Values are checked in `__post_init__`: a bad value fails when the
+config is built, with a message naming the field and the fix.
+
+The paper's anchors (PAPER.md §3) are `MODEL_PRESETS`; an experiment picks one
+with `TrainConfig.model = @model_preset()` and `model_preset.name = '160m'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, f"{owner}.{name} = {value!r} is not one of {choices}.")
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        _require(value > 0, f"{owner}.{name} must be > 0, got {value!r}.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The anchor transformer (PAPER.md §3: OpenLM-style decoder).
+
+    `qk_norm`: 'full' normalises the whole query/key vector (gains of width
+    heads*head_dim, the paper's parameter count); 'per_head' normalises each
+    head with one shared gain of width head_dim (Qwen3/Gemma3 style); 'none'.
+    `remat`: 'none', 'full' (recompute each block in the backward pass) or
+    'dots' (save matmul outputs only).
+    """
+
+    vocab_size: int = 2048
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (no grouped-query attention)
+    head_dim: int = 32
+    d_ff: int = 512
+    tie_embeddings: bool = True
+    rope_base: float = 100_000.0
+    norm_eps: float = 1e-5
+    qk_norm: str = "full"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers,
+            d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
+            d_ff=self.d_ff, rope_base=self.rope_base, norm_eps=self.norm_eps,
+            init_std=self.init_std)
+        kv = self.kv_heads
+        _require(kv > 0 and self.num_heads % kv == 0,
+                 f"ModelConfig.num_kv_heads = {self.num_kv_heads} must divide "
+                 f"num_heads = {self.num_heads} (grouped-query attention).")
+        _require(self.head_dim % 2 == 0,
+                 f"ModelConfig.head_dim = {self.head_dim} must be even for rotary embeddings.")
+        _check_choice("ModelConfig", "qk_norm", self.qk_norm, ("full", "per_head", "none"))
+        _check_choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
+        _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
+        _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized anchor for tests and the embedded default run.
+    "tiny": dict(vocab_size=2048, num_layers=4, d_model=128, num_heads=4, head_dim=32,
+                 d_ff=512, tie_embeddings=True),
+    # PAPER.md §3, vocabulary of the GPT-NeoX tokenizer padded to 50,432.
+    "160m": dict(vocab_size=50_432, num_layers=35, d_model=512, num_heads=12, head_dim=32,
+                 d_ff=2048, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),
+    "410m": dict(vocab_size=50_432, num_layers=24, d_model=1024, num_heads=16, head_dim=64,
+                 d_ff=2816, tie_embeddings=False, param_dtype="bfloat16", dtype="bfloat16"),
+    "1p4b": dict(vocab_size=50_432, num_layers=24, d_model=2048, num_heads=16, head_dim=128,
+                 d_ff=5632, tie_embeddings=False, param_dtype="bfloat16", dtype="bfloat16"),
+}
+
+
+@gin.configurable
+def model_preset(name: str = "tiny", **overrides: Any) -> ModelConfig:
+    """A paper anchor by name ('tiny', '160m', '410m', '1p4b'), with field overrides."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model_preset.name = {name!r} is unknown; choose one of "
+                          f"{sorted(MODEL_PRESETS)}.")
+    return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape; -1 on one axis means "all remaining devices".
+
+    `rules` maps logical axis names (used by the model's parameters and
+    activations) to mesh axes; it is the one place sharding is decided.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    memory: int = 1
+    rules: tuple[tuple[str, Any], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("q_width", "tensor"),
+        ("kv_width", "tensor"),
+        ("mlp", "tensor"),
+        ("layers", None),
+        ("length", None),
+        ("norm", None),
+        ("memory_blocks", "memory"),
+    )
+
+    def __post_init__(self) -> None:
+        sizes = dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor, memory=self.memory)
+        auto = [name for name, size in sizes.items() if size == -1]
+        _require(len(auto) <= 1, f"MeshConfig: at most one axis may be -1, got {auto}.")
+        for name, size in sizes.items():
+            _require(size == -1 or size >= 1, f"MeshConfig.{name} = {size} must be >= 1 or -1.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping and a linear-warmup cosine schedule (PAPER.md §3)."""
+
+    peak_lr: float = 3e-3
+    end_lr: float = 3e-5
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("OptimConfig", peak_lr=self.peak_lr, eps=self.eps)
+        _require(0 <= self.end_lr <= self.peak_lr,
+                 f"OptimConfig.end_lr = {self.end_lr} must be in [0, peak_lr={self.peak_lr}].")
+        _require(self.warmup_steps >= 0, "OptimConfig.warmup_steps must be >= 0.")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "OptimConfig.b1 and b2 must be in [0, 1).")
+        _require(self.weight_decay >= 0, "OptimConfig.weight_decay must be >= 0.")
+        _require(self.grad_clip >= 0, "OptimConfig.grad_clip must be >= 0 (0 disables clipping).")
+        _check_choice("OptimConfig", "schedule", self.schedule, ("cosine", "constant"))
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class HierarchyConfig:
+    """Embedder and balanced hierarchical k-means (PAPER.md §2)."""
+
+    embedder: str = "hashed"  # 'hashed' (no torch) or 'minilm' (the paper's)
+    branching: int = 16
+    depth: int = 4
+    em_steps: int = 20
+    samples_per_step: int = 6400
+    balance_threshold: float = 0.094
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("HierarchyConfig", "embedder", self.embedder, ("hashed", "minilm"))
+        _require(self.branching >= 2, f"HierarchyConfig.branching = {self.branching} must be >= 2.")
+        _require(self.depth >= 1, f"HierarchyConfig.depth = {self.depth} must be >= 1.")
+        _check_positive("HierarchyConfig", em_steps=self.em_steps,
+                        samples_per_step=self.samples_per_step)
+        _require(0 < self.balance_threshold <= 1,
+                 f"HierarchyConfig.balance_threshold = {self.balance_threshold} must be in (0, 1].")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where documents come from and where the prepared (tokenized, packed) data lives.
+
+    `source`: 'embedded' (the built-in synthetic encyclopedia), 'jsonl' or
+    'text_dir' (then `path` names the file or folder), or 'seqio'.
+    `prepared_dir`: the output of `hmem_jax.main.prepare`; empty means
+    `WORKDIR/data`, prepared automatically for the embedded corpus.
+    """
+
+    source: str = "embedded"
+    path: str = ""
+    prepared_dir: str = ""
+    tokenizer: str = "sentencepiece"  # 'sentencepiece' (trained at prepare time) or 'hf'
+    tokenizer_path: str = ""  # an existing tokenizer; empty = train one on the corpus
+    vocab_size: int = 2048
+    embedded_entities: int = 3000
+    embedded_seed: int = 0
+    worker_count: int = 0
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("DataConfig", "source", self.source, ("embedded", "jsonl", "text_dir", "seqio"))
+        _check_choice("DataConfig", "tokenizer", self.tokenizer, ("sentencepiece", "hf"))
+        _require(self.source == "embedded" or self.path,
+                 f"DataConfig.source = {self.source!r} needs DataConfig.path.")
+        _check_positive("DataConfig", vocab_size=self.vocab_size,
+                        embedded_entities=self.embedded_entities)
+        _require(self.worker_count >= 0 and self.prefetch >= 0,
+                 "DataConfig.worker_count and prefetch must be >= 0.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: sizes, schedule, logging and checkpointing, and the sub-configs.
+
+    `batch_size` is the global number of sequences per optimizer step; with
+    `grad_accum_steps` = k each step runs k micro-batches of batch_size / k.
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    hierarchy: HierarchyConfig = dataclasses.field(default_factory=HierarchyConfig)
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("TrainConfig", steps=self.steps, batch_size=self.batch_size,
+                        seq_len=self.seq_len, grad_accum_steps=self.grad_accum_steps,
+                        log_every=self.log_every, checkpoint_every=self.checkpoint_every,
+                        keep_checkpoints=self.keep_checkpoints)
+        _require(self.batch_size % self.grad_accum_steps == 0,
+                 f"TrainConfig.batch_size = {self.batch_size} must be divisible by "
+                 f"grad_accum_steps = {self.grad_accum_steps}.")
+        _require(self.model.vocab_size >= self.data.vocab_size,
+                 f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
+                 f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.")
