@@ -204,19 +204,35 @@ class DataConfig:
     """Where documents come from and where the prepared (tokenized, packed) data lives.
 
     `source`: 'embedded' (the built-in synthetic encyclopedia), 'jsonl' or
-    'text_dir' (then `path` names the file or folder), or 'seqio'.
+    'text_dir' (then `path` names the file or folder), or 'seqio' (then `path`
+    is a seqio Task or Mixture name, registered by importing `seqio_module`).
     `prepared_dir`: the output of `hmem_jax.main.prepare`; empty means
     `WORKDIR/data`, prepared automatically for the embedded corpus.
+    `max_document_chars`: longer documents are split into pieces of at most
+    this many characters (each piece is routed and packed on its own), so one
+    huge document can neither exhaust memory nor dominate a cluster.
+    `tokenizer_train_chars`: the tokenizer is trained on the first this-many
+    characters of the corpus (a sample keeps training to seconds).
+    `prepare_workers`: processes that tokenize during prepare (0 = in-process).
+    `worker_count`: loader threads that assemble batches in the background;
+    `prefetch`: how many steps ahead the loader reads.
     """
 
     source: str = "embedded"
     path: str = ""
     prepared_dir: str = ""
-    tokenizer: str = "sentencepiece"  # 'sentencepiece' (trained at prepare time) or 'hf'
+    tokenizer: str = "sentencepiece"  # 'sentencepiece' or 'hf' (a `tokenizers` tokenizer.json)
     tokenizer_path: str = ""  # an existing tokenizer; empty = train one on the corpus
     vocab_size: int = 2048
     embedded_entities: int = 3000
     embedded_seed: int = 0
+    seqio_module: str = ""  # module imported before seqio lookup (it registers the Task)
+    seqio_split: str = "train"
+    seqio_feature: str = "text"
+    max_document_chars: int = 200_000
+    tokenizer_train_chars: int = 4_000_000
+    prepare_workers: int = 2
+    prepare_chunk_documents: int = 2048
     worker_count: int = 0
     prefetch: int = 2
 
@@ -226,9 +242,15 @@ class DataConfig:
         _require(self.source == "embedded" or self.path,
                  f"DataConfig.source = {self.source!r} needs DataConfig.path.")
         _check_positive("DataConfig", vocab_size=self.vocab_size,
-                        embedded_entities=self.embedded_entities)
-        _require(self.worker_count >= 0 and self.prefetch >= 0,
-                 "DataConfig.worker_count and prefetch must be >= 0.")
+                        embedded_entities=self.embedded_entities,
+                        max_document_chars=self.max_document_chars,
+                        tokenizer_train_chars=self.tokenizer_train_chars,
+                        prepare_chunk_documents=self.prepare_chunk_documents)
+        _require(self.vocab_size >= 300,
+                 f"DataConfig.vocab_size = {self.vocab_size} is too small: a byte-fallback "
+                 "tokenizer needs 256 byte pieces plus specials; use >= 300.")
+        _require(self.worker_count >= 0 and self.prefetch >= 0 and self.prepare_workers >= 0,
+                 "DataConfig.worker_count, prefetch and prepare_workers must be >= 0.")
 
 
 @gin.configurable
