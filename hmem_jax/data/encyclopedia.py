@@ -27,6 +27,7 @@ the answer is always an integer, scored as the first integer generated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from typing import Callable, Iterable
@@ -144,6 +145,15 @@ def generate_corpus(num_entities: int, seed: int) -> Corpus:
         raise ValueError(f"generate_corpus needs at least {NUM_BUCKETS} entities (one per "
                          f"frequency bucket), got {num_entities}.")
     return _Generator(num_entities, seed).run()
+
+
+@functools.lru_cache(maxsize=1)
+def cached_corpus(num_entities: int, seed: int) -> Corpus:
+    """`generate_corpus`, remembered: prepare reads the corpus in several passes.
+
+    Callers must not mutate the result (documents are frozen; leave the lists alone).
+    """
+    return generate_corpus(num_entities, seed)
 
 
 class _Generator:

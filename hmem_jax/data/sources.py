@@ -169,7 +169,7 @@ def decode_utf8(data: bytes) -> tuple[str, bool]:
 def _read_embedded(config: DataConfig, stats: SourceStats) -> Iterator[Document]:
     from hmem_jax.data import encyclopedia  # local import: only this source needs it
 
-    corpus = encyclopedia.generate_corpus(config.embedded_entities, config.embedded_seed)
+    corpus = encyclopedia.cached_corpus(config.embedded_entities, config.embedded_seed)
     yield from corpus.documents
 
 
