@@ -356,7 +356,7 @@ class _Generator:
         facts = self._fact_sentences(entity)
         self.random.shuffle(facts)
         body = [self._introduction(entity)] + facts + self._filler(1, 3)
-        return f"{entity.name}\n\n" + " ".join(body)
+        return f"{self._name(entity.index)}\n\n" + " ".join(body)
 
     def _news(self, entity: Entity) -> str:
         chosen = self._fact_sentences(entity, self.random.randint(2, 3))

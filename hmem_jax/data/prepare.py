@@ -79,9 +79,11 @@ class PreparedDataError(ValueError):
 class TreeRouter:
     """What prepare needs from a ClusterTree: paths and block ids for texts, plus identity.
 
-    `tree` is a `hmem_jax.hierarchy` ClusterTree (or any object with the same
-    attributes: `content_hash`, `depth`, `branching`, `embedder_name`,
-    `route(embeddings) -> int[N, depth]`, `block_ids(paths) -> int[N, depth]`).
+    `tree` is a `hmem_jax.hierarchy.tree.ClusterTree` (or any object with the
+    same attributes: `content_hash`, `depth`, `branching`, `embedder_name`,
+    `num_clusters` per level, `route_texts(texts, embedder)` or
+    `route(embeddings) -> int[N, depth]`, `block_ids(paths) -> int[N, depth]`
+    with id_l = id_{l-1} * branching + child_l).
     """
 
     def __init__(self, tree: Any, embedder: Any | None = None) -> None:
@@ -94,7 +96,7 @@ class TreeRouter:
 
     @classmethod
     def load(cls, tree_dir: str) -> "TreeRouter":
-        from hmem_jax.hierarchy import ClusterTree  # the hierarchy package owns the format
+        from hmem_jax.hierarchy.tree import ClusterTree  # the hierarchy package owns the format
 
         return cls(ClusterTree.load(tree_dir))
 
@@ -108,7 +110,7 @@ class TreeRouter:
 
     def clusters_per_level(self) -> list[int]:
         """Number of blocks at each level 1..depth: the exclusive bound of its block ids."""
-        counts = getattr(self.tree, "clusters_per_level", None)
+        counts = getattr(self.tree, "num_clusters", None)
         if counts is None:
             counts = [int(self.tree.branching) ** level for level in range(1, self.depth + 1)]
         return [int(count) for count in (counts() if callable(counts) else counts)]
