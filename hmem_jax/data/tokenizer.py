@@ -286,12 +286,16 @@ def load_tokenizer(prepared_dir: str) -> Tokenizer:
         raise TokenizerError(f"The prepared data in {prepared_dir!r} lists tokenizer file "
                              f"{expected['file']!r}, which is missing. Prepare the data again.")
     with open(path, "rb") as handle:
-        tokenizer = tokenizer_from_bytes(expected["kind"], handle.read())
-    found = tokenizer.describe()
+        data = handle.read()
+    # Hash first: a damaged file must be reported as a mismatch, not as a parser crash.
+    found = {"sha256": hashlib.sha256(data).hexdigest()}
+    if found["sha256"] == expected["sha256"]:
+        found = tokenizer_from_bytes(expected["kind"], data).describe()
     for key in ("sha256", "vocab_size", "eot_id", "pad_id"):
-        if found[key] != expected[key]:
+        if found.get(key) != expected[key]:
             raise TokenizerError(
                 f"The tokenizer in {prepared_dir!r} does not match the one its shards were "
-                f"tokenized with: manifest {key} = {expected[key]!r}, file gives {found[key]!r}. "
-                "Restore the original tokenizer file or prepare the data again.")
-    return tokenizer
+                f"tokenized with: manifest {key} = {expected[key]!r}, file gives "
+                f"{found.get(key)!r}. Restore the original tokenizer file or prepare the data "
+                "again.")
+    return tokenizer_from_bytes(expected["kind"], data)
