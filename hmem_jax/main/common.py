@@ -1,0 +1,100 @@
+"""What every entry point shares: gin flags, config loading with clear errors, multi-host start-up.
+
+Flags (T5X style): `--gin_file` (repeatable; a path, or a name under
+`experiments/` with or without `.gin`) and `--gin_param` (repeatable
+`Configurable.field = value`). Multi-host: `jax.distributed.initialize` is
+called once, before any other JAX call, when `--coordinator_address` (or the
+HMEM_COORDINATOR_ADDRESS / HMEM_NUM_PROCESSES / HMEM_PROCESS_ID environment
+variables) is given, or with `--distributed=auto` on clusters JAX detects
+itself (SLURM, TPU pods, GKE).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import gin
+from absl import flags
+
+from hmem_jax.config import ConfigError, TrainConfig
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments")
+
+GIN_FILES = flags.DEFINE_multi_string(
+    "gin_file", [], "Gin config file (path or experiments/ name); repeatable, later files win.")
+GIN_PARAMS = flags.DEFINE_multi_string(
+    "gin_param", [], "Gin binding, e.g. 'TrainConfig.steps = 100'; repeatable, applied last.")
+DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto"],
+    "'auto': call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU, GKE).")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("HMEM_COORDINATOR_ADDRESS", ""),
+    "host:port of process 0 for a multi-process run (also HMEM_COORDINATOR_ADDRESS).")
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("HMEM_NUM_PROCESSES", "1")),
+    "Number of processes in a multi-process run (also HMEM_NUM_PROCESSES).")
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ.get("HMEM_PROCESS_ID", "0")),
+    "This process's index in a multi-process run (also HMEM_PROCESS_ID).")
+
+
+def resolve_gin_file(name: str) -> str:
+    """A gin file path, trying `experiments/NAME[.gin]` when `name` is not a file."""
+    candidates = [name, name + ".gin", os.path.join(EXPERIMENTS_DIR, name),
+                  os.path.join(EXPERIMENTS_DIR, name + ".gin")]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    available = sorted(f[:-4] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".gin")) \
+        if os.path.isdir(EXPERIMENTS_DIR) else []
+    raise ConfigError(f"--gin_file={name!r}: no such file (also looked in {EXPERIMENTS_DIR}). "
+                      f"Experiments available: {available}.")
+
+
+def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
+    """Parse gin files then bindings; any error names the offending file or binding."""
+    gin.clear_config()
+    paths = [resolve_gin_file(f) for f in files]
+    gin.add_config_file_search_path(EXPERIMENTS_DIR)
+    for path in paths:
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
+    try:
+        gin.parse_config_files_and_bindings(paths, list(params), finalize_config=False)
+    except (ValueError, KeyError, SyntaxError, IOError) as err:
+        raise ConfigError(f"Invalid gin configuration ({', '.join(paths + list(params)) or 'none'}):"
+                          f" {err}") from err
+
+
+def load_train_config(files: Sequence[str] = (), params: Sequence[str] = ()) -> TrainConfig:
+    """Parse gin and build the TrainConfig; bad values fail here, naming the field."""
+    parse_gin(files, params)
+    try:
+        return TrainConfig()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid configuration value: {err}") from err
+
+
+def config_from_flags() -> TrainConfig:
+    return load_train_config(GIN_FILES.value, GIN_PARAMS.value)
+
+
+def initialize_distributed() -> None:
+    """Start multi-host JAX once, before any computation, if this run has several processes."""
+    import jax
+    if COORDINATOR.value and NUM_PROCESSES.value > 1:
+        jax.distributed.initialize(coordinator_address=COORDINATOR.value,
+                                   num_processes=NUM_PROCESSES.value,
+                                   process_id=PROCESS_ID.value)
+    elif DISTRIBUTED.value == "auto":
+        jax.distributed.initialize()
+
+
+def fail(message: str) -> None:
+    """Exit with a one-line error (no traceback) for user mistakes."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,0 +1,133 @@
+"""Building blocks of the anchor: gain-only RMSNorm, rotary embeddings, attention, SwiGLU.
+
+Every parameter carries logical axis names (see `MeshConfig.rules`); the
+mesh placement is decided by the rules table, never here. Parameters are
+stored in `param_dtype` and cast to the compute `dtype` at use; norms and
+softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hmem_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def truncated_normal(std: float) -> nn.initializers.Initializer:
+    """Normal truncated to ±2σ, rescaled so its standard deviation is `std`."""
+    # 0.8796 is the standard deviation of a unit normal truncated to [-2, 2].
+    return nn.initializers.truncated_normal(stddev=std / 0.87962566103423978)
+
+
+def param(module: nn.Module, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...],
+          axes: tuple[str | None, ...], cfg: ModelConfig) -> Array:
+    """A parameter with logical axis names, returned in the compute dtype."""
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                         dtype_of(cfg.param_dtype))
+    return jnp.asarray(value, dtype_of(cfg.dtype))
+
+
+class RMSNorm(nn.Module):
+    """Gain-only RMS normalisation over the last axis, computed in float32."""
+
+    cfg: ModelConfig
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                 (self.axis_name,)),
+                           (x.shape[-1],), dtype_of(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: Array, positions: Array, base: float) -> Array:
+    """Rotary position embedding, rotate-half layout (as Llama/NeoX in `transformers`).
+
+    x[B, T, N, H], positions[B, T] -> [B, T, N, H]. Positions restart at 0 in
+    each packed document, so a document sees the same encoding wherever it sits.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, H/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def document_causal_mask(segment_ids: Array) -> Array:
+    """mask[B, 1, T, T]: query t may attend key s iff s <= t and both are in the same document.
+
+    Segment id 0 marks padding; padding attends only to padding, so its rows
+    stay finite, and the loss ignores it.
+    """
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_doc)[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+        cfg = self.cfg
+        batch, length, d = x.shape
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        in_init = truncated_normal(1.0 / math.sqrt(d))
+        out_init = truncated_normal(1.0 / math.sqrt(q_width * 2 * cfg.num_layers))
+        wq = param(self, "wq", in_init, (d, q_width), ("embed", "q_width"), cfg)
+        wk = param(self, "wk", in_init, (d, kv_width), ("embed", "kv_width"), cfg)
+        wv = param(self, "wv", in_init, (d, kv_width), ("embed", "kv_width"), cfg)
+        wo = param(self, "wo", out_init, (q_width, d), ("q_width", "embed"), cfg)
+
+        q, k, v = x @ wq, x @ wk, x @ wv
+        if cfg.qk_norm == "full":
+            q = RMSNorm(cfg, "q_width", name="q_norm")(q)
+            k = RMSNorm(cfg, "kv_width", name="k_norm")(k)
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
+        v = v.reshape(batch, length, cfg.kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "per_head":
+            q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
+        q = rotary(q, positions, cfg.rope_base)
+        k = rotary(k, positions, cfg.rope_base)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+        return out.reshape(batch, length, q_width) @ wo
+
+
+class SwiGLU(nn.Module):
+    """down(silu(x·gate) * (x·up)), no biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        d = x.shape[-1]
+        in_init = truncated_normal(1.0 / math.sqrt(d))
+        out_init = truncated_normal(1.0 / math.sqrt(cfg.d_ff * 2 * cfg.num_layers))
+        w_gate = param(self, "w_gate", in_init, (d, cfg.d_ff), ("embed", "mlp"), cfg)
+        w_up = param(self, "w_up", in_init, (d, cfg.d_ff), ("embed", "mlp"), cfg)
+        w_down = param(self, "w_down", out_init, (cfg.d_ff, d), ("mlp", "embed"), cfg)
+        hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return hidden @ w_down

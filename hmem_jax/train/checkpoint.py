@@ -1,0 +1,76 @@
+"""Orbax checkpoints of the train state under `WORKDIR/checkpoints/<step>/`.
+
+Each checkpoint holds the sharded train state and a small JSON record of what
+produced it (config fingerprint, data manifest fingerprint, step). Saves are
+asynchronous: the host copies device buffers and goes on while the write
+proceeds; orbax finalises a step folder only when all of it is on disk, so a
+crash mid-write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from hmem_jax.train.state import TrainState
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint was written by a run incompatible with the current config."""
+
+
+class Checkpointer:
+    """Saves every `every` steps, keeps the last `keep`, restores the latest."""
+
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, create=True,
+            enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.last_blocking_s = 0.0
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: TrainState, record: dict[str, Any], force: bool = False) -> bool:
+        """Start saving `state` as checkpoint `step` if the interval (or `force`) says so."""
+        start = time.perf_counter()
+        saved = self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          record=ocp.args.JsonSave(record)), force=force)
+        self.last_blocking_s = time.perf_counter() - start
+        return bool(saved)
+
+    def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
+        """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings).
+
+        `expected` holds fingerprints that must equal the saved ones (e.g. the
+        model config); a difference is an error naming the key, never a
+        silent restore into a different run.
+        """
+        record = self._manager.restore(step, args=ocp.args.Composite(
+            record=ocp.args.JsonRestore()))["record"]
+        for key, value in expected.items():
+            if record.get(key) != value:
+                raise CheckpointMismatchError(
+                    f"Checkpoint {self.directory}/{step} was written with {key} = "
+                    f"{record.get(key)!r}, but this run has {value!r}. Resume with the original "
+                    f"configuration, or start the new run in a fresh --workdir.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+

@@ -1,0 +1,159 @@
+"""The training loop: data → jitted step → metrics → checkpoints, resumable at any step.
+
+A run is a pure function of (config, workdir): batch s is a function of
+(seed, s) only, and a workdir holding checkpoints resumes from the latest,
+so a run stopped and restarted reproduces the uninterrupted run's losses.
+Device metrics are read one step late, so the host never waits on the
+device just to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Protocol
+
+import jax
+from jax.experimental import multihost_utils
+
+from hmem_jax import sharding
+from hmem_jax.config import TrainConfig
+from hmem_jax.model import Transformer, count_params
+from hmem_jax.train import metrics as metrics_lib
+from hmem_jax.train.checkpoint import Checkpointer
+from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
+from hmem_jax.train.step import compile_train_step
+
+MODEL_INPUTS = ("tokens", "segment_ids", "positions")
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data loader (see `hmem_jax.data.loader.Loader`)."""
+
+    def iterate(self, start_step: int) -> Any:
+        """Yields (step, batch) from `start_step`; batch holds this process's rows."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    losses: dict[int, float]  # step (1-based: after that many updates) -> loss of that step
+    workdir: str
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (configs, manifests)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run that resumes it."""
+    return {
+        "model": fingerprint(dataclasses.asdict(cfg.model)),
+        "data": data_fingerprint,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "seed": cfg.seed,
+    }
+
+
+def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint: str,
+          until_step: int | None = None, peak_tflops: float = 0.0,
+          devices: list[jax.Device] | None = None) -> TrainResult:
+    """Train to `cfg.steps` (or stop after `until_step`, as a preempted job would).
+
+    `data_fingerprint` identifies the prepared data (tokenizer, tree, packing);
+    it is stored in each checkpoint and must match on resume. `devices`
+    restricts the mesh to a subset (default: every device of every process).
+    """
+    mesh = sharding.build_mesh(cfg.mesh, devices)
+    rules = sharding.rules_of(cfg.mesh)
+    shards = sharding.batch_shards(mesh, rules)
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    if micro % shards:
+        raise ValueError(
+            f"TrainConfig.batch_size / grad_accum_steps = {micro} sequences per micro-batch does "
+            f"not divide over the {shards} batch shards of the mesh {dict(mesh.shape)}; change "
+            f"batch_size, grad_accum_steps or MeshConfig.")
+
+    model = Transformer(cfg.model)
+    schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    shardings = state_shardings(model, tx, mesh, rules)
+    record = run_record(cfg, data_fingerprint)
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                                cfg.keep_checkpoints, cfg.async_checkpointing)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = create_state(model, tx, mesh, rules, cfg.seed)
+    else:
+        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules), record)
+    start_step = int(state.step)
+    if jax.process_index() == 0:
+        what = f"resuming from step {start_step}" if latest is not None else "starting fresh"
+        print(f"hmem_jax: {count_params(state.params):,} parameters, mesh {dict(mesh.shape)}, "
+              f"{jax.process_count()} process(es), {what}", flush=True)
+
+    step_fn = compile_train_step(model, tx, schedule, cfg.grad_accum_steps, mesh, rules, shardings)
+    flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len) * (
+        cfg.batch_size * cfg.seq_len)
+    peak, _ = metrics_lib.peak_flops_per_device(peak_tflops)
+    writer = metrics_lib.MetricWriter(workdir, cfg.steps)
+    end_step = cfg.steps if until_step is None else min(until_step, cfg.steps)
+
+    losses: dict[int, float] = {}
+    pending: tuple[int, dict] | None = None
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    run_start, timed_steps = None, 0
+    batches = loader.iterate(start_step)
+    try:
+        for step in range(start_step, end_step):
+            fetch_start = time.perf_counter()
+            data_step, local = next(batches)
+            assert data_step == step, (data_step, step)
+            batch = sharding.global_batch({k: local[k] for k in MODEL_INPUTS}, mesh, rules)
+            data_wait += time.perf_counter() - fetch_start
+            state, step_metrics = step_fn(state, batch)
+            window_steps += 1
+            if pending is not None:
+                losses[pending[0]] = float(pending[1]["train/loss"])
+            pending = (step + 1, step_metrics)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == end_step:
+                jax.block_until_ready(step_metrics)
+                now = time.perf_counter()
+                elapsed = now - window_start
+                step_time = elapsed / window_steps
+                logged = dict(step_metrics)
+                logged.update({
+                    "perf/step_time_s": step_time,
+                    "perf/tokens_per_s": cfg.batch_size * cfg.seq_len / step_time,
+                    "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                    "perf/data_wait_s": data_wait / window_steps,
+                    "ckpt/blocking_s": checkpointer.last_blocking_s,
+                })
+                if run_start is None:
+                    run_start, timed_steps = now, 0  # the first window includes compilation
+                else:
+                    timed_steps += window_steps
+                rate = (now - run_start) / timed_steps if timed_steps else step_time
+                writer.write(done, logged, eta_s=rate * (end_step - done))
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            checkpointer.save(done, state, record, force=done == end_step)
+        if pending is not None:
+            losses[pending[0]] = float(pending[1]["train/loss"])
+    finally:
+        checkpointer.close()
+        writer.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    multihost_utils.sync_global_devices("hmem_jax.train.done")
+    return TrainResult(state=state, losses=losses, workdir=workdir)
+

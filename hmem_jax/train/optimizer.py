@@ -1,0 +1,41 @@
+"""The anchor's optimizer: AdamW (β 0.9/0.95) with global-norm clipping and warmup + cosine.
+
+Weight decay is decoupled and skips norm gains (`scale` parameters): decaying
+a gain towards zero would shrink activations, not regularise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from hmem_jax.config import OptimConfig
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `peak_lr`, then cosine to `end_lr` at `total_steps` (or constant)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "constant":
+        ramp = optax.linear_schedule(0.0, cfg.peak_lr, max(warmup, 1))
+        return optax.join_schedules([ramp, optax.constant_schedule(cfg.peak_lr)], [warmup])
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.end_lr)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for every parameter that receives weight decay (all but norm gains)."""
+    def is_decayed(path: tuple, _: Any) -> bool:
+        return getattr(path[-1], "key", None) != "scale"
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
