@@ -178,24 +178,51 @@ class OptimConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class HierarchyConfig:
-    """Embedder and balanced hierarchical k-means (PAPER.md §2)."""
+    """Embedder and balanced hierarchical k-means (PAPER.md §2; see hmem_jax/hierarchy/kmeans.py).
+
+    Level l of the tree has branching**l clusters (16 x 4: 16 / 256 / 4,096 /
+    65,536). Each node is fitted with k-means++ and `em_steps` minibatch EM
+    steps of `samples_per_step` documents (paper: 20 x 6,400). Balancing: a
+    cluster holding more than the balance threshold of a step's assignments is
+    split at random with the smallest cluster. The paper's threshold is 0.094
+    at branching 16 (~1.5 times a fair share); `balance_threshold = None` (the
+    default) means exactly that, scaled to other branchings as
+    0.094 * 16 / branching. An explicit value must be >= 1/branching, or no
+    clustering could satisfy it. `seed` makes the tree deterministic.
+    """
 
     embedder: str = "hashed"  # 'hashed' (no torch) or 'minilm' (the paper's)
     branching: int = 16
     depth: int = 4
     em_steps: int = 20
     samples_per_step: int = 6400
-    balance_threshold: float = 0.094
+    balance_threshold: float | None = None  # None: 0.094 * 16 / branching (paper at 16: 0.094)
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("HierarchyConfig", "embedder", self.embedder, ("hashed", "minilm"))
         _require(self.branching >= 2, f"HierarchyConfig.branching = {self.branching} must be >= 2.")
         _require(self.depth >= 1, f"HierarchyConfig.depth = {self.depth} must be >= 1.")
+        _require(self.branching ** self.depth < 2 ** 31,
+                 f"HierarchyConfig: branching**depth = {self.branching ** self.depth} leaves "
+                 "overflow int32 block ids; lower branching or depth.")
         _check_positive("HierarchyConfig", em_steps=self.em_steps,
                         samples_per_step=self.samples_per_step)
-        _require(0 < self.balance_threshold <= 1,
-                 f"HierarchyConfig.balance_threshold = {self.balance_threshold} must be in (0, 1].")
+        _require(self.samples_per_step >= self.branching,
+                 f"HierarchyConfig.samples_per_step = {self.samples_per_step} must be >= "
+                 f"branching = {self.branching} so a minibatch can populate every cluster.")
+        _require(self.balance_threshold is None
+                 or 1 / self.branching <= self.balance_threshold <= 1,
+                 f"HierarchyConfig.balance_threshold = {self.balance_threshold} must be in "
+                 f"[1/branching = {1 / self.branching:.4g}, 1] or None (the paper's 0.094 at "
+                 f"branching 16, scaled: {0.094 * 16 / self.branching:.4g} here).")
+
+    @property
+    def effective_balance_threshold(self) -> float:
+        """The threshold the k-means uses: the explicit value, or 0.094 * 16 / branching."""
+        if self.balance_threshold is not None:
+            return self.balance_threshold
+        return min(1.0, 0.094 * 16 / self.branching)
 
 
 @gin.configurable

@@ -1,0 +1,71 @@
+"""On-disk embedding cache, so re-clustering a corpus does not re-embed it.
+
+Embedding is the slow step (MiniLM: a few hundred documents per second on a
+CPU), while fitting a tree takes minutes, and trees get re-fitted whenever
+the branching, depth, budget or seed changes. The cache key covers exactly
+what determines the vectors: the corpus content (every text, in order) and
+the embedder's name, dimension and version. Each entry is `<key>.npy` with a
+`<key>.json` sidecar that says what it holds; entries are written to a
+temporary file and renamed, so a crash never leaves a truncated entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from hmem_jax.hierarchy.embedders import Embedder
+
+
+def corpus_hash(texts: Iterable[str]) -> str:
+    """sha256 hex over the texts in order (length-prefixed, so boundaries count)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8", errors="surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def cache_key(embedder: Embedder, content_hash: str) -> str:
+    """The entry name for a corpus hash embedded by `embedder`."""
+    identity = json.dumps({"corpus": content_hash, "embedder": embedder.name,
+                           "dim": int(embedder.dim), "version": getattr(embedder, "version", "")},
+                          sort_keys=True)
+    return f"{embedder.name}-{embedder.dim}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}"
+
+
+def embed_cached(embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike | None
+                 ) -> np.ndarray:
+    """float32[N, dim] embeddings of `texts`, read from `cache_dir` when present, else computed
+    and stored there. `cache_dir=None` disables the cache."""
+    texts = list(texts)
+    if cache_dir is None:
+        return embedder.embed(texts)
+    content_hash = corpus_hash(texts)
+    key = cache_key(embedder, content_hash)
+    directory = Path(cache_dir)
+    array_path = directory / f"{key}.npy"
+    if array_path.is_file():
+        cached = np.load(array_path, allow_pickle=False)
+        if cached.shape == (len(texts), embedder.dim) and cached.dtype == np.float32:
+            return cached
+        # A mismatched entry can only come from a foreign file; recompute and replace it.
+    vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
+    if vectors.shape != (len(texts), embedder.dim):
+        raise ValueError(f"Embedder '{embedder.name}' returned shape {vectors.shape}; expected "
+                         f"{(len(texts), embedder.dim)}.")
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f"{key}.{os.getpid()}.tmp.npy"
+    np.save(temporary, vectors)
+    os.replace(temporary, array_path)
+    sidecar = {"embedder": embedder.name, "dim": int(embedder.dim),
+               "version": getattr(embedder, "version", ""), "documents": len(texts),
+               "corpus_hash": content_hash}
+    (directory / f"{key}.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    return vectors

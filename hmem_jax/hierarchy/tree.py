@@ -1,0 +1,213 @@
+"""ClusterTree: the fitted centroid hierarchy, its routes and its on-disk form.
+
+A tree is immutable: centroids per level (level l: float32[branching**l, D],
+grouped by parent, see `kmeans`), the embedder it was fitted in (name and
+dimension), the branching factor and the seed. Routes are int32[N, depth]
+child indices; `block_ids` turns them into global cluster ids per level, the
+ids the memory bank is indexed by.
+
+On disk (`save` / `load`) a tree is a folder holding `centroids_level{l}.npy`
+for each level and a `tree.json` manifest: format version, embedder name and
+dimension, branching, depth, seed, a content hash over the manifest fields and
+every centroid byte, and provenance of the fit. Loading recomputes the hash, so
+a modified or truncated array is an error instead of silently different routes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from hmem_jax.hierarchy.embedders import Embedder
+from hmem_jax.config import HierarchyConfig
+from hmem_jax.hierarchy.kmeans import fit_hierarchical_kmeans
+from hmem_jax.hierarchy.routing import (
+    block_ids_from_paths, greedy_paths, squared_norms, validate_embeddings)
+
+MANIFEST_NAME = "tree.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClusterTree:
+    """Centroids per level plus the identity of the embedding space they live in.
+
+    `levels[l-1]` is float32[branching**l, dim]. `fit_info` is provenance only
+    (budget, timings, corpus hash); it is saved but not part of `content_hash`.
+    """
+
+    levels: tuple[np.ndarray, ...]
+    embedder_name: str
+    branching: int
+    seed: int = 0
+    fit_info: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise ValueError("A ClusterTree needs at least one level of centroids.")
+        levels = tuple(np.ascontiguousarray(c, dtype=np.float32) for c in self.levels)
+        dim = levels[0].shape[-1]
+        for index, centroids in enumerate(levels, start=1):
+            expected = (self.branching ** index, dim)
+            if centroids.shape != expected:
+                raise ValueError(f"Level {index} centroids have shape {centroids.shape}; expected "
+                                 f"{expected} (branching {self.branching}, dim {dim}).")
+            if not np.isfinite(centroids).all():
+                raise ValueError(f"Level {index} centroids contain NaN or infinite values.")
+            centroids.setflags(write=False)
+        object.__setattr__(self, "levels", levels)
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        return int(self.levels[0].shape[1])
+
+    @property
+    def depth(self) -> int:
+        return len(self.levels)
+
+    @property
+    def num_clusters(self) -> tuple[int, ...]:
+        """Clusters per level, e.g. (16, 256, 4096, 65536)."""
+        return tuple(len(c) for c in self.levels)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "embedder": self.embedder_name, "dim": self.dim,
+                "branching": self.branching, "depth": self.depth, "seed": self.seed}
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """sha256 hex of the identity fields and every centroid byte (float32, C order)."""
+        digest = hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode())
+        for centroids in self.levels:
+            digest.update(centroids.astype("<f4", copy=False).tobytes())
+        return digest.hexdigest()
+
+    def check_embedder(self, embedder: Embedder | str, dim: int | None = None) -> None:
+        """Raise ValueError unless `embedder` (or its name and `dim`) matches the tree's."""
+        name = embedder if isinstance(embedder, str) else embedder.name
+        if dim is None and not isinstance(embedder, str):
+            dim = embedder.dim
+        if name != self.embedder_name or (dim is not None and dim != self.dim):
+            raise ValueError(
+                f"This cluster tree was fitted on '{self.embedder_name}' embeddings of dimension "
+                f"{self.dim}, but the caller uses '{name}' of dimension {dim}. Routes are only "
+                f"meaningful in the tree's own space: embed with '{self.embedder_name}' "
+                f"(HierarchyConfig.embedder = '{self.embedder_name}'), or re-fit the tree with "
+                f"'{name}' (python -m hmem_jax.main.cluster).")
+
+    # -- fitting and routing ----------------------------------------------------------
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, config: HierarchyConfig, embedder_name: str,
+            progress: Callable[[str], None] | None = None,
+            fit_info: dict | None = None) -> "ClusterTree":
+        """Fit balanced hierarchical k-means (see `kmeans`) with a HierarchyConfig's settings.
+
+        `embedder_name` is recorded as the tree's space; `config.embedder` is not
+        consulted, so trees can be fitted on any vectors (tests, benchmarks).
+        """
+        levels, stats = fit_hierarchical_kmeans(embeddings, config, progress=progress)
+        info = {"documents": int(len(embeddings)), "em_steps": config.em_steps,
+                "samples_per_step": config.samples_per_step,
+                "balance_threshold": config.effective_balance_threshold,
+                "levels": [dataclasses.asdict(s) for s in stats], **(fit_info or {})}
+        return cls(tuple(levels), embedder_name=embedder_name, branching=config.branching,
+                   seed=config.seed, fit_info=info)
+
+    @functools.cached_property
+    def _level_norms(self) -> tuple[np.ndarray, ...]:
+        return tuple(squared_norms(c) for c in self.levels)
+
+    def route(self, embeddings: np.ndarray, batch_size: int | None = None,
+              workers: int | None = None) -> np.ndarray:
+        """int32[N, depth] paths (child index per level) by greedy nearest-centroid descent.
+
+        Vectorised and multi-threaded (see `routing.greedy_paths`); the paths do
+        not depend on `batch_size` or `workers`.
+        """
+        embeddings = validate_embeddings(embeddings, dim=self.dim, allow_empty=True)
+        return greedy_paths(embeddings, self.levels, self.branching, self._level_norms,
+                            batch_size=batch_size, workers=workers)
+
+    def route_texts(self, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
+        """int32[N, depth] paths of raw texts (prompts, documents), embedded with `embedder`."""
+        self.check_embedder(embedder)
+        return self.route(embedder.embed(list(texts)))
+
+    def block_ids(self, paths: np.ndarray) -> np.ndarray:
+        """int32[N, depth] global cluster id per level (id_l = id_{l-1} * branching + child_l)."""
+        paths = np.asarray(paths)
+        if paths.ndim != 2 or paths.shape[1] != self.depth:
+            raise ValueError(f"paths must have shape [N, {self.depth}]; got {paths.shape}.")
+        return block_ids_from_paths(paths, self.branching)
+
+    def inertia_per_level(self, embeddings: np.ndarray,
+                          paths: np.ndarray | None = None) -> list[float]:
+        """Mean squared L2 distance of each document to its cluster's centroid, per level."""
+        embeddings = validate_embeddings(embeddings, dim=self.dim, allow_empty=False)
+        ids = self.block_ids(self.route(embeddings) if paths is None else paths)
+        result = []
+        for level, centroids in enumerate(self.levels):
+            total = 0.0
+            for start in range(0, len(embeddings), 1 << 17):
+                chunk = embeddings[start:start + (1 << 17)]
+                diff = chunk - centroids[ids[start:start + len(chunk), level]]
+                total += float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
+            result.append(total / len(embeddings))
+        return result
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `centroids_level{l}.npy` and `tree.json` into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files = []
+        for level, centroids in enumerate(self.levels, start=1):
+            name = f"centroids_level{level}.npy"
+            np.save(directory / name, centroids)
+            files.append({"level": level, "clusters": len(centroids), "file": name})
+        manifest = {**self._identity(), "content_hash": self.content_hash, "levels": files,
+                    "fit": self.fit_info}
+        temporary = directory / (MANIFEST_NAME + ".tmp")
+        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(temporary, directory / MANIFEST_NAME)  # the manifest appears last
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, embedder: Embedder | str | None = None,
+             dim: int | None = None) -> "ClusterTree":
+        """Read a saved tree; if `embedder` (and `dim`) is given, it must match the tree's."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"No {MANIFEST_NAME} in {directory}; expected a folder written "
+                                    "by ClusterTree.save or python -m hmem_jax.main.cluster.")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{manifest_path} has format_version {manifest.get('format_version')};"
+                             f" this code reads version {FORMAT_VERSION}. Re-fit the tree.")
+        levels = tuple(np.load(directory / entry["file"], allow_pickle=False)
+                       for entry in sorted(manifest["levels"], key=lambda e: e["level"]))
+        tree = cls(levels, embedder_name=manifest["embedder"], branching=manifest["branching"],
+                   seed=manifest["seed"], fit_info=manifest.get("fit", {}))
+        if tree.dim != manifest["dim"] or tree.depth != manifest["depth"]:
+            raise ValueError(f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
+                             f"disagree with the manifest (dim {manifest['dim']}, depth "
+                             f"{manifest['depth']}); the folder is corrupt, re-fit the tree.")
+        if tree.content_hash != manifest["content_hash"]:
+            raise ValueError(f"{directory}: the centroids' content hash {tree.content_hash[:12]} "
+                             f"differs from the manifest's {manifest['content_hash'][:12]}; the "
+                             "arrays were modified or truncated. Re-fit or restore the tree.")
+        if embedder is not None:
+            tree.check_embedder(embedder, dim)
+        return tree

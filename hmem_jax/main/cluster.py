@@ -1,0 +1,145 @@
+"""Fit the cluster tree on a corpus and write the tree, every document's path and a report.
+
+    python -m hmem_jax.main.cluster --docs=PATH --out=DIR \
+        [--gin_file=experiments/X.gin] [--gin_param='HierarchyConfig.depth = 3'] \
+        [--cache_dir=DIR]
+
+`--docs` is a `.jsonl` file (or a folder of them) with a `text` field, a folder
+of `.txt` files, or the word `embedded` (the built-in synthetic corpus);
+without it, `DataConfig.source`/`path` from gin decide, exactly as for
+`hmem_jax.main.prepare`, so both read the same documents in the same order.
+The embedder, branching, depth, EM budget, balancing and seed come from
+`HierarchyConfig` (PAPER.md §2 defaults: 16 x 4, 20 steps x 6,400 samples).
+
+Writes into `--out`:
+  tree/                 the ClusterTree (centroids per level + tree.json manifest)
+  paths.npy             int32[N, depth] child index per level, by greedy descent
+  doc_ids.json          the N document ids, in the order of paths.npy
+  report.json           cluster sizes, balance and inertia per level; timings
+  config.gin            the gin configuration the run used
+Embeddings are cached under `--cache_dir` (keyed by corpus and embedder), so
+re-fitting with another tree shape or seed does not re-embed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+from absl import app, flags
+
+from hmem_jax.config import ConfigError, DataConfig, HierarchyConfig
+from hmem_jax.main import common
+
+DOCS = flags.DEFINE_string(
+    "docs", "", "Corpus: a .jsonl file or folder of them, a folder of .txt files, or 'embedded'. "
+    "Empty: DataConfig.source / DataConfig.path from gin.")
+OUT = flags.DEFINE_string("out", "", "Output folder for the tree, paths and report (required).")
+CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
+    "Embedding cache folder; empty disables the cache.")
+QUIET = flags.DEFINE_bool("quiet", False, "No progress output.")
+
+TREE_SUBDIR = "tree"
+
+
+def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
+    """`base` with source/path set from a --docs value (file, folder or 'embedded')."""
+    if not docs:
+        return base
+    if docs == "embedded":
+        return dataclasses.replace(base, source="embedded", path="")
+    path = Path(docs)
+    if path.is_file():
+        if path.suffix != ".jsonl":
+            raise ConfigError(f"--docs={docs} is a file but not .jsonl; pass a .jsonl file (one "
+                              "JSON object with a 'text' field per line) or a folder of .txt files.")
+        return dataclasses.replace(base, source="jsonl", path=str(path))
+    if path.is_dir():
+        has_jsonl = any(path.glob("*.jsonl"))
+        return dataclasses.replace(base, source="jsonl" if has_jsonl else "text_dir", path=str(path))
+    raise ConfigError(f"--docs={docs} does not exist; pass a .jsonl file, a folder of .txt files, "
+                      "or 'embedded'.")
+
+
+def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | os.PathLike,
+                   cache_dir: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Read, embed (cached), fit, route and report; returns the report written to report.json."""
+    from hmem_jax.data.sources import SourceStats, read_documents
+    from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
+    from hmem_jax.hierarchy.cache import corpus_hash
+    from hmem_jax.hierarchy.embedders import get_embedder
+
+    say = print if verbose else (lambda *_: None)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    stats = SourceStats()
+    documents = list(read_documents(data, stats))
+    timings["read_s"] = time.perf_counter() - started
+    if not documents:
+        raise ValueError(f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
+                         "cluster. Check --docs (jsonl lines need a non-empty 'text' field).")
+    texts = [document.text for document in documents]
+    say(f"read {len(texts)} documents from {data.source} {data.path!r}"
+        + (f" (repairs: {stats.problems()})" if stats.problems() else ""))
+
+    embedder = get_embedder(hierarchy.embedder, **({"show_progress": verbose}
+                                                   if hierarchy.embedder == "minilm" else {}))
+    started = time.perf_counter()
+    embeddings = embed_cached(embedder, texts, cache_dir or None)
+    timings["embed_s"] = time.perf_counter() - started
+    say(f"embedded with {embedder.name} ({embedder.dim}-d) in {timings['embed_s']:.1f}s")
+
+    started = time.perf_counter()
+    corpus = corpus_hash(texts)
+    tree = ClusterTree.fit(embeddings, hierarchy, embedder.name, progress=say,
+                           fit_info={"corpus_hash": corpus, "source": data.source,
+                                     "path": data.path})
+    timings["fit_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    paths = tree.route(embeddings)
+    timings["route_s"] = time.perf_counter() - started
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tree.save(out / TREE_SUBDIR)
+    np.save(out / "paths.npy", paths)
+    (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
+    (out / "config.gin").write_text(gin.config_str())
+    report = cluster_report(tree, embeddings, paths)
+    report.update(corpus_hash=corpus, source=stats.as_dict(),
+                  timings_s={k: round(v, 3) for k, v in timings.items()},
+                  hierarchy={**dataclasses.asdict(hierarchy),
+                             "balance_threshold_used": tree.fit_info["balance_threshold"]})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    say(format_report(report))
+    say(f"wrote {out / TREE_SUBDIR}, paths.npy, doc_ids.json, report.json "
+        f"(tree {tree.content_hash[:12]})")
+    return report
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}; use --docs, --out, --gin_file, --gin_param.")
+    if not OUT.value:
+        common.fail("No output folder: pass --out=DIR.")
+    try:
+        config = common.config_from_flags()
+        data = data_config_for_docs(DOCS.value, config.data)
+    except ConfigError as error:
+        common.fail(str(error))
+    from hmem_jax.data.sources import SourceError
+    try:
+        cluster_corpus(data, config.hierarchy, OUT.value, CACHE_DIR.value, verbose=not QUIET.value)
+    except (SourceError, ValueError, FileNotFoundError, ImportError) as error:
+        common.fail(str(error))
+
+
+if __name__ == "__main__":
+    app.run(main)
