@@ -54,3 +54,32 @@ class RandomPackedBatches:
 @pytest.fixture
 def random_batches():
     return RandomPackedBatches
+
+
+SMALL_CORPUS_PARAMS = (
+    "DataConfig.embedded_entities = 200",
+    "DataConfig.vocab_size = 512",
+    "model_preset.vocab_size = 512",
+    "TrainConfig.model = @model_preset()",
+    "model_preset.name = 'tiny'",
+    "model_preset.num_layers = 2",
+    "model_preset.d_model = 64",
+    "model_preset.d_ff = 128",
+    "model_preset.num_heads = 2",
+    "TrainConfig.seq_len = 64",
+)
+
+
+@pytest.fixture(scope="session")
+def small_prepared_data(tmp_path_factory):
+    """A prepared (tokenized, packed) small embedded corpus, shared by the tests of a session.
+
+    Returns (prepared_dir, gin bindings that reproduce its settings).
+    """
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.main.common import load_train_config
+
+    out = str(tmp_path_factory.mktemp("prepared") / "data")
+    params = SMALL_CORPUS_PARAMS + (f"DataConfig.prepared_dir = '{out}'",)
+    ensure_prepared(load_train_config((), params), out, progress=False)
+    return out, params

@@ -80,7 +80,18 @@ def load_train_config(files: Sequence[str] = (), params: Sequence[str] = ()) -> 
 
 
 def config_from_flags() -> TrainConfig:
+    quiet_library_logs()
     return load_train_config(GIN_FILES.value, GIN_PARAMS.value)
+
+
+def quiet_library_logs() -> None:
+    """Orbax and grain log every file operation at INFO; keep the console to our own lines.
+
+    An explicit `--verbosity` (or `-v`) still wins.
+    """
+    from absl import logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def initialize_distributed() -> None:

@@ -1,0 +1,44 @@
+"""Describe a configuration without allocating it: `python -m hmem_jax.main.info --gin_file=X`.
+
+Prints JSON: parameter counts (from `jax.eval_shape`, so a 1.4B model costs
+nothing), training FLOPs per token, and the run's sizes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+
+from hmem_jax.config import ConfigError, TrainConfig
+from hmem_jax.main import common
+
+
+def describe(cfg: TrainConfig) -> dict:
+    from hmem_jax.model import count_params, init_abstract
+    from hmem_jax.train.metrics import train_flops_per_token
+
+    anchor = count_params(init_abstract(cfg.model))
+    embedding = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
+    return {
+        "anchor_params": anchor,
+        "anchor_non_embedding_params": anchor - embedding,
+        "train_flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
+        "tokens_per_step": cfg.batch_size * cfg.seq_len,
+        "total_tokens": cfg.batch_size * cfg.seq_len * cfg.steps,
+        "model": {k: v for k, v in cfg.model.__dict__.items()},
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}; use --gin_file and --gin_param.")
+    try:
+        cfg = common.config_from_flags()
+    except ConfigError as error:
+        common.fail(str(error))
+    print(json.dumps(describe(cfg), indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,84 @@
+"""Train a model: `python -m hmem_jax.main.train --workdir=DIR --gin_file=experiments/X.gin`.
+
+The workdir holds everything a run writes: `config.gin` (the operative gin
+config), `config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`, and
+`data/` (the prepared corpus, unless `DataConfig.prepared_dir` points
+elsewhere). Re-running the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import app, flags
+
+from hmem_jax.config import ConfigError, TrainConfig
+from hmem_jax.main import common
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, config).",
+                              required=True)
+UNTIL_STEP = flags.DEFINE_integer(
+    "until_step", None, "Stop after this step (checkpointing it), as a preempted job would; "
+    "the schedule still spans TrainConfig.steps.")
+PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0 = data sheet by device kind, or a "
+    "measured matmul peak on CPU.")
+
+
+def write_run_config(cfg: TrainConfig, workdir: str) -> None:
+    """The operative gin config and the resolved dataclasses, next to the checkpoints."""
+    import gin
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
+
+
+def make_loader(cfg: TrainConfig, workdir: str):
+    """Prepare the data if needed (process 0), then open this process's loader."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from hmem_jax.data.loader import Loader
+    from hmem_jax.data.prepare import ensure_prepared
+
+    prepared = cfg.data.prepared_dir or os.path.join(workdir, "data")
+    if jax.process_index() == 0:
+        ensure_prepared(cfg, prepared)
+    multihost_utils.sync_global_devices("hmem_jax.data.prepared")
+    return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}; configure the run with --gin_file and "
+                    "--gin_param.")
+    common.initialize_distributed()
+    import jax
+
+    from hmem_jax.data.prepare import PreparedDataError
+    from hmem_jax.train.checkpoint import CheckpointMismatchError
+    from hmem_jax.train.loop import fingerprint, train
+
+    try:
+        cfg = common.config_from_flags()
+    except ConfigError as error:
+        common.fail(str(error))
+    workdir = os.path.abspath(WORKDIR.value)
+    if jax.process_index() == 0:
+        write_run_config(cfg, workdir)
+    try:
+        loader = make_loader(cfg, workdir)
+        train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=UNTIL_STEP.value,
+              peak_tflops=PEAK_TFLOPS.value)
+    except (ConfigError, PreparedDataError, CheckpointMismatchError) as error:
+        common.fail(str(error))
+
+
+if __name__ == "__main__":
+    app.run(main)
