@@ -1,0 +1,39 @@
+"""Configuration: gin bindings reach the dataclasses; bad input is a clear error."""
+
+import pytest
+
+from hmem_jax.config import ConfigError, TrainConfig
+from hmem_jax.main.common import load_train_config
+
+
+def test_gin_bindings_reach_nested_dataclasses():
+    cfg = load_train_config((), ("TrainConfig.steps = 7", "ModelConfig.d_model = 96",
+                                 "MeshConfig.tensor = 2", "OptimConfig.peak_lr = 1e-3"))
+    assert cfg.steps == 7 and cfg.model.d_model == 96 and cfg.mesh.tensor == 2
+    assert cfg.optim.peak_lr == 1e-3
+
+
+def test_the_default_experiment_file_loads_by_name():
+    cfg = load_train_config(("default",), ())
+    assert isinstance(cfg, TrainConfig) and cfg.data.source == "embedded"
+
+
+def test_a_paper_preset_is_selected_through_gin():
+    cfg = load_train_config((), ("TrainConfig.model = @model_preset()",
+                                 "model_preset.name = '410m'", "DataConfig.vocab_size = 2048"))
+    assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.tie_embeddings) == (24, 1024, False)
+
+
+@pytest.mark.parametrize("files, params, fragment", [
+    (("no_such_experiment",), (), "no such file"),
+    ((), ("ModelConfig.no_such_field = 1",), "no_such_field"),
+    ((), ("NoSuchConfig.steps = 1",), "NoSuchConfig"),
+    ((), ("TrainConfig.steps = 0",), "TrainConfig.steps must be > 0"),
+    ((), ("TrainConfig.batch_size = 10", "TrainConfig.grad_accum_steps = 4"), "divisible"),
+    ((), ("model_preset.name = 'huge'", "TrainConfig.model = @model_preset()"), "huge"),
+    ((), ("OptimConfig.schedule = 'linear'",), "schedule"),
+    ((), ("TrainConfig.steps = ",), "Invalid gin"),
+])
+def test_bad_configuration_is_a_clear_error(files, params, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_train_config(files, params)
