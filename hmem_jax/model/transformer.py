@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from hmem_jax.config import ModelConfig
-from hmem_jax.model.layers import (Attention, RMSNorm, SwiGLU, document_causal_mask, dtype_of,
-                                   truncated_normal)
+from hmem_jax.model.layers import (Attention, RMSNorm, SwiGLU, dense, document_causal_mask,
+                                   dtype_of, truncated_normal)
 
 Array = jax.Array
 
@@ -95,7 +95,7 @@ class Transformer(nn.Module):
             head = jnp.asarray(self.embedding, dtype_of(self.cfg.dtype)).T
         else:
             head = jnp.asarray(self.lm_head, dtype_of(self.cfg.dtype))
-        out = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+        out = dense(hidden, head).astype(jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
     def __call__(self, tokens: Array, segment_ids: Array, positions: Array,
