@@ -164,7 +164,8 @@ def fit_node(embeddings: np.ndarray, rows: np.ndarray, own_centroid: np.ndarray,
             samples = embeddings[np.sort(rng.choice(rows, batch, replace=False))]
         assignment = nearest_centroid(samples, centroids)
         if whole_node_fits and previous is not None and np.array_equal(assignment, previous):
-            break  # converged: the balancing below would reproduce the same step
+            break  # converged: the same assignment gives the same centroids (up to the
+            # balancing rule's random split, which is as good a stopping point as any)
         previous = assignment.copy()
         balance_assignments(assignment, k, config.effective_balance_threshold, rng)
         counts = np.bincount(assignment, minlength=k)
