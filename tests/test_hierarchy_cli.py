@@ -48,7 +48,7 @@ def test_cli_writes_tree_paths_ids_and_report(cluster_run):
     ids = json.loads((out / "doc_ids.json").read_text())
     assert paths.shape == (160, 2) and paths.dtype == np.int32
     assert ids[:2] == ["doc-0", "doc-1"] and len(ids) == 160
-    tree = ClusterTree.load(out / "tree", embedder=get_embedder("hashed"))
+    tree = ClusterTree.load(out, embedder=get_embedder("hashed"))
     assert tree.num_clusters == (4, 16)
     texts = [json.loads(line)["text"] for line in (folder / "corpus.jsonl").read_text().splitlines()]
     np.testing.assert_array_equal(tree.route_texts(texts, get_embedder("hashed")), paths)

@@ -11,8 +11,9 @@ without it, `DataConfig.source`/`path` from gin decide, exactly as for
 The embedder, branching, depth, EM budget, balancing and seed come from
 `HierarchyConfig` (PAPER.md §2 defaults: 16 x 4, 20 steps x 6,400 samples).
 
-Writes into `--out`:
-  tree/                 the ClusterTree (centroids per level + tree.json manifest)
+Writes into `--out`, which is then itself a tree folder (`ClusterTree.load(out)`,
+`python -m hmem_jax.main.prepare --tree=OUT`):
+  tree.json, centroids_level{1..depth}.npy   the ClusterTree
   paths.npy             int32[N, depth] child index per level, by greedy descent
   doc_ids.json          the N document ids, in the order of paths.npy
   report.json           cluster sizes, balance and inertia per level; timings
@@ -45,9 +46,6 @@ CACHE_DIR = flags.DEFINE_string(
     "cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
     "Embedding cache folder; empty disables the cache.")
 QUIET = flags.DEFINE_bool("quiet", False, "No progress output.")
-
-TREE_SUBDIR = "tree"
-
 
 def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
     """`base` with source/path set from a --docs value (file, folder or 'embedded')."""
@@ -108,7 +106,7 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tree.save(out / TREE_SUBDIR)
+    tree.save(out)
     np.save(out / "paths.npy", paths)
     (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
     (out / "config.gin").write_text(gin.config_str())
@@ -119,7 +117,7 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
                              "balance_threshold_used": tree.fit_info["balance_threshold"]})
     (out / "report.json").write_text(json.dumps(report, indent=1))
     say(format_report(report))
-    say(f"wrote {out / TREE_SUBDIR}, paths.npy, doc_ids.json, report.json "
+    say(f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
         f"(tree {tree.content_hash[:12]})")
     return report
 
