@@ -43,9 +43,13 @@ def test_routing_equals_brute_force_greedy_descent(tree, points):
     np.testing.assert_array_equal(tree.route(queries), brute_force_paths(tree, queries))
 
 
-def test_routes_do_not_depend_on_batch_size_or_threads(tree, points):
-    reference = tree.route(points, batch_size=len(points), workers=1)
-    np.testing.assert_array_equal(tree.route(points, batch_size=97, workers=2), reference)
+def test_routes_do_not_depend_on_batch_size_or_threads(tree):
+    """Large inputs take the threaded, BLAS-limited path; small ones run inline."""
+    queries = np.random.default_rng(2).standard_normal((6000, DIM)).astype(np.float32)
+    inline = np.concatenate([tree.route(chunk) for chunk in np.array_split(queries, 6)])
+    np.testing.assert_array_equal(tree.route(queries, workers=2, batch_size=1500), inline)
+    np.testing.assert_array_equal(tree.route(queries, workers=1), inline)
+    np.testing.assert_array_equal(inline[:200], brute_force_paths(tree, queries[:200]))
 
 
 def test_route_shapes_and_ranges(tree, points):
