@@ -110,27 +110,25 @@ def kmeans_plus_plus(samples: np.ndarray, clusters: int, rng: np.random.Generato
     Returns fewer rows than asked when the samples have fewer distinct points
     (every remaining squared distance is zero); the caller fills the rest.
     """
+    sample_norms = np.einsum("md,md->m", samples, samples)
+
+    def squared_distances_to(index: int) -> np.ndarray:
+        # ||x||^2 - 2 x.c + ||c||^2 with c = samples[index]; one matrix-vector product.
+        distances = sample_norms - 2.0 * (samples @ samples[index]) + sample_norms[index]
+        return np.maximum(distances, 0.0)  # the expansion can dip slightly below zero
+
     first = int(rng.integers(len(samples)))
-    chosen = [samples[first]]
-    nearest = _squared_distances(samples, samples[first][None, :])[:, 0]
+    chosen = [first]
+    nearest = squared_distances_to(first)
     while len(chosen) < clusters:
-        total = float(nearest.sum())
-        if not total > 0:
+        cumulative = np.cumsum(nearest, dtype=np.float64)
+        if not cumulative[-1] > 0:
             break
-        pick = int(np.searchsorted(np.cumsum(nearest, dtype=np.float64), rng.random() * total,
-                                   side="right"))
+        pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
         pick = min(pick, len(samples) - 1)
-        chosen.append(samples[pick])
-        nearest = np.minimum(nearest, _squared_distances(samples, samples[pick][None, :])[:, 0])
-    return np.stack(chosen).astype(np.float32)
-
-
-def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """float32[M, K] squared L2 distances, clipped at 0 (the expansion can go slightly negative)."""
-    cross = points @ centroids.T
-    distances = (np.einsum("md,md->m", points, points)[:, None] - 2.0 * cross
-                 + np.einsum("kd,kd->k", centroids, centroids)[None, :])
-    return np.maximum(distances, 0.0)
+        chosen.append(pick)
+        nearest = np.minimum(nearest, squared_distances_to(pick))
+    return samples[chosen].astype(np.float32)
 
 
 def fit_node(embeddings: np.ndarray, rows: np.ndarray, own_centroid: np.ndarray,
