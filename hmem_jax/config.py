@@ -280,11 +280,88 @@ class DataConfig:
                  "DataConfig.worker_count, prefetch and prepare_workers must be >= 0.")
 
 
+MEMORY_KINDS = ("none", "ffn", "lora_qk", "lora_ov", "lora_ffn", "kv")
+TRAINING_MODES = ("scratch", "cotrain", "frozen_anchor")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """The hierarchical memory bank and how the anchor uses it (PAPER.md §1-§4).
+
+    `level_sizes` = (r1, ..., r_depth): hidden units (FFN), rank (LoRA) or
+    slots (KV) that one cluster at each level contributes per layer; 0 = no
+    memory at that level. Its length must equal `HierarchyConfig.depth`.
+    `placement`: 'all' layers, or the 'first' / 'last' `placement_layers`.
+    `mode`: 'scratch' (anchor and memory from initialisation), 'cotrain'
+    (anchor from `TrainConfig.init_from`, both train; the paper's main runs),
+    'frozen_anchor' (anchor from `init_from`, frozen; memory only).
+    `generic_probability`: chance that a training sequence uses the
+    context-independent generic memory instead of its fetched one (paper:
+    1/17); 0 disables the generic memory.
+    `application`: 'gather' builds each sequence's weights from the step's
+    unique blocks; 'grouped' runs one grouped matmul per level over the unique
+    blocks (MoE-style dispatch with `jax.lax.ragged_dot`).
+    The bank has its own sparse AdamW (see hmem_jax/bank/sparse_adamw.py):
+    `lr` warms up over `warmup_steps` and decays by cosine to `end_lr`.
+    """
+
+    kind: str = "none"
+    level_sizes: tuple[int, ...] = ()
+    placement: str = "all"
+    placement_layers: int = 0
+    mode: str = "scratch"
+    generic_probability: float = 1.0 / 17.0
+    application: str = "gather"
+    lora_alpha: float = 2.0
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-3
+    bank_dtype: str = "float32"
+    moment_dtype: str = "float32"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("MemoryConfig", "kind", self.kind, MEMORY_KINDS)
+        _check_choice("MemoryConfig", "placement", self.placement, ("all", "first", "last"))
+        _check_choice("MemoryConfig", "mode", self.mode, TRAINING_MODES)
+        _check_choice("MemoryConfig", "application", self.application, ("gather", "grouped"))
+        _check_choice("MemoryConfig", "bank_dtype", self.bank_dtype, DTYPES)
+        _check_choice("MemoryConfig", "moment_dtype", self.moment_dtype, DTYPES)
+        _require(all(int(r) >= 0 for r in self.level_sizes),
+                 f"MemoryConfig.level_sizes = {self.level_sizes} must be >= 0 per level.")
+        _require(self.kind == "none" or sum(self.level_sizes) > 0,
+                 f"MemoryConfig.kind = {self.kind!r} needs MemoryConfig.level_sizes with at least "
+                 "one level > 0, e.g. (256, 64, 16, 0).")
+        _require(self.placement == "all" or self.placement_layers > 0,
+                 f"MemoryConfig.placement = {self.placement!r} needs placement_layers > 0.")
+        _require(self.application == "gather" or self.kind == "ffn",
+                 f"MemoryConfig.application = 'grouped' supports kind 'ffn' only, not "
+                 f"{self.kind!r}; use application = 'gather'.")
+        _require(0 <= self.generic_probability < 1,
+                 "MemoryConfig.generic_probability must be in [0, 1).")
+        _check_positive("MemoryConfig", lr=self.lr, eps=self.eps, lora_alpha=self.lora_alpha)
+        _require(0 <= self.end_lr <= self.lr, "MemoryConfig.end_lr must be in [0, lr].")
+        _require(self.weight_decay >= 0 and self.warmup_steps >= 0,
+                 "MemoryConfig.weight_decay and warmup_steps must be >= 0.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run: sizes, schedule, logging and checkpointing, and the sub-configs.
 
+    `init_from` names an earlier run (its workdir, or one `checkpoints/<step>`
+    folder) whose anchor parameters start this run: the paper's co-training
+    and frozen-anchor modes. Its optimizer state is not carried over.
     `batch_size` is the global number of sequences per optimizer step; with
     `grad_accum_steps` = k each step runs k micro-batches of batch_size / k.
     """
@@ -294,6 +371,9 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     hierarchy: HierarchyConfig = dataclasses.field(default_factory=HierarchyConfig)
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    init_from: str = ""  # an anchor run's workdir (or checkpoint step folder) for cotrain / frozen
+    tree_dir: str = ""  # the ClusterTree; empty = WORKDIR/tree, fitted on the corpus if needed
     steps: int = 300
     batch_size: int = 16
     seq_len: int = 256
@@ -312,6 +392,9 @@ class TrainConfig:
         _require(self.batch_size % self.grad_accum_steps == 0,
                  f"TrainConfig.batch_size = {self.batch_size} must be divisible by "
                  f"grad_accum_steps = {self.grad_accum_steps}.")
+        _require(not self.memory.enabled or self.memory.mode == "scratch" or self.init_from,
+                 f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
+                 "TrainConfig.init_from to that run's workdir (or use mode = 'scratch').")
         _require(self.model.vocab_size >= self.data.vocab_size,
                  f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
                  f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.")

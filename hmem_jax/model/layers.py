@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.model.memory import Memory, add_lora, ffn_memory, kv_memory_attention
 
 Array = jax.Array
 
@@ -92,12 +93,17 @@ def document_causal_mask(segment_ids: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases."""
+    """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases.
+
+    `memory` (this layer's, per sequence) may add LoRA to q/k/v/o and KV-memory slots.
+    """
 
     cfg: ModelConfig
+    lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    def __call__(self, x: Array, mask: Array, positions: Array,
+                 memory: Memory | None = None) -> Array:
         cfg = self.cfg
         batch, length, d = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -108,7 +114,10 @@ class Attention(nn.Module):
         wv = param(self, "wv", in_init, (d, kv_width), ("embed", "kv_width"), cfg)
         wo = param(self, "wo", out_init, (q_width, d), ("q_width", "embed"), cfg)
 
-        q, k, v = dense(x, wq), dense(x, wk), dense(x, wv)
+        scale = self.lora_scale
+        q = add_lora(dense(x, wq), x, memory, "q", scale)
+        k = add_lora(dense(x, wk), x, memory, "k", scale)
+        v = add_lora(dense(x, wv), x, memory, "v", scale)
         if cfg.qk_norm == "full":
             q = RMSNorm(cfg, "q_width", name="q_norm")(q)
             k = RMSNorm(cfg, "kv_width", name="k_norm")(k)
@@ -118,20 +127,25 @@ class Attention(nn.Module):
         if cfg.qk_norm == "per_head":
             q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
+        q_unrotated = q
         q = rotary(q, positions, cfg.rope_base)
         k = rotary(k, positions, cfg.rope_base)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
-        return dense(out.reshape(batch, length, q_width), wo)
+        if memory and "keys" in memory:
+            out = out + kv_memory_attention(q_unrotated, memory)
+        out = out.reshape(batch, length, q_width)
+        return add_lora(dense(out, wo), out, memory, "o", scale)
 
 
 class SwiGLU(nn.Module):
-    """down(silu(x·gate) * (x·up)), no biases."""
+    """down(silu(x·gate) * (x·up)), no biases; plus FFN-memory units or LoRA from `memory`."""
 
     cfg: ModelConfig
+    lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, memory: Memory | None = None) -> Array:
         cfg = self.cfg
         d = x.shape[-1]
         in_init = truncated_normal(1.0 / math.sqrt(d))
@@ -139,6 +153,11 @@ class SwiGLU(nn.Module):
         w_gate = param(self, "w_gate", in_init, (d, cfg.d_ff), ("embed", "mlp"), cfg)
         w_up = param(self, "w_up", in_init, (d, cfg.d_ff), ("embed", "mlp"), cfg)
         w_down = param(self, "w_down", out_init, (cfg.d_ff, d), ("mlp", "embed"), cfg)
-        hidden = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
-        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return dense(hidden, w_down)
+        scale = self.lora_scale
+        gate = add_lora(dense(x, w_gate), x, memory, "gate", scale)
+        up = add_lora(dense(x, w_up), x, memory, "up", scale)
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        out = add_lora(dense(hidden, w_down), hidden, memory, "down", scale)
+        if memory and ("down" in memory or "grouped" in memory):
+            out = out + ffn_memory(x, memory)
+        return out

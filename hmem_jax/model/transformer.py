@@ -35,21 +35,26 @@ class Block(nn.Module):
     """One pre-norm transformer block; `memory` is this layer's slice (or None)."""
 
     cfg: ModelConfig
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, memory: Any) -> tuple[Array, None]:
-        del memory  # FFN/LoRA/KV memories plug in here.
-        x = x + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, "embed", name="attn_norm")(x),
-                                                 mask, positions)
-        x = x + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg, "embed", name="mlp_norm")(x))
+        attn = Attention(self.cfg, self.lora_scale, name="attn")
+        mlp = SwiGLU(self.cfg, self.lora_scale, name="mlp")
+        x = x + attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask, positions, memory)
+        x = x + mlp(RMSNorm(self.cfg, "embed", name="mlp_norm")(x), memory)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, None
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM; `__call__` returns float32 logits[B, T, V]."""
+    """Decoder-only LM; `__call__` returns float32 logits[B, T, V].
+
+    `lora_scale` multiplies LoRA memories' B·A (α / R for the fetched rank R).
+    """
 
     cfg: ModelConfig
+    lora_scale: float = 1.0
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -63,7 +68,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        )(cfg, self.lora_scale, name="blocks")
         self.embedding = self.param(
             "embedding", nn.with_logical_partitioning(truncated_normal(cfg.init_std),
                                                       ("vocab", "embed")),

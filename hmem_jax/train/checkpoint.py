@@ -67,6 +67,24 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target)))
         return restored["state"]
 
+    def restore_params(self, step: int, target: Any) -> Any:
+        """Only the model parameters of checkpoint `step`, into `target`'s layout.
+
+        Used to start co-training or a frozen-anchor run from an anchor run:
+        its optimizer state (and any bank) is left on disk.
+        """
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": target},
+                                             restore_args={"params": restore_args},
+                                             partial_restore=True)))
+        except (ValueError, KeyError) as err:
+            raise CheckpointMismatchError(
+                f"The anchor in {self.directory}/{step} does not fit this model ({err}). "
+                "init_from must name a run of the same ModelConfig.") from err
+        return restored["state"]["params"]
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

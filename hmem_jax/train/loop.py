@@ -24,9 +24,10 @@ from hmem_jax.config import TrainConfig
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
 from hmem_jax.train.checkpoint import Checkpointer
+from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
-from hmem_jax.train.step import compile_train_step
+from hmem_jax.train.step import StepFunctions, compile_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
@@ -53,8 +54,12 @@ def fingerprint(obj: Any) -> str:
 
 def run_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     """What must not change between a checkpoint and the run that resumes it."""
+    memory = dataclasses.asdict(cfg.memory)
+    structure = {k: memory[k] for k in ("kind", "level_sizes", "placement", "placement_layers",
+                                        "mode", "generic_probability", "init_seed")}
     return {
         "model": fingerprint(dataclasses.asdict(cfg.model)),
+        "memory": fingerprint(structure),
         "data": data_fingerprint,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
@@ -81,26 +86,37 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             f"not divide over the {shards} batch shards of the mesh {dict(mesh.shape)}; change "
             f"batch_size, grad_accum_steps or MeshConfig.")
 
-    model = Transformer(cfg.model)
+    plan = MemoryPlan.from_config(cfg)
+    frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
+    model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    shardings = state_shardings(model, tx, mesh, rules)
+    tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
+    shardings = state_shardings(model, tx, mesh, rules, plan)
     record = run_record(cfg, data_fingerprint)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                 cfg.keep_checkpoints, cfg.async_checkpointing)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = create_state(model, tx, mesh, rules, cfg.seed)
+        anchor = None
+        if plan is not None and cfg.memory.mode != "scratch":
+            anchor = restore_anchor(cfg, model, mesh, rules)
+        state = create_state(model, tx, mesh, rules, cfg.seed, plan, anchor)
     else:
-        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules), record)
+        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, plan), record)
     start_step = int(state.step)
     if jax.process_index() == 0:
         what = f"resuming from step {start_step}" if latest is not None else "starting fresh"
         print(f"hmem_jax: {count_params(state.params):,} parameters, mesh {dict(mesh.shape)}, "
               f"{jax.process_count()} process(es), {what}", flush=True)
 
-    step_fn = compile_train_step(model, tx, schedule, cfg.grad_accum_steps, mesh, rules, shardings)
+    fns = StepFunctions(model=model, tx=tx, schedule=schedule,
+                        micro_batches=cfg.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
+                        plan=plan, freeze_anchor=frozen,
+                        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
+    step_fn = compile_train_step(fns, mesh, rules, shardings)
+    inputs = MODEL_INPUTS + (plan.batch_keys() + plan.replicated_keys() if plan else ())
+    replicated_inputs = plan.replicated_keys() if plan else ()
     flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len) * (
         cfg.batch_size * cfg.seq_len)
     peak, _ = metrics_lib.peak_flops_per_device(peak_tflops)
@@ -117,7 +133,8 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             fetch_start = time.perf_counter()
             data_step, local = next(batches)
             assert data_step == step, (data_step, step)
-            batch = sharding.global_batch({k: local[k] for k in MODEL_INPUTS}, mesh, rules)
+            batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
+                                          replicate=replicated_inputs)
             data_wait += time.perf_counter() - fetch_start
             state, step_metrics = step_fn(state, batch)
             window_steps += 1
@@ -157,3 +174,26 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     multihost_utils.sync_global_devices("hmem_jax.train.done")
     return TrainResult(state=state, losses=losses, workdir=workdir)
 
+
+
+def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) -> Any:
+    """The anchor parameters of the run named by `TrainConfig.init_from` (latest checkpoint,
+    or the step folder given), laid out for this run's mesh."""
+    source = os.path.abspath(cfg.init_from)
+    step = None
+    if os.path.basename(source).isdigit():
+        step, source = int(os.path.basename(source)), os.path.dirname(source)
+    elif os.path.isdir(os.path.join(source, "checkpoints")):
+        source = os.path.join(source, "checkpoints")
+    anchor_tx = make_optimizer(cfg.optim, cfg.steps)
+    target = abstract_state(model, anchor_tx, mesh, rules).params
+    checkpointer = Checkpointer(source, every=1, keep=1 << 30, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(
+                f"TrainConfig.init_from = {cfg.init_from!r} holds no checkpoint; point it at an "
+                "anchor run's workdir or one of its checkpoints/<step> folders.")
+        return checkpointer.restore_params(step, target)
+    finally:
+        checkpointer.close()

@@ -1,4 +1,7 @@
-"""The anchor's optimizer: AdamW (β 0.9/0.95) with global-norm clipping and warmup + cosine.
+"""The anchor's optimizer: AdamW (β 0.9/0.95) with warmup + cosine.
+
+Global-norm clipping is done by the train step, over the anchor's and the
+fetched memory blocks' gradients together (hmem_jax/train/step.py).
 
 Weight decay is decoupled and skips norm gains (`scale` parameters): decaying
 a gain towards zero would shrink activations, not regularise.
@@ -32,10 +35,11 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   frozen: bool = False) -> optax.GradientTransformation:
+    """AdamW for the anchor; a frozen anchor gets no optimizer state at all."""
+    if frozen:
+        return optax.set_to_zero()
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, mask=decay_mask)

@@ -1,13 +1,17 @@
-"""The jitted training step: masked next-token loss, gradient accumulation, AdamW update.
+"""The jitted training step: masked next-token loss, gradient accumulation, global-norm
+clipping, AdamW for the anchor and sparse AdamW for the fetched memory blocks.
 
 The loss of a step is the mean over all predicted tokens of the global
 batch. Gradient accumulation sums loss numerators, token counts and gradients
 over micro-batches and divides once, so k micro-batches give the same update
-as one batch of k times the size (up to float summation order).
+as one batch of k times the size (up to float summation order). Clipping
+uses the joint norm of the anchor's and the fetched blocks' gradients: both
+are parameters of one model for this step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +23,11 @@ from jax.sharding import Mesh
 
 from hmem_jax import sharding
 from hmem_jax.model import Transformer
+from hmem_jax.train.memory import MemoryPlan
 from hmem_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
 
 
 def next_token_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,10 +51,11 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array,
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 
-def loss_sums(model: Transformer, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model: Transformer, params: Any, batch: Batch,
+              memory: Any = None) -> tuple[jax.Array, jax.Array]:
     """(loss numerator, token count) of one (micro-)batch."""
     logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                         batch["positions"], batch.get("memory"))
+                         batch["positions"], memory)
     targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
     return cross_entropy_sum(logits, targets, weights)
 
@@ -60,60 +67,107 @@ def _split_micro_batches(batch: Batch, k: int) -> Batch:
     and no micro-batch lives on a subset of the devices.
     """
     def split(x: jax.Array) -> jax.Array:
-        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
-        x = jnp.swapaxes(x, 0, 1)
+        x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
         return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
     return {name: split(value) for name, value in batch.items()}
 
 
-def accumulate_gradients(model: Transformer, params: Any, batch: Batch,
+def accumulate_gradients(loss_fn: LossFn, trainable: Any, batch: Batch,
                          micro_batches: int) -> tuple[jax.Array, jax.Array, Any]:
     """(loss numerator, token count, gradient of the numerator) over `micro_batches` slices."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
+        (loss_sum, count), grads = grad_fn(trainable, batch)
         return loss_sum, count, grads
 
     def body(carry: tuple, micro: Batch) -> tuple[tuple, None]:
         loss_acc, count_acc, grad_acc = carry
-        (loss_sum, count), grads = grad_fn(params, micro)
+        (loss_sum, count), grads = grad_fn(trainable, micro)
         grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
         return (loss_acc + loss_sum, count_acc + count, grad_acc), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, count, grads), _ = jax.lax.scan(body, init,
                                                _split_micro_batches(batch, micro_batches))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return loss_sum, count, grads
 
 
-def train_step(model: Transformer, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               micro_batches: int, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """What the step needs besides state and batch (static under jit)."""
+
+    model: Transformer
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    micro_batches: int
+    grad_clip: float
+    plan: MemoryPlan | None = None
+    memory_schedule: optax.Schedule | None = None
+    freeze_anchor: bool = False
+
+
+def train_step(fns: StepFunctions, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     """One optimizer step; metrics are device scalars (read them a step late)."""
-    loss_sum, count, grads = accumulate_gradients(model, state.params, batch, micro_batches)
+    plan = fns.plan
+    per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
+    fetched, use_generic = {}, None
+    if plan is not None:
+        fetched = plan.fetch(state.bank, batch)
+        per_sequence.update({k: batch[k] for k in plan.batch_keys()})
+        if plan.with_generic:
+            use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
+            per_sequence["use_generic"] = use_generic
+    memory_params = {key: rows.params for key, (_, rows) in fetched.items()}
+
+    def loss_fn(trainable: tuple[Any, Any], micro: Batch) -> tuple[jax.Array, jax.Array]:
+        anchor, memory = trainable
+        model_memory = None
+        if plan is not None:
+            model_memory = plan.model_memory(memory, micro, micro.get("use_generic"))
+        return loss_sums(fns.model, anchor, micro, model_memory)
+
+    if fns.freeze_anchor:
+        frozen = jax.lax.stop_gradient(state.params)
+        loss_sum, count, memory_grads = accumulate_gradients(
+            lambda m, micro: loss_fn((frozen, m), micro), memory_params, per_sequence,
+            fns.micro_batches)
+        anchor_grads = None
+    else:
+        loss_sum, count, (anchor_grads, memory_grads) = accumulate_gradients(
+            loss_fn, (state.params, memory_params), per_sequence, fns.micro_batches)
+
     count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "train/loss": loss_sum / count,
-        "train/grad_norm": optax.tree.norm(grads),
-        "train/lr": schedule(state.step),
-        "train/tokens": count,
-    }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), (anchor_grads, memory_grads))
+    grad_norm = optax.tree.norm(grads)
+    if fns.grad_clip > 0:
+        factor = jnp.minimum(1.0, fns.grad_clip / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
+    anchor_grads, memory_grads = grads
+
+    params, opt_state = state.params, state.opt_state
+    if not fns.freeze_anchor:
+        updates, opt_state = fns.tx.update(anchor_grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+    metrics = {"train/loss": loss_sum / count, "train/grad_norm": grad_norm,
+               "train/lr": fns.schedule(state.step), "train/tokens": count}
+    bank = state.bank
+    if plan is not None:
+        memory_lr = fns.memory_schedule(state.step)
+        bank = plan.update(state.bank, fetched, memory_grads, memory_lr, use_generic)
+        metrics.update(plan.metrics(fetched, state.bank))
+        metrics["mem/lr"] = memory_lr
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
+    return new_state, metrics
 
 
-def compile_train_step(model: Transformer, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, micro_batches: int, mesh: Mesh, rules: Any,
+def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
                        state_shardings: TrainState) -> Callable[[TrainState, Batch],
-                                                                 tuple[TrainState, dict]]:
+                                                                tuple[TrainState, dict]]:
     """`train_step` under `jax.jit` with explicit shardings; the old state is donated."""
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        return train_step(model, tx, schedule, micro_batches, state, batch)
-
-    jitted = jax.jit(step, in_shardings=(state_shardings, None),
+    jitted = jax.jit(lambda state, batch: train_step(fns, state, batch),
+                     in_shardings=(state_shardings, None),
                      out_shardings=(state_shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
 

@@ -1,0 +1,150 @@
+"""The memory side of a training step: fetch the step's blocks, build each sequence's memory,
+update the fetched blocks with sparse AdamW and write them back (DESIGN.md decisions 1-4).
+
+The loader hands each step, per level l, the unique block ids of the global
+batch (`block_ids_l{l}`, static capacity, padded) and every sequence's slot
+in them (`block_slots_l{l}`). Gradients flow from each sequence's memory,
+through the gather, to the unique blocks only; blocks not fetched are not
+read, not written, and their moments and counts stay as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hmem_jax.bank import device as bank_lib
+from hmem_jax.bank.geometry import BankGeometry
+from hmem_jax.bank.sparse_adamw import sparse_adamw
+from hmem_jax.config import MemoryConfig, TrainConfig
+from hmem_jax.model import memory as memory_lib
+
+Array = jax.Array
+
+
+def ids_key(level: int) -> str:
+    return f"block_ids_l{level}"
+
+
+def slots_key(level: int) -> str:
+    return f"block_slots_l{level}"
+
+
+def memory_schedule(cfg: MemoryConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
+                                              cfg.end_lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Static description of a run's memory; its methods run inside the jitted step."""
+
+    geometry: BankGeometry
+    config: MemoryConfig
+    num_layers: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "MemoryPlan | None":
+        if not cfg.memory.enabled:
+            return None
+        return cls(BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy), cfg.memory,
+                   cfg.model.num_layers, cfg.seed)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.geometry.active_levels
+
+    @property
+    def with_generic(self) -> bool:
+        return self.config.generic_probability > 0
+
+    @property
+    def lora_scale(self) -> float:
+        return self.config.lora_alpha / self.geometry.fetched_rank
+
+    def batch_keys(self) -> tuple[str, ...]:
+        """The loader's per-sequence keys this plan reads (sliced with the batch)."""
+        return tuple(slots_key(l) for l in self.levels)
+
+    def replicated_keys(self) -> tuple[str, ...]:
+        """The loader's per-step keys (the same on every process)."""
+        return tuple(ids_key(l) for l in self.levels)
+
+    def init_bank(self) -> dict[str, bank_lib.LevelBank]:
+        return bank_lib.init_bank(self.geometry, self.config.init_seed,
+                                  jnp.dtype(self.config.bank_dtype),
+                                  jnp.dtype(self.config.moment_dtype), self.with_generic)
+
+    # ----- inside the step ----------------------------------------------------------------
+
+    def fetch(self, bank: Mapping[str, bank_lib.LevelBank], batch: Mapping[str, Array]
+              ) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
+        """level key -> (ids, fetched rows) for every level with memory (and the generic block)."""
+        out = {}
+        for level in self.levels:
+            ids = batch[ids_key(level)]
+            out[bank_lib.level_key(level)] = (ids, bank_lib.fetch(bank[bank_lib.level_key(level)],
+                                                                  ids))
+        if self.with_generic:
+            ids = jnp.zeros((1,), jnp.int32)
+            out[bank_lib.GENERIC] = (ids, bank_lib.fetch(bank[bank_lib.GENERIC], ids))
+        return out
+
+    def generic_mask(self, step: Array, batch_size: int) -> Array:
+        """bool[B]: sequences that use the generic memory this step (a function of seed, step)."""
+        key = jax.random.fold_in(jax.random.key(self.seed + 7919), step)
+        return jax.random.bernoulli(key, self.config.generic_probability, (batch_size,))
+
+    def model_memory(self, params: Mapping[str, Mapping[str, Array]], batch: Mapping[str, Array],
+                     use_generic: Array | None) -> Any:
+        """The `memory` input of the model for these sequences (leading axis: all layers)."""
+        fetched = {level: params[bank_lib.level_key(level)] for level in self.levels}
+        slots = {level: batch[slots_key(level)] for level in self.levels}
+        generic = params.get(bank_lib.GENERIC) if use_generic is not None else None
+        if self.config.application == "grouped":
+            memory = memory_lib.grouped_memory(fetched, slots, generic, use_generic)
+        else:
+            rank_axes = {n: m.rank_axis for n, m in self.geometry.matrices.items()}
+            memory = memory_lib.sequence_memory(fetched, slots, rank_axes)
+            if generic is not None:
+                memory = memory_lib.select_generic(memory, generic, use_generic)
+        return memory_lib.place_layers(memory, self.geometry.layers, self.num_layers)
+
+    def update(self, bank: Mapping[str, bank_lib.LevelBank],
+               fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
+               grads: Mapping[str, Mapping[str, Array]], lr: Array,
+               use_generic: Array | None) -> dict[str, bank_lib.LevelBank]:
+        """Sparse AdamW on the fetched rows, written back to the bank."""
+        new_bank = dict(bank)
+        for key, (ids, rows) in fetched.items():
+            if key == bank_lib.GENERIC:
+                valid = jnp.any(use_generic)[None]
+            else:
+                valid = ids < bank[key].count.shape[0]
+            params, mu, nu, count = sparse_adamw(rows.params, grads[key], rows.mu, rows.nu,
+                                                 rows.count, valid, lr, self.config)
+            updated = bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count)
+            new_bank[key] = bank_lib.commit(bank[key], ids, updated)
+        return new_bank
+
+    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
+                bank: Mapping[str, bank_lib.LevelBank]) -> dict[str, Array]:
+        out = {}
+        fetch_bytes = jnp.zeros((), jnp.float32)
+        for level in self.levels:
+            key = bank_lib.level_key(level)
+            ids, rows = fetched[key]
+            unique = jnp.sum(ids < bank[key].count.shape[0])
+            out[f"mem/unique_blocks_l{level}"] = unique
+            row_bytes = sum(x[0].size * x.dtype.itemsize for x in rows.params.values())
+            fetch_bytes = fetch_bytes + unique * row_bytes
+        out["mem/fetch_bytes"] = fetch_bytes
+        return out
+
