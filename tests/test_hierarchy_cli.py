@@ -50,7 +50,8 @@ def test_cli_writes_tree_paths_ids_and_report(cluster_run):
     assert ids[:2] == ["doc-0", "doc-1"] and len(ids) == 160
     tree = ClusterTree.load(out, embedder=get_embedder("hashed"))
     assert tree.num_clusters == (4, 16)
-    texts = [json.loads(line)["text"] for line in (folder / "corpus.jsonl").read_text().splitlines()]
+    lines = (folder / "corpus.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
     np.testing.assert_array_equal(tree.route_texts(texts, get_embedder("hashed")), paths)
     report = json.loads((out / "report.json").read_text())
     assert report["documents"] == 160 and len(report["levels"]) == 2

@@ -80,8 +80,9 @@ def test_hashed_embedding_does_not_depend_on_batching_or_case():
 
 def test_hashed_embedding_is_identical_across_processes():
     """No dependence on Python's salted str hash: another process gives the same bytes."""
-    code = ("import sys, numpy as np; from hmem_jax.hierarchy import get_embedder; "
-            "sys.stdout.write(get_embedder('hashed').embed(['Paris is in France.']).tobytes().hex())")
+    code = ("import sys; from hmem_jax.hierarchy import get_embedder; "
+            "vectors = get_embedder('hashed').embed(['Paris is in France.']); "
+            "sys.stdout.write(vectors.tobytes().hex())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             check=True)

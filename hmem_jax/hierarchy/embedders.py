@@ -80,7 +80,6 @@ themselves then there these they this those through to too under until up very w
 what when where which while who whom why will with would you your yours yourself yourselves
 """.split()
 
-_MASK64 = (1 << 64) - 1
 _MAX_WORD_BYTES = 64  # byte position multipliers repeat after this many bytes of a word
 
 
@@ -115,7 +114,8 @@ class HashedNgramEmbedder:
                  group_weights: tuple[float, float, float] = (1.0, 0.6, 0.8),
                  projections_per_feature: int = 2, batch_size: int = 2048) -> None:
         if not 8 <= dim <= 1 << 14:
-            raise ValueError(f"HashedNgramEmbedder dim = {dim} must be in [8, 16384] (384 default).")
+            raise ValueError(f"HashedNgramEmbedder dim = {dim} must be in [8, 16384] "
+                             "(384 by default).")
         if not 1 <= projections_per_feature <= 4:
             raise ValueError(f"projections_per_feature = {projections_per_feature} must be in "
                              "[1, 4]: each projection uses 16 bits of one 64-bit hash.")
@@ -142,7 +142,8 @@ class HashedNgramEmbedder:
         texts = list(texts)
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), self.batch_size):
-            out[start:start + self.batch_size] = self._embed_batch(texts[start:start + self.batch_size])
+            stop = start + self.batch_size
+            out[start:stop] = self._embed_batch(texts[start:stop])
         return out
 
     # -- internals ------------------------------------------------------------------
@@ -329,7 +330,7 @@ class MiniLMEmbedder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         model = self._load()
-        vectors = model.encode(texts, batch_size=self.batch_size,
-                               show_progress_bar=self.show_progress and len(texts) > self.batch_size,
+        show_progress = self.show_progress and len(texts) > self.batch_size
+        vectors = model.encode(texts, batch_size=self.batch_size, show_progress_bar=show_progress,
                                convert_to_numpy=True, normalize_embeddings=True)
         return np.ascontiguousarray(vectors, dtype=np.float32)

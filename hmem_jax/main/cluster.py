@@ -57,11 +57,13 @@ def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
     if path.is_file():
         if path.suffix != ".jsonl":
             raise ConfigError(f"--docs={docs} is a file but not .jsonl; pass a .jsonl file (one "
-                              "JSON object with a 'text' field per line) or a folder of .txt files.")
+                              "JSON object with a 'text' field per line) or a folder of .txt "
+                              "files.")
         return dataclasses.replace(base, source="jsonl", path=str(path))
     if path.is_dir():
         has_jsonl = any(path.glob("*.jsonl"))
-        return dataclasses.replace(base, source="jsonl" if has_jsonl else "text_dir", path=str(path))
+        source = "jsonl" if has_jsonl else "text_dir"
+        return dataclasses.replace(base, source=source, path=str(path))
     raise ConfigError(f"--docs={docs} does not exist; pass a .jsonl file, a folder of .txt files, "
                       "or 'embedded'.")
 
