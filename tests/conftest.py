@@ -83,3 +83,31 @@ def small_prepared_data(tmp_path_factory):
     params = SMALL_CORPUS_PARAMS + (f"DataConfig.prepared_dir = '{out}'",)
     ensure_prepared(load_train_config((), params), out, progress=False)
     return out, params
+
+
+SMALL_TREE_PARAMS = SMALL_CORPUS_PARAMS + (
+    "HierarchyConfig.branching = 4",
+    "HierarchyConfig.depth = 2",
+    "HierarchyConfig.samples_per_step = 512",
+    "HierarchyConfig.em_steps = 5",
+)
+
+
+@pytest.fixture(scope="session")
+def small_prepared_tree_data(tmp_path_factory):
+    """The small corpus routed by a real 4 x 2 ClusterTree and packed per leaf cluster.
+
+    Returns (prepared_dir, tree_dir, gin bindings that reproduce its settings).
+    """
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.main.cluster import cluster_corpus
+    from hmem_jax.main.common import load_train_config
+
+    root = tmp_path_factory.mktemp("prepared_tree")
+    out, tree = str(root / "data"), str(root / "tree")
+    params = SMALL_TREE_PARAMS + (f"DataConfig.prepared_dir = '{out}'",
+                                  f"TrainConfig.tree_dir = '{tree}'")
+    cfg = load_train_config((), params)
+    cluster_corpus(cfg.data, cfg.hierarchy, tree, verbose=False)
+    ensure_prepared(cfg, out, tree, progress=False)
+    return out, tree, params

@@ -37,21 +37,45 @@ def write_run_config(cfg: TrainConfig, workdir: str) -> None:
         json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
 
 
+def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
+    """The ClusterTree a memory run routes with: `TrainConfig.tree_dir`, or WORKDIR/tree fitted
+    on the corpus (hashed or MiniLM embeddings, HierarchyConfig) the first time."""
+    if not cfg.memory.enabled:
+        return None
+    from hmem_jax.hierarchy.tree import MANIFEST_NAME
+    from hmem_jax.main.cluster import cluster_corpus
+
+    tree_dir = cfg.tree_dir or os.path.join(workdir, "tree")
+    if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
+        if cfg.tree_dir:
+            raise FileNotFoundError(f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
+                                    f"({MANIFEST_NAME}); fit one with `python -m "
+                                    "hmem_jax.main.cluster`, or leave tree_dir empty.")
+        print(f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
+              f"on the corpus into {tree_dir}", flush=True)
+        cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
+    return tree_dir
+
+
 def make_loader(cfg: TrainConfig, workdir: str):
-    """Prepare the data if needed (process 0), then open this process's loader."""
+    """Fit the tree and prepare the data if needed (process 0), then open this process's loader."""
     import jax
     from jax.experimental import multihost_utils
 
     from hmem_jax.data.loader import Loader
-    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.prepare import TreeRouter, ensure_prepared
 
     prepared = cfg.data.prepared_dir or os.path.join(workdir, "data")
+    tree_dir = cfg.tree_dir or (os.path.join(workdir, "tree") if cfg.memory.enabled else None)
     if jax.process_index() == 0:
-        ensure_prepared(cfg, prepared)
+        ensure_tree(cfg, workdir)
+        ensure_prepared(cfg, prepared, tree_dir)
     multihost_utils.sync_global_devices("hmem_jax.data.prepared")
+    tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
     return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
-                  worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+                  tree_hash=tree_hash, worker_count=cfg.data.worker_count,
+                  prefetch=cfg.data.prefetch)
 
 
 def main(argv: list[str]) -> None:
@@ -76,7 +100,7 @@ def main(argv: list[str]) -> None:
         loader = make_loader(cfg, workdir)
         train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=UNTIL_STEP.value,
               peak_tflops=PEAK_TFLOPS.value)
-    except (ConfigError, PreparedDataError, CheckpointMismatchError) as error:
+    except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
         common.fail(str(error))
 
 

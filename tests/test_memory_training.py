@@ -1,0 +1,138 @@
+"""Memory-augmented training: sparse updates, lazy AdamW, modes, resume, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hmem_jax.bank.sparse_adamw import sparse_adamw
+from hmem_jax.config import MemoryConfig, MeshConfig
+from hmem_jax.data.loader import Loader
+from hmem_jax.main.common import load_train_config
+from hmem_jax.train.loop import fingerprint, train
+from hmem_jax.train.memory import MemoryPlan
+
+
+def _config(params, **overrides):
+    memory = overrides.pop("memory", {})
+    cfg = load_train_config((), params + (
+        "TrainConfig.batch_size = 8", "TrainConfig.steps = 6", "TrainConfig.log_every = 1",
+        "TrainConfig.checkpoint_every = 3", "TrainConfig.async_checkpointing = False",
+        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
+        "MemoryConfig.lr = 1e-2", "MemoryConfig.end_lr = 1e-3", "MemoryConfig.warmup_steps = 1",
+        "MeshConfig.fsdp = 1", "MeshConfig.data = 1"))
+    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
+
+
+def _train(cfg, prepared, workdir, devices=None, **kwargs):
+    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed)
+    devices = devices if devices is not None else jax.devices()[:1]
+    return train(cfg, str(workdir), loader, fingerprint(loader.fingerprint), devices=devices,
+                 **kwargs), loader
+
+
+def _losses(result):
+    return np.array([result.losses[k] for k in sorted(result.losses)])
+
+
+def test_only_fetched_blocks_change_and_counts_equal_fetches(tmp_path, small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    cfg = _config(params, steps=5)
+    result, loader = _train(cfg, prepared, tmp_path / "run")
+    initial = MemoryPlan.from_config(cfg).init_bank()
+    for level in (1, 2):
+        key = f"l{level}"
+        fetched = np.zeros(4 ** level, int)
+        for step in range(cfg.steps):
+            ids = loader.batch(step)[f"block_ids_l{level}"]
+            np.add.at(fetched, ids[ids < 4 ** level], 1)
+        bank = result.state.bank[key]
+        np.testing.assert_array_equal(np.asarray(bank.count), fetched)
+        untouched = fetched == 0
+        assert (~untouched).any() and (level == 1 or untouched.any())
+        for tree_name in ("params", "mu", "nu"):
+            for name, value in getattr(bank, tree_name).items():
+                before = np.asarray(getattr(initial[key], tree_name)[name])
+                after = np.asarray(value)
+                np.testing.assert_array_equal(after[untouched], before[untouched])
+                if tree_name == "params" and name == "down":
+                    assert not np.array_equal(after[~untouched], before[~untouched])
+
+
+def test_lazy_adamw_on_a_block_equals_optax_adamw_on_that_block_alone():
+    cfg = MemoryConfig(kind="ffn", level_sizes=(2,), weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    param = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    opt = optax.adamw(0.05, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    reference, opt_state = param, opt.init(param)
+    rows = {"w": param[None]}
+    mu, nu, count = {"w": jnp.zeros((1, 3, 4))}, {"w": jnp.zeros((1, 3, 4))}, jnp.zeros(1, jnp.int32)
+    for step in range(6):
+        grad = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+        updates, opt_state = opt.update(grad, opt_state, reference)
+        reference = optax.apply_updates(reference, updates)
+        rows, mu, nu, count = sparse_adamw(rows, {"w": grad[None]}, mu, nu, count,
+                                           jnp.array([True]), jnp.float32(0.05), cfg)
+    np.testing.assert_allclose(np.asarray(rows["w"][0]), np.asarray(reference), rtol=1e-5,
+                               atol=1e-6)
+    assert int(count[0]) == 6
+    frozen, *_ = sparse_adamw(rows, {"w": jnp.ones((1, 3, 4))}, mu, nu, count,
+                              jnp.array([False]), jnp.float32(0.05), cfg)
+    np.testing.assert_array_equal(np.asarray(frozen["w"]), np.asarray(rows["w"]))
+
+
+def test_resume_reproduces_losses_and_the_bank_exactly(tmp_path, small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    cfg = _config(params, steps=6)
+    full, _ = _train(cfg, prepared, tmp_path / "full")
+    first, _ = _train(cfg, prepared, tmp_path / "resumed", until_step=4)
+    second, _ = _train(cfg, prepared, tmp_path / "resumed")
+    assert {**first.losses, **second.losses} == full.losses
+    for a, b in zip(jax.tree.leaves(full.state.bank), jax.tree.leaves(second.state.bank)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(tmp_path,
+                                                                     small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    anchor_cfg = _config(params, steps=3, memory={"kind": "none"})
+    anchor, _ = _train(anchor_cfg, prepared, tmp_path / "anchor")
+    frozen_cfg = _config(params, steps=3, init_from=str(tmp_path / "anchor"),
+                         memory={"mode": "frozen_anchor"})
+    frozen, _ = _train(frozen_cfg, prepared, tmp_path / "frozen")
+    for a, b in zip(jax.tree.leaves(anchor.state.params), jax.tree.leaves(frozen.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(frozen.state.bank["l1"].count.sum()) > 0
+    # The memory starts with no effect: the first loss is the trained anchor's on that batch.
+    cotrain_cfg = _config(params, steps=3, init_from=str(tmp_path / "anchor"),
+                          memory={"mode": "cotrain"})
+    cotrain, _ = _train(cotrain_cfg, prepared, tmp_path / "cotrain")
+    assert cotrain.losses[1] == pytest.approx(frozen.losses[1], rel=1e-6)
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(anchor.state.params), jax.tree.leaves(cotrain.state.params))]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("kind", ["lora_qk", "lora_ov", "lora_ffn", "kv"])
+def test_other_memory_types_start_without_effect_and_train(tmp_path, small_prepared_tree_data,
+                                                           kind):
+    prepared, _, params = small_prepared_tree_data
+    base, _ = _train(_config(params, steps=2, memory={"kind": "none"}), prepared, tmp_path / "a")
+    result, _ = _train(_config(params, steps=2, memory={"kind": kind}), prepared, tmp_path / "m")
+    assert result.losses[1] == pytest.approx(base.losses[1], rel=1e-6)
+    zero_init = {"lora_qk": "q_b", "lora_ov": "v_b", "lora_ffn": "up_b", "kv": "values"}[kind]
+    assert float(jnp.abs(result.state.bank["l1"].params[zero_init]).max()) > 0
+
+
+def test_memory_training_on_8_devices_matches_one_device(tmp_path, small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    one, _ = _train(_config(params, steps=3), prepared, tmp_path / "one")
+    cfg8 = _config(params, steps=3, mesh=MeshConfig(data=2, fsdp=2, tensor=2, memory=1))
+    eight, _ = _train(cfg8, prepared, tmp_path / "eight", devices=jax.devices())
+    np.testing.assert_allclose(_losses(one), _losses(eight), rtol=2e-5)
+    # Adam divides by √v, so float summation-order differences in tiny gradients grow a little.
+    for a, b in zip(jax.tree.leaves(one.state.bank), jax.tree.leaves(eight.state.bank)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
