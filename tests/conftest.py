@@ -111,3 +111,12 @@ def small_prepared_tree_data(tmp_path_factory):
     cluster_corpus(cfg.data, cfg.hierarchy, tree, verbose=False)
     ensure_prepared(cfg, out, tree, progress=False)
     return out, tree, params
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """Gin bindings are global: clear them around each test so none leaks into the next."""
+    import gin
+    gin.clear_config()
+    yield
+    gin.clear_config()

@@ -136,7 +136,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
                                           replicate=replicated_inputs)
             data_wait += time.perf_counter() - fetch_start
-            state, step_metrics = step_fn(state, batch)
+            state, step_metrics, _ = step_fn(state, batch)
             window_steps += 1
             if pending is not None:
                 losses[pending[0]] = float(pending[1]["train/loss"])

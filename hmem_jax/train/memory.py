@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hmem_jax.bank import device as bank_lib
@@ -84,18 +85,18 @@ class MemoryPlan:
 
     # ----- inside the step ----------------------------------------------------------------
 
+    def step_ids(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """level key -> the block ids a step fetches (the generic block is id 0 of its own bank)."""
+        ids = {bank_lib.level_key(l): batch[ids_key(l)] for l in self.levels}
+        if self.with_generic:
+            ids[bank_lib.GENERIC] = np.zeros((1,), np.int32)
+        return ids
+
     def fetch(self, bank: Mapping[str, bank_lib.LevelBank], batch: Mapping[str, Array]
               ) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
-        """level key -> (ids, fetched rows) for every level with memory (and the generic block)."""
-        out = {}
-        for level in self.levels:
-            ids = batch[ids_key(level)]
-            out[bank_lib.level_key(level)] = (ids, bank_lib.fetch(bank[bank_lib.level_key(level)],
-                                                                  ids))
-        if self.with_generic:
-            ids = jnp.zeros((1,), jnp.int32)
-            out[bank_lib.GENERIC] = (ids, bank_lib.fetch(bank[bank_lib.GENERIC], ids))
-        return out
+        """level key -> (ids, fetched rows) from a device-resident bank."""
+        return {key: (jnp.asarray(ids), bank_lib.fetch(bank[key], jnp.asarray(ids)))
+                for key, ids in self.step_ids(batch).items()}
 
     def generic_mask(self, step: Array, batch_size: int) -> Array:
         """bool[B]: sequences that use the generic memory this step (a function of seed, step)."""
@@ -117,31 +118,41 @@ class MemoryPlan:
                 memory = memory_lib.select_generic(memory, generic, use_generic)
         return memory_lib.place_layers(memory, self.geometry.layers, self.num_layers)
 
-    def update(self, bank: Mapping[str, bank_lib.LevelBank],
-               fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
-               grads: Mapping[str, Mapping[str, Array]], lr: Array,
-               use_generic: Array | None) -> dict[str, bank_lib.LevelBank]:
-        """Sparse AdamW on the fetched rows, written back to the bank."""
-        new_bank = dict(bank)
+    def updated_rows(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
+                     grads: Mapping[str, Mapping[str, Array]], lr: Array,
+                     use_generic: Array | None) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
+        """Sparse AdamW on the fetched rows: level key -> (ids, rows to write back).
+
+        Padding rows (ids >= clusters) and an unused generic block are returned
+        unchanged; writing them back is a no-op.
+        """
+        out = {}
         for key, (ids, rows) in fetched.items():
             if key == bank_lib.GENERIC:
-                valid = jnp.any(use_generic)[None]
+                valid = jnp.broadcast_to(jnp.any(use_generic), ids.shape)
             else:
-                valid = ids < bank[key].count.shape[0]
+                valid = ids < self.geometry.clusters(int(key[1:]))
             params, mu, nu, count = sparse_adamw(rows.params, grads[key], rows.mu, rows.nu,
                                                  rows.count, valid, lr, self.config)
-            updated = bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count)
+            out[key] = (ids, bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count))
+        return out
+
+    @staticmethod
+    def commit(bank: Mapping[str, bank_lib.LevelBank],
+               rows: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, bank_lib.LevelBank]:
+        """Write updated rows into a device-resident bank."""
+        new_bank = dict(bank)
+        for key, (ids, updated) in rows.items():
             new_bank[key] = bank_lib.commit(bank[key], ids, updated)
         return new_bank
 
-    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
-                bank: Mapping[str, bank_lib.LevelBank]) -> dict[str, Array]:
+    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, Array]:
         out = {}
         fetch_bytes = jnp.zeros((), jnp.float32)
         for level in self.levels:
             key = bank_lib.level_key(level)
             ids, rows = fetched[key]
-            unique = jnp.sum(ids < bank[key].count.shape[0])
+            unique = jnp.sum(ids < self.geometry.clusters(level))
             out[f"mem/unique_blocks_l{level}"] = unique
             row_bytes = sum(x[0].size * x.dtype.itemsize for x in rows.params.values())
             fetch_bytes = fetch_bytes + unique * row_bytes

@@ -106,15 +106,26 @@ class StepFunctions:
     plan: MemoryPlan | None = None
     memory_schedule: optax.Schedule | None = None
     freeze_anchor: bool = False
+    host_bank: bool = False  # the bank lives outside the state (streamed tier): rows in, rows out
 
 
-def train_step(fns: StepFunctions, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    """One optimizer step; metrics are device scalars (read them a step late)."""
+BANK_ROWS = "bank_rows"  # batch key of host-fetched rows: level key -> (ids, LevelBank rows)
+
+
+def train_step(fns: StepFunctions, state: TrainState,
+               batch: Batch) -> tuple[TrainState, dict, dict | None]:
+    """One optimizer step -> (state, metrics, updated bank rows for a host bank or None).
+
+    Metrics are device scalars (read them a step late). With a device-resident
+    bank the updated rows are written into `state.bank`; with a host bank
+    (`fns.host_bank`) the step reads `batch[BANK_ROWS]` and returns the rows to
+    write back.
+    """
     plan = fns.plan
     per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
     fetched, use_generic = {}, None
     if plan is not None:
-        fetched = plan.fetch(state.bank, batch)
+        fetched = batch[BANK_ROWS] if fns.host_bank else plan.fetch(state.bank, batch)
         per_sequence.update({k: batch[k] for k in plan.batch_keys()})
         if plan.with_generic:
             use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
@@ -152,26 +163,28 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch) -> tuple[Tra
         params = optax.apply_updates(state.params, updates)
     metrics = {"train/loss": loss_sum / count, "train/grad_norm": grad_norm,
                "train/lr": fns.schedule(state.step), "train/tokens": count}
-    bank = state.bank
+    bank, rows_out = state.bank, None
     if plan is not None:
         memory_lr = fns.memory_schedule(state.step)
-        bank = plan.update(state.bank, fetched, memory_grads, memory_lr, use_generic)
-        metrics.update(plan.metrics(fetched, state.bank))
+        rows_out = plan.updated_rows(fetched, memory_grads, memory_lr, use_generic)
+        if not fns.host_bank:
+            bank, rows_out = plan.commit(state.bank, rows_out), None
+        metrics.update(plan.metrics(fetched))
         metrics["mem/lr"] = memory_lr
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
-    return new_state, metrics
+    return new_state, metrics, rows_out
 
 
 def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
-                       state_shardings: TrainState) -> Callable[[TrainState, Batch],
-                                                                tuple[TrainState, dict]]:
+                       state_shardings: TrainState) -> Callable[[TrainState, Batch], tuple]:
     """`train_step` under `jax.jit` with explicit shardings; the old state is donated."""
+    replicated = sharding.replicated(mesh)
     jitted = jax.jit(lambda state, batch: train_step(fns, state, batch),
                      in_shardings=(state_shardings, None),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     out_shardings=(state_shardings, replicated, replicated),
                      donate_argnums=(0,))
 
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict, dict | None]:
         with sharding.activate(mesh, rules):
             return jitted(state, batch)
     return run
