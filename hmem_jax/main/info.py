@@ -15,19 +15,30 @@ from hmem_jax.main import common
 
 
 def describe(cfg: TrainConfig) -> dict:
+    from hmem_jax.bank.geometry import BankGeometry
     from hmem_jax.model import count_params, init_abstract
     from hmem_jax.train.metrics import train_flops_per_token
 
     anchor = count_params(init_abstract(cfg.model))
     embedding = cfg.model.vocab_size * cfg.model.d_model * (1 if cfg.model.tie_embeddings else 2)
-    return {
+    info = {
         "anchor_params": anchor,
         "anchor_non_embedding_params": anchor - embedding,
+        "bank_params": 0,
+        "fetched_params": 0,
         "train_flops_per_token": train_flops_per_token(cfg.model, cfg.seq_len),
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "total_tokens": cfg.batch_size * cfg.seq_len * cfg.steps,
-        "model": {k: v for k, v in cfg.model.__dict__.items()},
+        "model": dict(cfg.model.__dict__),
     }
+    if cfg.memory.enabled:
+        geometry = BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy)
+        info.update(bank_params=geometry.bank_params, fetched_params=geometry.fetched_params,
+                    fetched_fraction_of_anchor=round(geometry.fetched_params / anchor, 4),
+                    memory=geometry.describe(), training_mode=cfg.memory.mode,
+                    train_flops_per_token=train_flops_per_token(cfg.model, cfg.seq_len,
+                                                                geometry.fetched_params))
+    return info
 
 
 def main(argv: list[str]) -> None:

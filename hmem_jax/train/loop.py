@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     step_fn = compile_train_step(fns, mesh, rules, shardings)
     inputs = MODEL_INPUTS + (plan.batch_keys() + plan.replicated_keys() if plan else ())
     replicated_inputs = plan.replicated_keys() if plan else ()
-    flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len) * (
+    fetched_params = plan.geometry.fetched_params if plan else 0
+    flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len, fetched_params) * (
         cfg.batch_size * cfg.seq_len)
     peak, _ = metrics_lib.peak_flops_per_device(peak_tflops)
     writer = metrics_lib.MetricWriter(workdir, cfg.steps)

@@ -35,17 +35,19 @@ def matmul_param_count(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + cfg.d_model * cfg.vocab_size
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, fetched_params: int = 0) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), PaLM appendix B style:
 
-        6 · N_matmul  +  12 · L · (heads · head_dim) · T
+        6 · (N_matmul + N_fetched)  +  12 · L · (heads · head_dim) · T
 
     N_matmul counts weights used in matmuls (attention projections, SwiGLU, the
-    vocabulary head; not the embedding lookup or norms). The second term is
-    QKᵀ and AV over the full context T (document masking is not discounted).
+    vocabulary head; not the embedding lookup or norms); N_fetched the fetched
+    memory's weights, which every token multiplies like the anchor's (exact
+    for FFN and LoRA memories). The last term is QKᵀ and AV over the full
+    context T (document masking is not discounted).
     """
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return 6.0 * matmul_param_count(cfg) + attention
+    return 6.0 * (matmul_param_count(cfg) + fetched_params) + attention
 
 
 @functools.cache
