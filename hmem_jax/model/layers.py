@@ -9,6 +9,7 @@ softmax run in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -96,14 +97,19 @@ class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases.
 
     `memory` (this layer's, per sequence) may add LoRA to q/k/v/o and KV-memory slots.
+    With a `cache` (this layer's {"k", "v"}: [B, S, kv_heads, head_dim], see
+    hmem_jax/model/cache.py) the new keys/values are written at slot
+    `cache_index` and the queries attend over all S slots (`mask` is [B, 1, T, S]);
+    the updated cache is returned. Without one (training) the second output is None.
     """
 
     cfg: ModelConfig
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array,
-                 memory: Memory | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array, positions: Array, memory: Memory | None = None,
+                 cache: Mapping[str, Array] | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
         cfg = self.cfg
         batch, length, d = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -131,11 +137,19 @@ class Attention(nn.Module):
         q = rotary(q, positions, cfg.rope_base)
         k = rotary(k, positions, cfg.rope_base)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        new_cache = None
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                    cache_index, axis=1)
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
         if memory and "keys" in memory:
             out = out + kv_memory_attention(q_unrotated, memory)
         out = out.reshape(batch, length, q_width)
-        return add_lora(dense(out, wo), out, memory, "o", scale)
+        return add_lora(dense(out, wo), out, memory, "o", scale), new_cache
 
 
 class SwiGLU(nn.Module):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.model.cache import KVCache, advance, attention_mask
 from hmem_jax.model.layers import (Attention, RMSNorm, SwiGLU, dense, document_causal_mask,
                                    dtype_of, truncated_normal)
 
@@ -32,19 +33,25 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; `memory` is this layer's slice (or None)."""
+    """One pre-norm transformer block; `memory` and `cache` are this layer's slices (or None).
+
+    Returns (x, this layer's updated KV cache or None); the scan stacks the caches.
+    """
 
     cfg: ModelConfig
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, memory: Any) -> tuple[Array, None]:
+    def __call__(self, x: Array, mask: Array, positions: Array, memory: Any, cache: Any = None,
+                 cache_index: Array | None = None) -> tuple[Array, Any]:
         attn = Attention(self.cfg, self.lora_scale, name="attn")
         mlp = SwiGLU(self.cfg, self.lora_scale, name="mlp")
-        x = x + attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask, positions, memory)
+        attended, new_cache = attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask,
+                                   positions, memory, cache, cache_index)
+        x = x + attended
         x = x + mlp(RMSNorm(self.cfg, "embed", name="mlp_norm")(x), memory)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, None
+        return x, new_cache
 
 
 class Transformer(nn.Module):
@@ -65,7 +72,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora_scale, name="blocks")
@@ -80,19 +87,36 @@ class Transformer(nn.Module):
                     truncated_normal(1.0 / math.sqrt(cfg.d_model)), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
 
-    def hidden_states(self, tokens: Array, segment_ids: Array, positions: Array,
-                      memory: Any = None) -> Array:
-        """Final-normed hidden states[B, T, d] in the compute dtype."""
+    def embed(self, tokens: Array) -> Array:
+        """Token embeddings[B, T, d] in the compute dtype."""
         # The lookup reads the table whole (as FSDP gathers any weight before use);
         # gathering rows from a table sharded over `embed` into a batch-sharded
         # output would otherwise make the partitioner replicate via a slow path.
         table = nn.with_logical_constraint(jnp.asarray(self.embedding, dtype_of(self.cfg.dtype)),
                                            (None, None))
         x = jnp.take(table, tokens, axis=0)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def hidden_states(self, tokens: Array, segment_ids: Array, positions: Array,
+                      memory: Any = None) -> Array:
+        """Final-normed hidden states[B, T, d] in the compute dtype."""
         mask = document_causal_mask(segment_ids)
-        x, _ = self.blocks(x, mask, positions, memory)
+        x, _ = self.blocks(self.embed(tokens), mask, positions, memory, None, None)
         return self.final_norm(x)
+
+    def extend(self, tokens: Array, segment_ids: Array, positions: Array, cache: KVCache,
+               memory: Any = None) -> tuple[Array, KVCache]:
+        """Run tokens[B, T] at cache slots [cache.index, cache.index + T): -> (logits, cache).
+
+        The KV-cache path of decoding (see hmem_jax/model/cache.py): the same
+        layers and parameters as `__call__`, attending to every filled slot of
+        the same segment up to each query's own slot.
+        """
+        mask = attention_mask(cache, segment_ids)
+        x, layers = self.blocks(self.embed(tokens), mask, positions, memory, cache.layers,
+                                cache.index)
+        logits = self.logits(self.final_norm(x))
+        return logits, advance(cache, layers, segment_ids)
 
     def logits(self, hidden: Array) -> Array:
         """float32 logits[B, T, V] from hidden states."""
