@@ -187,4 +187,11 @@ def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict, dict | None]:
         with sharding.activate(mesh, rules):
             return jitted(state, batch)
+
+    def compiled(state: TrainState, batch: Batch) -> Any:
+        """The compiled executable (for memory and cost analysis in benchmarks)."""
+        with sharding.activate(mesh, rules):
+            return jitted.lower(state, batch).compile()
+
+    run.compiled = compiled
     return run
