@@ -37,3 +37,27 @@ def test_a_paper_preset_is_selected_through_gin():
 def test_bad_configuration_is_a_clear_error(files, params, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_train_config(files, params)
+
+
+@pytest.mark.parametrize("name, anchor, bank, fetched", [
+    ("paper_160m", 163_510_016, 4.62e9, 18.06e6), ("paper_410m", 411_665_408, 12.68e9, 49.5e6),
+    ("paper_1p4b", 1_439_893_504, 21.14e9, 153.4e6)])
+def test_info_reports_the_papers_anchor_bank_and_fetched_sizes(name, anchor, bank, fetched):
+    from hmem_jax.main.info import describe
+    info = describe(load_train_config((name,), ("TrainConfig.init_from = 'runs/anchor'",)))
+    assert info["anchor_params"] == anchor
+    assert info["bank_params"] == pytest.approx(bank, rel=5e-3)
+    assert info["fetched_params"] == pytest.approx(fetched, rel=5e-3)
+
+
+def test_cotraining_without_an_anchor_to_start_from_is_a_clear_error():
+    with pytest.raises(ConfigError, match="init_from"):
+        load_train_config(("paper_160m",), ())
+
+
+def test_memory_levels_must_match_the_tree_depth():
+    from hmem_jax.main.info import describe
+    cfg = load_train_config((), ("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (4, 2)",
+                                 "HierarchyConfig.depth = 3"))
+    with pytest.raises(ConfigError, match="HierarchyConfig.depth = 3"):
+        describe(cfg)
