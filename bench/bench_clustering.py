@@ -12,6 +12,9 @@
 3. One minibatch EM step in numpy vs jax.jit (to decide whether JAX pays on CPU).
 4. Embedding throughput of the 'hashed' and (when installed) 'minilm' embedders
    on the embedded encyclopedia's documents.
+5. Routing quality on the embedded encyclopedia: how much of an entity's
+   documents share the cluster its probe prompt ("The atomic number of X is")
+   is routed to, per level of a 16 x 2 tree, hashed vs MiniLM.
 
 Prints a JSON object (also written to `--out`); BENCHMARKS.md "## Clustering
 and routing" quotes it. CPU contention from other processes slows everything:
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -226,13 +230,58 @@ def bench_embedders(minilm_docs: int) -> dict:
     return results
 
 
+def probe_recall(tree: ClusterTree, embeddings: np.ndarray, texts: list[str], probes: list,
+                 embedder) -> list[float]:
+    """Per level: the mean, over probes, of the share of documents mentioning the probe's entity
+    that sit in the probe prompt's cluster (what a fetched memory block was trained on)."""
+    document_ids = tree.block_ids(tree.route(embeddings))
+    probe_ids = tree.block_ids(tree.route_texts([p.prompt for p in probes], embedder))
+    shares = []
+    for probe, ids in zip(probes, probe_ids):
+        mentioning = [i for i, text in enumerate(texts) if probe.entity in text]
+        if mentioning:
+            shares.append((document_ids[mentioning] == ids).mean(axis=0))
+    return [round(float(v), 3) for v in np.mean(shares, axis=0)]
+
+
+def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
+    """Do prompts about an entity land where that entity's documents are? (hashed vs MiniLM)"""
+    from hmem_jax.data.encyclopedia import cached_corpus
+
+    config = HierarchyConfig(branching=16, depth=2)
+    results = {"tree": "16x2, tree seeds 0-2", "metric": "mean share of the entity's documents in "
+               "the probe prompt's cluster, levels 1 / 2 (random routing: 1/16, 1/256)"}
+    for entities in (small_entities, large_entities):
+        corpus = cached_corpus(entities, 0)
+        texts = [d.text for d in corpus.documents]
+        for name in ("hashed", "minilm"):
+            if name == "minilm" and entities != small_entities:
+                continue  # ~30 docs/s on this CPU: the small corpus only
+            try:
+                embedder = get_embedder(name, **({"show_progress": False}
+                                                 if name == "minilm" else {}))
+                embeddings = embedder.embed(texts)
+            except ImportError as error:
+                results[f"{name}_{entities}"] = {"skipped": str(error).splitlines()[0]}
+                continue
+            per_seed = [probe_recall(ClusterTree.fit(embeddings, dataclasses.replace(
+                config, seed=seed), name), embeddings, texts, corpus.probes, embedder)
+                for seed in range(3)]
+            results[f"{name}_{entities}_entities"] = {
+                "documents": len(texts), "probes": len(corpus.probes),
+                "recall_per_level_mean_of_3_seeds": np.round(np.mean(per_seed, 0), 3).tolist(),
+                "recall_per_level_per_seed": per_seed}
+            print(name, entities, results[f"{name}_{entities}_entities"], flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--minilm_docs", type=int, default=2000)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["ours", "faiss", "em_step", "embedders"])
+                        choices=["ours", "faiss", "em_step", "embedders", "quality"])
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -261,6 +310,8 @@ def main() -> None:
         result["em_step"] = bench_em_step()
     if "embedders" not in args.skip:
         result["embedders"] = bench_embedders(args.minilm_docs)
+    if "quality" not in args.skip:
+        result["routing_quality"] = bench_routing_quality(300, 3000)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
