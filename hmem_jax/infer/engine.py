@@ -1,0 +1,80 @@
+"""One object per loaded run that routes, fetches and decodes: what the CLIs and the evaluation use.
+
+    text ─► embed ─► route (optionally with blocked subtrees) ─► block ids ─► fetch ─► memory
+    prompt tokens + memory ─► Decoder (KV cache) ─► text
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hmem_jax.infer import retrieval
+from hmem_jax.infer.decode import Decoder, Sampling
+from hmem_jax.infer.run import LoadedRun
+
+
+class Engine:
+    """Routing, memory assembly and generation for a LoadedRun (its bank is the block source)."""
+
+    def __init__(self, run: LoadedRun, blocks: retrieval.BlockSource | None = None,
+                 embedder: Any = None) -> None:
+        self.run = run
+        self.model = run.model
+        self.blocks = blocks if blocks is not None else (
+            retrieval.DeviceBlocks(run.bank) if run.bank is not None else None)
+        self._embedder = embedder
+        self.decoder = Decoder(self.model, run.params)
+
+    @property
+    def has_memory(self) -> bool:
+        return self.run.plan is not None
+
+    @property
+    def has_generic(self) -> bool:
+        return self.has_memory and self.run.plan.with_generic
+
+    @functools.cached_property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from hmem_jax.hierarchy.embedders import get_embedder
+            self._embedder = get_embedder(self.run.tree.embedder_name)
+        return self._embedder
+
+    def block_ids(self, texts: Sequence[str], blocked_level1: Sequence[int] = ()) -> np.ndarray:
+        """int32[N, depth] global block ids of the texts' routes."""
+        if not self.has_memory:
+            return np.zeros((len(texts), 1), np.int32)
+        paths = retrieval.route(self.run.tree, self.embedder, texts, blocked_level1)
+        return self.run.tree.block_ids(paths)
+
+    def memory(self, block_ids: np.ndarray, mode: str) -> Any:
+        return retrieval.build_memory(self.run.plan, self.blocks, block_ids, mode)
+
+    def memory_for(self, route_texts: Sequence[str], mode: str,
+                   blocked_level1: Sequence[int] = ()) -> Any:
+        """Memory for inputs routed by `route_texts` (one per input), or None for mode 'none'."""
+        if mode == "none":
+            return None
+        return self.memory(self.block_ids(route_texts, blocked_level1), mode)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt; an empty prompt becomes one EOT token (a document start)."""
+        ids = self.run.tokenizer.encode(text)
+        return ids if ids else [self.run.tokenizer.eot_id]
+
+    def generate(self, prompts: Sequence[str], mode: str = "fetched",
+                 sampling: Sampling = Sampling(), route_texts: Sequence[str] | None = None,
+                 blocked_level1: Sequence[int] = ()) -> list[str]:
+        """Continuations of `prompts`, each with the memory its own route text selects."""
+        memory = self.memory_for(route_texts or prompts, mode, blocked_level1)
+        tokenizer = self.run.tokenizer
+        stops = sampling.stop_ids or (tokenizer.eot_id,)
+        sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))
+        out = self.decoder.generate([self.encode(p) for p in prompts], sampling, memory,
+                                    pad_id=tokenizer.pad_id)
+        return [tokenizer.decode(ids) for ids in out]

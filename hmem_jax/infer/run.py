@@ -1,0 +1,95 @@
+"""Open a finished (or running) training run for inference: config, anchor, bank, tokenizer, tree.
+
+Everything comes from the workdir the train entry point wrote: the operative
+`config.gin`, the latest (or a chosen) orbax checkpoint, the prepared data
+(`DataConfig.prepared_dir` or WORKDIR/data, holding the tokenizer and the
+probes) and the ClusterTree (`TrainConfig.tree_dir` or WORKDIR/tree). The
+state is restored onto one device: inference here is single-host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+
+from hmem_jax import sharding
+from hmem_jax.config import MeshConfig, TrainConfig
+from hmem_jax.model import Transformer
+from hmem_jax.train.memory import MemoryPlan
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run's model and memory, ready for routing, decoding and scoring."""
+
+    cfg: TrainConfig
+    workdir: str
+    step: int
+    params: Any
+    bank: Any  # dict level key -> LevelBank (device tier), or None for an anchor-only run
+    plan: MemoryPlan | None
+
+    @property
+    def model(self) -> Transformer:
+        return Transformer(self.cfg.model, lora_scale=self.plan.lora_scale if self.plan else 1.0)
+
+    @property
+    def prepared_dir(self) -> str:
+        return self.cfg.data.prepared_dir or os.path.join(self.workdir, "data")
+
+    @property
+    def tree_dir(self) -> str:
+        return self.cfg.tree_dir or os.path.join(self.workdir, "tree")
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from hmem_jax.data.tokenizer import load_tokenizer
+        return load_tokenizer(self.prepared_dir)
+
+    @functools.cached_property
+    def tree(self) -> Any:
+        from hmem_jax.hierarchy.tree import ClusterTree
+        return ClusterTree.load(self.tree_dir)
+
+
+def load_config(workdir: str) -> TrainConfig:
+    """The run's TrainConfig from its operative `config.gin`."""
+    from hmem_jax.main.common import load_train_config
+    path = os.path.join(workdir, "config.gin")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir!r} has no config.gin; point --workdir at a folder "
+                                "written by `python -m hmem_jax.main.train`.")
+    return load_train_config([path])
+
+
+def load_run(workdir: str, step: int | None = None) -> LoadedRun:
+    """Restore anchor parameters and bank of checkpoint `step` (default: the latest)."""
+    from hmem_jax.train.checkpoint import Checkpointer
+    from hmem_jax.train.optimizer import make_optimizer
+    from hmem_jax.train.state import abstract_state
+
+    workdir = os.path.abspath(workdir)
+    cfg = load_config(workdir)
+    plan = MemoryPlan.from_config(cfg)
+    frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
+    mesh_cfg = MeshConfig()
+    mesh = sharding.build_mesh(mesh_cfg, jax.devices()[:1])
+    rules = sharding.rules_of(mesh_cfg)
+    model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
+    target = abstract_state(model, make_optimizer(cfg.optim, cfg.steps, frozen=frozen), mesh,
+                            rules, plan)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30,
+                                async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
+        state = checkpointer.restore(step, target, expected={})
+    finally:
+        checkpointer.close()
+    return LoadedRun(cfg=cfg, workdir=workdir, step=int(step), params=state.params,
+                     bank=state.bank, plan=plan)
