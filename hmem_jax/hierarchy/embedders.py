@@ -311,7 +311,8 @@ class MiniLMEmbedder:
     version = "all-MiniLM-L6-v2"
 
     def __init__(self, batch_size: int = 128, show_progress: bool = True,
-                 device: str = "cpu") -> None:
+                 device: str | None = None) -> None:
+        """`device`: a torch device ('cpu', 'cuda', ...); None picks CUDA when available."""
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.device = device
