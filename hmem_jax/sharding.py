@@ -83,11 +83,16 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
     return NamedSharding(mesh, spec)
 
 
-def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
-    """How many ways the batch axis is split (the global batch must divide by it)."""
-    axes = dict(rules).get("batch")
+def axis_size(mesh: Mesh, rules: Sequence[tuple[str, Any]], logical: str) -> int:
+    """How many ways the logical axis `logical` is split on `mesh`."""
+    axes = dict(rules).get(logical)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
+    """How many ways the batch axis is split (the global batch must divide by it)."""
+    return axis_size(mesh, rules, "batch")
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,

@@ -91,10 +91,15 @@ def init_bank(geometry: BankGeometry, seed: int, dtype: Any, moment_dtype: Any,
     return bank
 
 
-def bank_logical_axes(bank: Mapping[str, LevelBank]) -> Any:
-    """Logical PartitionSpecs for a bank: rows over 'memory_blocks', the rest replicated."""
+def bank_logical_axes(bank: Mapping[str, LevelBank], row_shards: int = 1) -> Any:
+    """Logical PartitionSpecs for a bank: rows over 'memory_blocks', the rest replicated.
+
+    A level with fewer rows than `row_shards` (or not a multiple of it: the
+    generic block, a small level 1 on a big mesh) is replicated instead.
+    """
     def spec(x: Any) -> jax.sharding.PartitionSpec:
-        return jax.sharding.PartitionSpec("memory_blocks", *([None] * (len(x.shape) - 1)))
+        rows = "memory_blocks" if x.shape[0] % row_shards == 0 else None
+        return jax.sharding.PartitionSpec(rows, *([None] * (len(x.shape) - 1)))
     return jax.tree.map(spec, bank)
 
 
