@@ -109,6 +109,18 @@ def test_route_texts_embeds_and_routes_like_route():
     np.testing.assert_array_equal(tree.route_texts(texts, embedder), tree.route(embeddings))
 
 
+def test_a_tree_remembers_the_embedder_version_and_rejects_another(tmp_path):
+    embedder = get_embedder("hashed")
+    texts = [f"Element {i} was found in Zorvale in the year {1700 + i}." for i in range(64)]
+    tree = ClusterTree.fit(embedder.embed(texts), HierarchyConfig(branching=4, depth=1), embedder)
+    tree.save(tmp_path)
+    loaded = ClusterTree.load(tmp_path, embedder=embedder)
+    assert loaded.embedder_version == embedder.version
+    reweighted = get_embedder("hashed", group_weights=(1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="same name, different vectors"):
+        loaded.route_texts(texts[:2], reweighted)
+
+
 def test_modified_centroids_on_disk_are_detected(tree, tmp_path):
     tree.save(tmp_path / "tree")
     path = tmp_path / "tree" / "centroids_level2.npy"

@@ -53,6 +53,7 @@ def cluster_report(tree: ClusterTree, embeddings: np.ndarray, paths: np.ndarray)
         })
         parent_sizes = sizes
     return {"documents": documents, "embedder": tree.embedder_name, "dim": tree.dim,
+            "embedder_version": tree.embedder_version,
             "branching": tree.branching, "depth": tree.depth, "seed": tree.seed,
             "tree_hash": tree.content_hash, "levels": levels}
 

@@ -39,14 +39,18 @@ FORMAT_VERSION = 1
 class ClusterTree:
     """Centroids per level plus the identity of the embedding space they live in.
 
-    `levels[l-1]` is float32[branching**l, dim]. `fit_info` is provenance only
-    (budget, timings, corpus hash); it is saved but not part of `content_hash`.
+    `levels[l-1]` is float32[branching**l, dim]. `embedder_version` (the
+    embedder's `version`, empty when unknown) is checked against the caller's
+    embedder too, since one name can change its vectors between releases.
+    `fit_info` is provenance only (budget, timings, corpus hash); it is saved
+    but not part of `content_hash`.
     """
 
     levels: tuple[np.ndarray, ...]
     embedder_name: str
     branching: int
     seed: int = 0
+    embedder_version: str = ""
     fit_info: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,7 +85,8 @@ class ClusterTree:
 
     def _identity(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "embedder": self.embedder_name, "dim": self.dim,
-                "branching": self.branching, "depth": self.depth, "seed": self.seed}
+                "embedder_version": self.embedder_version, "branching": self.branching,
+                "depth": self.depth, "seed": self.seed}
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -103,25 +108,35 @@ class ClusterTree:
                 f"meaningful in the tree's own space: embed with '{self.embedder_name}' "
                 f"(HierarchyConfig.embedder = '{self.embedder_name}'), or re-fit the tree with "
                 f"'{name}' (python -m hmem_jax.main.cluster).")
+        version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
+        if version and self.embedder_version and version != self.embedder_version:
+            raise ValueError(
+                f"This cluster tree was fitted on '{self.embedder_name}' version "
+                f"'{self.embedder_version}', but the caller's '{name}' is version '{version}' "
+                "(same name, different vectors). Re-fit the tree with the current embedder "
+                "(python -m hmem_jax.main.cluster), or embed with the options it was built with.")
 
     # -- fitting and routing ----------------------------------------------------------
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, config: HierarchyConfig, embedder_name: str,
+    def fit(cls, embeddings: np.ndarray, config: HierarchyConfig, embedder: Embedder | str,
             progress: Callable[[str], None] | None = None,
             fit_info: dict | None = None) -> "ClusterTree":
         """Fit balanced hierarchical k-means (see `kmeans`) with a HierarchyConfig's settings.
 
-        `embedder_name` is recorded as the tree's space; `config.embedder` is not
-        consulted, so trees can be fitted on any vectors (tests, benchmarks).
+        `embedder` (an Embedder, or just a name) is recorded as the tree's space;
+        `config.embedder` is not consulted, so trees can be fitted on any vectors
+        (tests, benchmarks).
         """
+        name = embedder if isinstance(embedder, str) else embedder.name
+        version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
         levels, stats = fit_hierarchical_kmeans(embeddings, config, progress=progress)
         info = {"documents": int(len(embeddings)), "em_steps": config.em_steps,
                 "samples_per_step": config.samples_per_step,
                 "balance_threshold": config.effective_balance_threshold,
                 "levels": [dataclasses.asdict(s) for s in stats], **(fit_info or {})}
-        return cls(tuple(levels), embedder_name=embedder_name, branching=config.branching,
-                   seed=config.seed, fit_info=info)
+        return cls(tuple(levels), embedder_name=name, branching=config.branching,
+                   seed=config.seed, embedder_version=version, fit_info=info)
 
     @functools.cached_property
     def _level_norms(self) -> tuple[np.ndarray, ...]:
@@ -199,7 +214,8 @@ class ClusterTree:
         levels = tuple(np.load(directory / entry["file"], allow_pickle=False)
                        for entry in sorted(manifest["levels"], key=lambda e: e["level"]))
         tree = cls(levels, embedder_name=manifest["embedder"], branching=manifest["branching"],
-                   seed=manifest["seed"], fit_info=manifest.get("fit", {}))
+                   seed=manifest["seed"], embedder_version=manifest.get("embedder_version", ""),
+                   fit_info=manifest.get("fit", {}))
         if tree.dim != manifest["dim"] or tree.depth != manifest["depth"]:
             raise ValueError(f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
                              f"disagree with the manifest (dim {manifest['dim']}, depth "

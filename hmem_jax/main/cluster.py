@@ -98,7 +98,7 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
 
     started = time.perf_counter()
     corpus = corpus_hash(texts)
-    tree = ClusterTree.fit(embeddings, hierarchy, embedder.name, progress=say,
+    tree = ClusterTree.fit(embeddings, hierarchy, embedder, progress=say,
                            fit_info={"corpus_hash": corpus, "source": data.source,
                                      "path": data.path})
     timings["fit_s"] = time.perf_counter() - started
