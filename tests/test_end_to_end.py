@@ -42,3 +42,14 @@ def test_train_command_reports_a_bad_binding_without_a_traceback(tmp_path):
     result = _train(tmp_path / "bad", ["ModelConfig.d_modle = 64"])
     assert result.returncode == 2
     assert "d_modle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hmem_console_script_dispatches_to_the_entry_points():
+    out = subprocess.run([sys.executable, "-m", "hmem_jax.main.cli", "info",
+                          "--gin_file=experiments/default.gin"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["fetched_params"] == 129_024
+    bad = subprocess.run([sys.executable, "-m", "hmem_jax.main.cli", "trian"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "train" in bad.stderr
