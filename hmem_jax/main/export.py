@@ -1,0 +1,70 @@
+"""Export a run for `transformers`: `python -m hmem_jax.main.export --workdir=DIR --out=OUT`.
+
+`--memory=none` (default) exports the anchor alone; `--memory=fetched` with
+`--route_text=TEXT` (routed with the run's tree) or `--path=i1,i2,...` (child
+index per level) merges that path's FFN memory into a wider FFN;
+`--memory=generic` merges the generic memory. `--bank=BANK_DIR` also writes
+the whole bank (one safetensors file per level) with a manifest and the tree.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from hmem_jax.main import common
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", required=True)
+OUT = flags.DEFINE_string("out", None, "Folder for the transformers checkpoint.", required=True)
+MEMORY = flags.DEFINE_enum("memory", "none", ["none", "generic", "fetched"],
+                           "Memory merged into the exported model.")
+ROUTE_TEXT = flags.DEFINE_string("route_text", "", "Text whose route picks the path (fetched).")
+PATH = flags.DEFINE_string("path", "", "Comma-separated child index per level (fetched).")
+BANK = flags.DEFINE_string("bank", "", "Also export the bank into this folder.")
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}.")
+    common.quiet_library_logs()
+    import numpy as np
+
+    from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.run import load_run
+    from hmem_jax.interop.hf_export import export_bank, export_hf
+
+    try:
+        run = load_run(WORKDIR.value, STEP.value)
+        engine = Engine(run)
+        mode, memory, path_ids = MEMORY.value, None, None
+        if mode == "fetched":
+            if bool(ROUTE_TEXT.value) == bool(PATH.value):
+                common.fail("--memory=fetched needs exactly one of --route_text or --path.")
+            if PATH.value:
+                path = np.array([[int(i) for i in PATH.value.split(",")]], np.int32)
+                path_ids = run.tree.block_ids(path)
+            else:
+                path_ids = engine.block_ids([ROUTE_TEXT.value])
+        if mode != "none":
+            memory = engine.memory(path_ids if path_ids is not None else np.zeros(
+                (1, run.tree.depth), np.int32), mode)
+        metadata = {"run": run.workdir, "step": run.step, "memory": mode,
+                    "block_ids": path_ids[0].tolist() if path_ids is not None else None,
+                    "route_text": ROUTE_TEXT.value or None}
+        out = export_hf(OUT.value, run.cfg.model, run.params, memory,
+                        run.plan.lora_scale if run.plan else 1.0, run.prepared_dir, metadata)
+        print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
+        if BANK.value:
+            if run.bank is None:
+                common.fail("--bank: this run has no memory bank.")
+            export_bank(BANK.value, run.bank, run.plan.geometry.describe(), run.tree_dir,
+                        {"run": run.workdir, "step": run.step})
+            print(f"exported bank to {os.path.abspath(BANK.value)}", flush=True)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        common.fail(str(error))
+
+
+if __name__ == "__main__":
+    app.run(main)
