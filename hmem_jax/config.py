@@ -304,6 +304,16 @@ class MemoryConfig:
     blocks (MoE-style dispatch with `jax.lax.ragged_dot`).
     The bank has its own sparse AdamW (see hmem_jax/bank/sparse_adamw.py):
     `lr` warms up over `warmup_steps` and decays by cosine to `end_lr`.
+
+    Bank tier (DESIGN.md decision 3, docs/bank.md): `bank_tier` 'device' keeps
+    the whole bank in the train state on the accelerators; 'streaming' keeps
+    it in a tensorstore store (`bank_store`: a local path, a kvstore URL such
+    as 'gs://bucket/bank/' or 'memory://bank/', or a JSON kvstore spec;
+    empty = WORKDIR/bank) behind a host RAM cache of `host_cache_bytes`, and
+    reads the blocks of the next `prefetch_steps` steps while a step computes
+    (0 = no prefetch). `blocks_per_shard` > 1 groups that many blocks into one
+    zarr3 shard file (the sharding codec); it only applies when a store is
+    created.
     """
 
     kind: str = "none"
@@ -324,9 +334,26 @@ class MemoryConfig:
     bank_dtype: str = "float32"
     moment_dtype: str = "float32"
     init_seed: int = 0
+    bank_tier: str = "device"
+    bank_store: str = ""
+    host_cache_bytes: int = 4 << 30
+    prefetch_steps: int = 2
+    blocks_per_shard: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("MemoryConfig", "kind", self.kind, MEMORY_KINDS)
+        _check_choice("MemoryConfig", "bank_tier", self.bank_tier, ("device", "streaming"))
+        _require(self.host_cache_bytes > 0,
+                 f"MemoryConfig.host_cache_bytes must be > 0, got {self.host_cache_bytes}; give "
+                 "the host RAM (bytes) the streamed bank may hold, e.g. 4 << 30.")
+        _require(self.prefetch_steps >= 0,
+                 f"MemoryConfig.prefetch_steps must be >= 0 (0 = no prefetch), got "
+                 f"{self.prefetch_steps}.")
+        _require(self.blocks_per_shard >= 1,
+                 f"MemoryConfig.blocks_per_shard must be >= 1 (1 = one file per block), got "
+                 f"{self.blocks_per_shard}.")
+        _require(self.bank_tier == "device" or self.kind != "none" or not self.bank_store,
+                 "MemoryConfig.bank_store is set but MemoryConfig.kind = 'none' has no bank.")
         _check_choice("MemoryConfig", "placement", self.placement, ("all", "first", "last"))
         _check_choice("MemoryConfig", "mode", self.mode, TRAINING_MODES)
         _check_choice("MemoryConfig", "application", self.application, ("gather", "grouped"))

@@ -5,12 +5,19 @@ produced it (config fingerprint, data manifest fingerprint, step). Saves are
 asynchronous: the host copies device buffers and goes on while the write
 proceeds; orbax finalises a step folder only when all of it is on disk, so a
 crash mid-write leaves the previous checkpoint as the latest.
+
+A streamed bank (hmem_jax/bank/streaming.py) lives outside the state. Before
+each save the bank is sealed as an immutable store version and its id goes
+into the checkpoint's record, so checkpoint s names exactly the bank of step
+s; after the save, store versions and blocks that no kept checkpoint names
+are collected (docs/bank.md).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -25,8 +32,13 @@ class CheckpointMismatchError(RuntimeError):
 class Checkpointer:
     """Saves every `every` steps, keeps the last `keep`, restores the latest."""
 
-    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True) -> None:
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True,
+                 bank_snapshot: Callable[[int], dict[str, Any]] | None = None,
+                 bank_collect: Callable[[Iterable[int]], Any] | None = None) -> None:
+        """`bank_snapshot(step)` seals a streamed bank and returns what the record keeps of it;
+        `bank_collect(steps)` drops bank versions not in `steps` (the kept checkpoints)."""
         self.directory = os.path.abspath(directory)
+        self._bank_snapshot, self._bank_collect = bank_snapshot, bank_collect
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every, create=True,
             enable_async_checkpointing=async_save)
@@ -42,11 +54,24 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, record: dict[str, Any], force: bool = False) -> bool:
         """Start saving `state` as checkpoint `step` if the interval (or `force`) says so."""
         start = time.perf_counter()
+        if self._bank_snapshot is not None:
+            if not (force or self._manager.should_save(step)):
+                return False
+            # The bank version is durable before orbax starts: a checkpoint never names a
+            # bank that is not fully on disk.
+            record = {**record, **self._bank_snapshot(step)}
         saved = self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           record=ocp.args.JsonSave(record)), force=force)
+        if saved and self._bank_collect is not None:
+            self._bank_collect(set(self.all_steps()) | {step})
         self.last_blocking_s = time.perf_counter() - start
         return bool(saved)
+
+    def read_record(self, step: int) -> dict[str, Any]:
+        """The JSON record saved with checkpoint `step`."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            record=ocp.args.JsonRestore()))["record"])
 
     def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
         """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings).

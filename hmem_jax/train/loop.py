@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import collections
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import jax
 from jax.experimental import multihost_utils
 
 from hmem_jax import sharding
+from hmem_jax.bank.layout import kvstore_spec
+from hmem_jax.bank.streaming import StreamedBank, open_streamed_bank
 from hmem_jax.config import TrainConfig
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
@@ -27,7 +31,7 @@ from hmem_jax.train.checkpoint import Checkpointer
 from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
-from hmem_jax.train.step import StepFunctions, compile_train_step
+from hmem_jax.train.step import BANK_ROWS, StepFunctions, compile_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
@@ -41,9 +45,49 @@ class BatchSource(Protocol):
 
 @dataclasses.dataclass
 class TrainResult:
-    state: TrainState
+    state: TrainState  # `bank` is None with a streamed bank: it lives in the store
     losses: dict[int, float]  # step (1-based: after that many updates) -> loss of that step
     workdir: str
+    bank_store: dict[str, Any] | None = None  # kvstore spec of a streamed bank
+
+
+class BankMismatch(RuntimeError):
+    """A checkpoint's bank is not the bank this run streams from."""
+
+
+def _open_bank(cfg: TrainConfig, plan: MemoryPlan | None, workdir: str) -> StreamedBank | None:
+    if plan is None or cfg.memory.bank_tier != "streaming":
+        return None
+    spec = kvstore_spec(cfg.memory.bank_store, workdir)
+    return open_streamed_bank(spec, plan, jax.process_index(), jax.process_count())
+
+
+def _restore_bank(bank: StreamedBank | None, record: dict[str, Any], where: str) -> None:
+    """Point the streamed bank at the version checkpoint `where` recorded."""
+    if bank is None:
+        if "bank_version" in record:
+            raise BankMismatch(f"Checkpoint {where} was written with a streamed bank "
+                               f"(MemoryConfig.bank_tier = 'streaming'); resume with that tier.")
+        return
+    if "bank_version" not in record:
+        raise BankMismatch(f"Checkpoint {where} holds a device-resident bank, but this run has "
+                           "MemoryConfig.bank_tier = 'streaming'; resume with bank_tier = "
+                           "'device', or start the streamed run in a fresh --workdir.")
+    if record.get("bank_uid") != bank.store.uid:
+        raise BankMismatch(f"Checkpoint {where} names bank {record.get('bank_uid')}, but "
+                           f"MemoryConfig.bank_store points at bank {bank.store.uid} "
+                           f"({bank.store.where}); point it at the run's own bank.")
+    bank.restore(int(record["bank_version"]))
+
+
+def _lookahead(batches: Iterator, depth: int) -> Iterator[tuple[int, dict, list[dict]]]:
+    """(step, batch, the next `depth` batches): the loader's future steps are known ahead."""
+    window: collections.deque = collections.deque()
+    while True:
+        while len(window) < depth + 1:
+            window.append(next(batches))
+        step, batch = window.popleft()
+        yield step, batch, [b for _, b in window]
 
 
 def fingerprint(obj: Any) -> str:
@@ -91,19 +135,29 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
-    shardings = state_shardings(model, tx, mesh, rules, plan)
+    bank = _open_bank(cfg, plan, workdir)
+    state_plan = None if bank is not None else plan  # a streamed bank is not in the state
+    shardings = state_shardings(model, tx, mesh, rules, state_plan)
     record = run_record(cfg, data_fingerprint)
 
+    collect = None
+    if bank is not None and jax.process_index() == 0:
+        collect = bank.store.collect_garbage
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                                cfg.keep_checkpoints, cfg.async_checkpointing)
+                                cfg.keep_checkpoints, cfg.async_checkpointing,
+                                bank_snapshot=bank.snapshot if bank is not None else None,
+                                bank_collect=collect)
     latest = checkpointer.latest_step()
     if latest is None:
         anchor = None
         if plan is not None and cfg.memory.mode != "scratch":
             anchor = restore_anchor(cfg, model, mesh, rules)
-        state = create_state(model, tx, mesh, rules, cfg.seed, plan, anchor)
+        state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
-        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, plan), record)
+        _restore_bank(bank, checkpointer.read_record(latest),
+                      f"{checkpointer.directory}/{latest}")
+        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, state_plan),
+                                     record)
     start_step = int(state.step)
     if jax.process_index() == 0:
         what = f"resuming from step {start_step}" if latest is not None else "starting fresh"
@@ -112,7 +166,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
 
     fns = StepFunctions(model=model, tx=tx, schedule=schedule,
                         micro_batches=cfg.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                        plan=plan, freeze_anchor=frozen,
+                        plan=plan, freeze_anchor=frozen, host_bank=bank is not None,
                         memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
     step_fn = compile_train_step(fns, mesh, rules, shardings)
     inputs = MODEL_INPUTS + (plan.batch_keys() + plan.replicated_keys() if plan else ())
@@ -129,15 +183,28 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     run_start, timed_steps = None, 0
     batches = loader.iterate(start_step)
+    depth = max(cfg.memory.prefetch_steps, 1) if bank is not None else 0
+    stream = _lookahead(batches, depth)
     try:
         for step in range(start_step, end_step):
             fetch_start = time.perf_counter()
-            data_step, local = next(batches)
+            data_step, local, ahead = next(stream)
             assert data_step == step, (data_step, step)
             batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
                                           replicate=replicated_inputs)
+            if bank is not None:
+                fetched = bank.fetch(plan.step_ids(local))
+                replicated = sharding.replicated(mesh)
+                batch[BANK_ROWS] = jax.tree.map(
+                    lambda x: jax.make_array_from_process_local_data(replicated, x, x.shape),
+                    fetched)
             data_wait += time.perf_counter() - fetch_start
-            state, step_metrics, _ = step_fn(state, batch)
+            state, step_metrics, rows_out = step_fn(state, batch)
+            if bank is not None:
+                upcoming = [plan.step_ids(b) for b in ahead]
+                if cfg.memory.prefetch_steps:
+                    bank.prefetch(upcoming)  # reads overlap the step's compute
+                bank.commit(jax.device_get(rows_out), fetched, upcoming)
             window_steps += 1
             if pending is not None:
                 losses[pending[0]] = float(pending[1]["train/loss"])
@@ -156,6 +223,10 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
                     "perf/data_wait_s": data_wait / window_steps,
                     "ckpt/blocking_s": checkpointer.last_blocking_s,
                 })
+                if bank is not None:
+                    bank_metrics = bank.metrics()
+                    bank_metrics["mem/fetch_wait_s"] /= window_steps
+                    logged.update(bank_metrics)
                 if run_start is None:
                     run_start, timed_steps = now, 0  # the first window includes compilation
                 else:
@@ -169,11 +240,14 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     finally:
         checkpointer.close()
         writer.close()
+        if bank is not None:
+            bank.close()
         close = getattr(batches, "close", None)
         if close is not None:
             close()
     multihost_utils.sync_global_devices("hmem_jax.train.done")
-    return TrainResult(state=state, losses=losses, workdir=workdir)
+    return TrainResult(state=state, losses=losses, workdir=workdir,
+                       bank_store=bank.store.spec if bank is not None else None)
 
 
 

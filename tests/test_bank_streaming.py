@@ -1,0 +1,141 @@
+"""The streamed bank tier trains exactly like the device-resident one (DESIGN.md decision 3)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from hmem_jax.bank.store import BankStore
+from hmem_jax.data.loader import Loader
+from hmem_jax.train.loop import fingerprint, train
+from hmem_jax.train.memory import MemoryPlan
+from test_memory_training import _config as memory_config
+
+
+def bank_config(params, **overrides):
+    """The memory-training tests' config (batch 8, 6 steps, checkpoints every 3, ffn (8, 4))."""
+    return memory_config(params, **overrides)
+
+
+def run(cfg, prepared, workdir, **kwargs):
+    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed)
+    result = train(cfg, str(workdir), loader, fingerprint(loader.fingerprint),
+                   devices=jax.devices()[:1], **kwargs)
+    return result, loader
+
+
+def streamed_bank(cfg, spec, version=None):
+    """level key -> {field: [clusters, ...]} of the store's latest (or given) version."""
+    plan = MemoryPlan.from_config(cfg)
+    store = BankStore(spec, plan.geometry, plan.with_generic, cfg.memory.bank_dtype,
+                      cfg.memory.moment_dtype, cfg.memory.init_seed, create=False, writer=False)
+    store.restore(store.versions()[-1] if version is None else version)
+    return {key: store.read(key, np.arange(layout.clusters))
+            for key, layout in store.layouts.items()}
+
+
+def assert_banks_equal(device_bank, streamed, exact=True):
+    for key, level in device_bank.items():
+        for kind in ("params", "mu", "nu"):
+            for name, value in getattr(level, kind).items():
+                got, want = streamed[key][f"{kind}/{name}"], np.asarray(value)
+                if exact:
+                    np.testing.assert_array_equal(got, want, err_msg=f"{key} {kind}/{name}")
+                else:
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(streamed[key]["count"], np.asarray(level.count))
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory, small_prepared_tree_data):
+    """The device-resident tier's run: the reference trajectory and final bank."""
+    prepared, _, params = small_prepared_tree_data
+    result, _ = run(bank_config(params), prepared, tmp_path_factory.mktemp("device") / "run")
+    return result
+
+
+def test_streamed_and_device_tiers_give_the_same_losses_and_bank(tmp_path, device_run,
+                                                                 small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    device = device_run
+    for prefetch in (0, 2):
+        cfg = bank_config(params, memory={"bank_tier": "streaming", "prefetch_steps": prefetch})
+        streamed, _ = run(cfg, prepared, tmp_path / f"streamed{prefetch}")
+        assert streamed.state.bank is None
+        assert streamed.losses == device.losses
+        assert_banks_equal(device.state.bank, streamed_bank(cfg, streamed.bank_store))
+
+
+def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(tmp_path, device_run,
+                                                              small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    cfg = bank_config(params, memory={"bank_tier": "streaming", "host_cache_bytes": 1,
+                                      "prefetch_steps": 2})
+    streamed, _ = run(cfg, prepared, tmp_path / "tiny_cache")
+    assert streamed.losses == device_run.losses
+    assert_banks_equal(device_run.state.bank, streamed_bank(cfg, streamed.bank_store))
+
+
+KILLED_RUN = textwrap.dedent("""
+    import json, os, signal, sys
+    import jax, numpy as np
+    from hmem_jax.bank import store as store_lib
+    from hmem_jax.data.loader import Loader
+    from hmem_jax.main.common import load_train_config
+    from hmem_jax.train.loop import fingerprint, train
+    import dataclasses
+
+    args = json.loads(sys.argv[1])
+    original_write = store_lib.BankStore.write
+
+    def write_then_die(self, key, ids, rows, mark=True):
+        # After the step-3 checkpoint: store one field of the blocks, then SIGKILL mid write-back.
+        if self.version is not None and self.version >= 3:
+            field = sorted(rows)[0]
+            self._array(self.current_gen, key, field, True)[np.asarray(ids)].write(
+                rows[field]).result()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_write(self, key, ids, rows, mark)
+
+    store_lib.BankStore.write = write_then_die
+    cfg = load_train_config((), tuple(args["params"]))
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **args["memory"]))
+    loader = Loader(args["prepared"], cfg.batch_size, cfg.seq_len, cfg.seed)
+    train(cfg, args["workdir"], loader, fingerprint(loader.fingerprint), devices=jax.devices()[:1])
+    print("NOT KILLED")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_kill_9_during_write_back_then_resume_follows_the_uninterrupted_run(
+        tmp_path, device_run, small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    memory = {"bank_tier": "streaming", "prefetch_steps": 1}
+    cfg = bank_config(params, memory=memory)
+    workdir = tmp_path / "killed"
+    child_params = list(params) + [
+        "TrainConfig.batch_size = 8", "TrainConfig.steps = 6", "TrainConfig.log_every = 1",
+        "TrainConfig.checkpoint_every = 3", "TrainConfig.async_checkpointing = False",
+        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
+        "MemoryConfig.lr = 1e-2", "MemoryConfig.end_lr = 1e-3", "MemoryConfig.warmup_steps = 1",
+        "MeshConfig.fsdp = 1", "MeshConfig.data = 1"]
+    args = {"params": child_params, "memory": memory, "prepared": prepared,
+            "workdir": str(workdir)}
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    child = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)],
+                           capture_output=True, text=True, timeout=300, env=env,
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == 3
+    resumed, _ = run(cfg, prepared, workdir)
+    assert resumed.losses == {k: v for k, v in device_run.losses.items() if k > 3}
+    assert_banks_equal(device_run.state.bank, streamed_bank(cfg, resumed.bank_store))
