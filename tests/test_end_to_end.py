@@ -17,20 +17,24 @@ def _train(workdir, params, timeout=900):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_train_command_prepares_trains_and_resumes(tmp_path, small_prepared_data):
-    _, params = small_prepared_data
+def test_train_command_clusters_prepares_trains_with_memory_and_resumes(tmp_path):
+    from conftest import SMALL_TREE_PARAMS
     workdir = tmp_path / "run"
-    params = [p for p in params if not p.startswith("DataConfig.prepared_dir")]
-    params += ["TrainConfig.batch_size = 16", "TrainConfig.log_every = 10",
-               "TrainConfig.checkpoint_every = 40", "OptimConfig.warmup_steps = 10",
-               "OptimConfig.peak_lr = 1e-2"]
+    params = list(SMALL_TREE_PARAMS) + [
+        "TrainConfig.batch_size = 16", "TrainConfig.log_every = 10",
+        "TrainConfig.checkpoint_every = 40", "OptimConfig.warmup_steps = 10",
+        "OptimConfig.peak_lr = 1e-2", "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (16, 8)", "MemoryConfig.lr = 1e-2",
+        "MemoryConfig.warmup_steps = 10"]
     first = _train(workdir, params + ["TrainConfig.steps = 80"], )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "starting fresh" in first.stdout and "step 80/80" in first.stdout
+    assert os.path.isfile(workdir / "tree" / "tree.json")  # clustered on first run
     assert os.path.isfile(workdir / "data" / "manifest.json")  # prepared on first run
     assert "TrainConfig.steps = 80" in (workdir / "config.gin").read_text()
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     losses = [r["train/loss"] for r in rows]
+    assert all(r["mem/unique_blocks_l2"] >= 1 for r in rows)
     # A uniform guess over the 512-token vocabulary costs ln(512) = 6.24 nats.
     assert losses[-1] < losses[0] - 0.8 and losses[-1] < 6.24 - 2.0, losses
 
