@@ -1,0 +1,121 @@
+"""Few-shot tasks from local jsonl files: multiple-choice log-likelihood and generation exact match.
+
+One object per line. Multiple choice: {"question" (or "context"), "choices":
+[...], "answer": index}. Generation: {"question" (or "prompt"), "answer":
+str or [str, ...]}. The first `shots` items are the few-shot examples and are
+not scored. As in the paper (PAPER.md §2), memory is routed from the item's
+question alone, never from the few-shot examples. With a retrieval baseline
+(`rag`), the nearest training document is prepended to the question instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from hmem_jax.infer.decode import Sampling
+from hmem_jax.infer.engine import Engine
+from hmem_jax.infer.retrieval import select_rows
+from hmem_jax.infer.scoring import continuation_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    query: str
+    choices: tuple[str, ...] = ()  # multiple choice
+    answer: int = -1  # index of the right choice (multiple choice)
+    answers: tuple[str, ...] = ()  # accepted answers (generation)
+
+    @property
+    def is_choice(self) -> bool:
+        return bool(self.choices)
+
+
+def read_task(path: str) -> list[Item]:
+    """Items of a jsonl task file; every line must be the same kind."""
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            query = row.get("question", row.get("context", row.get("prompt")))
+            if query is None:
+                raise ValueError(f"{path}:{number}: needs a 'question', 'context' or 'prompt'.")
+            if "choices" in row:
+                items.append(Item(query, tuple(row["choices"]), answer=int(row["answer"])))
+            else:
+                answers = row.get("answers", row.get("answer"))
+                answers = [answers] if isinstance(answers, (str, int)) else answers
+                items.append(Item(query, answers=tuple(str(a) for a in answers)))
+    if not items or len({item.is_choice for item in items}) != 1:
+        raise ValueError(f"{path}: expected a non-empty file of one kind of item (all multiple "
+                         "choice, or all generation).")
+    return items
+
+
+def few_shot_prefix(examples: Sequence[Item]) -> str:
+    parts = []
+    for item in examples:
+        answer = item.choices[item.answer] if item.is_choice else item.answers[0]
+        parts.append(f"{item.query} {answer}")
+    return "".join(part + "\n\n" for part in parts)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
+def evaluate_choice(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
+                    rag: Callable[[Sequence[str]], list[str]] | None = None,
+                    batch_size: int = 16) -> dict[str, Any]:
+    """accuracy (sum log-likelihood) and acc_norm (per-token) over items."""
+    queries = [item.query for item in items]
+    memory = engine.memory_for(queries, mode)
+    documents = rag(queries) if rag else [""] * len(items)
+    contexts, continuations, owner = [], [], []
+    for index, (item, document) in enumerate(zip(items, documents)):
+        context = engine.encode(prefix + (document + "\n\n" if document else "") + item.query)
+        for choice in item.choices:
+            contexts.append(context)
+            continuations.append(engine.run.tokenizer.encode(" " + choice))
+            owner.append(index)
+    owner = np.array(owner)
+    scores = continuation_logprobs(engine.model, engine.run.params, contexts, continuations,
+                                   select_rows(memory, owner), batch_size,
+                                   max_length=engine.run.cfg.seq_len)
+    correct = correct_norm = 0
+    for index, item in enumerate(items):
+        rows = np.flatnonzero(owner == index)
+        correct += int(np.argmax(scores.logprob[rows]) == item.answer)
+        correct_norm += int(np.argmax(scores.logprob[rows] / scores.tokens[rows]) == item.answer)
+    return {"accuracy": correct / len(items), "acc_norm": correct_norm / len(items),
+            "n": len(items)}
+
+
+def evaluate_generation(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
+                        rag: Callable[[Sequence[str]], list[str]] | None = None,
+                        max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Any]:
+    """exact match of the generation's first line (normalised) against any accepted answer."""
+    correct, outputs = 0, []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        queries = [item.query for item in chunk]
+        documents = rag(queries) if rag else [""] * len(chunk)
+        prompts = [prefix + (d + "\n\n" if d else "") + q for d, q in zip(documents, queries)]
+        texts = engine.generate(prompts, mode, Sampling(max_new_tokens=max_new_tokens),
+                                route_texts=queries)
+        for item, text in zip(chunk, texts):
+            answer = normalise(first_line(text))
+            correct += int(answer in {normalise(a) for a in item.answers})
+            outputs.append(first_line(text))
+    return {"exact_match": correct / len(items), "n": len(items), "outputs": outputs[:20]}

@@ -1,0 +1,157 @@
+"""Evaluate a run: `python -m hmem_jax.main.evaluate --workdir=DIR`.
+
+By default: the long-tail probe on the prepared data's probes.jsonl (anchor,
+generic, fetched, blocked; `--rag` adds the retrieval baseline) and, with
+`--perplexity`, document perplexity. `--task=FILE.jsonl` (repeatable) adds
+multiple-choice or generation tasks (see hmem_jax/infer/tasks.py) with
+`--shots` few-shot examples. Writes OUT/results.json (default OUT =
+WORKDIR/eval), prints tables, and draws PNG plots when matplotlib is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from absl import app, flags
+
+from hmem_jax.main import common
+
+WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", required=True)
+OUT = flags.DEFINE_string("out", "", "Results folder (default WORKDIR/eval).")
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+PROBE = flags.DEFINE_bool("probe", True, "Run the long-tail probe (needs probes.jsonl).")
+CONDITIONS = flags.DEFINE_list("conditions", ["anchor", "generic", "fetched", "blocked"],
+                               "Probe conditions: anchor, generic, fetched, blocked, rag.")
+RAG = flags.DEFINE_bool("rag", False, "Add the retrieval baseline (nearest training document).")
+PERPLEXITY = flags.DEFINE_string(
+    "perplexity", "", "Documents for perplexity: a jsonl file ({'text', optional 'bucket'}) or "
+    "'train_sample' (a sample of the training corpus, bucketed for the embedded encyclopedia).")
+PPL_DOCS = flags.DEFINE_integer("perplexity_documents", 200, "Documents sampled for perplexity.")
+TASKS = flags.DEFINE_multi_string("task", [], "A jsonl task file; repeatable.")
+SHOTS = flags.DEFINE_integer("shots", 3, "Few-shot examples per task (taken from its start).")
+MODES = flags.DEFINE_list("modes", ["none", "generic", "fetched"],
+                          "Memory modes for tasks and perplexity.")
+LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate at most this many items per task/probe.")
+
+
+def _modes(engine) -> list[str]:
+    modes = [m for m in MODES.value if m == "none" or engine.has_memory]
+    return [m for m in modes if m != "generic" or engine.has_generic]
+
+
+def _probe(engine, run, rag, out: str, results: dict) -> None:
+    from hmem_jax.data.encyclopedia import read_probes
+    from hmem_jax.infer.plots import plot_by_bucket
+    from hmem_jax.infer.probe import format_probe_table, run_probe
+
+    path = os.path.join(run.prepared_dir, "probes.jsonl")
+    if not os.path.isfile(path):
+        print(f"probe: skipped ({path} does not exist; only the embedded corpus has probes)")
+        return
+    probes = read_probes(path)
+    if LIMIT.value:
+        probes = random.Random(0).sample(probes, min(LIMIT.value, len(probes)))
+    conditions = [c for c in CONDITIONS.value if engine.has_memory or c in ("anchor", "rag")]
+    conditions = [c for c in conditions if c != "generic" or engine.has_generic]
+    if RAG.value and "rag" not in conditions:
+        conditions.append("rag")
+    table = run_probe(engine, probes, conditions, rag)
+    results["probe"] = table
+    print(f"\nlong-tail probe ({len(probes)} probes, accuracy % by frequency bucket, "
+          "0 = rarest):\n" + format_probe_table(table), flush=True)
+    plot = plot_by_bucket({k: v["per_bucket"] for k, v in table.items()}, "accuracy",
+                          "long-tail probe", os.path.join(out, "probe.png"))
+    if plot:
+        print(f"plot: {plot}")
+
+
+def _perplexity(engine, run, out: str, results: dict) -> None:
+    from hmem_jax.infer.perplexity import document_perplexity, encyclopedia_buckets
+    from hmem_jax.infer.plots import plot_by_bucket
+    from hmem_jax.infer.rag import training_documents
+
+    if PERPLEXITY.value == "train_sample":
+        texts = training_documents(run.cfg)
+        texts = random.Random(0).sample(texts, min(PPL_DOCS.value, len(texts)))
+        buckets = None
+        probes_path = os.path.join(run.prepared_dir, "probes.jsonl")
+        if os.path.isfile(probes_path):
+            from hmem_jax.data.encyclopedia import read_probes
+            buckets = encyclopedia_buckets(texts, read_probes(probes_path))
+    else:
+        with open(PERPLEXITY.value, encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        texts = [row["text"] for row in rows][:PPL_DOCS.value]
+        buckets = [row["bucket"] for row in rows][:PPL_DOCS.value] if all(
+            "bucket" in row for row in rows) else None
+    per_mode = {mode: document_perplexity(engine, texts, mode, buckets) for mode in _modes(engine)}
+    results["perplexity"] = per_mode
+    print(f"\nperplexity ({len(texts)} documents, routed by whole document):")
+    for mode, row in per_mode.items():
+        extra = ""
+        if "per_bucket" in row:
+            extra = "  by bucket " + " ".join(f"{k}:{v:.2f}" for k, v in row["per_bucket"].items())
+        print(f"  {mode:<8} {row['perplexity']:9.3f}{extra}")
+    if buckets is not None:
+        series = {}
+        for mode, row in per_mode.items():
+            keys = sorted(int(k) for k in row["per_bucket"] if int(k) >= 0)
+            series[mode] = [row["per_bucket"][str(k)] for k in keys]
+        plot_by_bucket(series, "perplexity", "document perplexity",
+                       os.path.join(out, "perplexity.png"))
+
+
+def _tasks(engine, rag, results: dict) -> None:
+    from hmem_jax.infer.tasks import (evaluate_choice, evaluate_generation, few_shot_prefix,
+                                      read_task)
+
+    for path in TASKS.value:
+        items = read_task(path)
+        shots, items = items[:SHOTS.value], items[SHOTS.value:]
+        if LIMIT.value:
+            items = items[:LIMIT.value]
+        prefix = few_shot_prefix(shots)
+        evaluate = evaluate_choice if items[0].is_choice else evaluate_generation
+        name = os.path.splitext(os.path.basename(path))[0]
+        rows = {mode: evaluate(engine, items, prefix, mode) for mode in _modes(engine)}
+        if rag is not None:
+            rows["rag"] = evaluate(engine, items, prefix, "none", rag=rag)
+        results.setdefault("tasks", {})[name] = rows
+        metric = "accuracy" if items[0].is_choice else "exact_match"
+        print(f"\ntask {name} ({len(items)} items, {len(shots)}-shot, {metric}): " + ", ".join(
+            f"{mode} {100 * row[metric]:.1f}" for mode, row in rows.items()), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}.")
+    common.quiet_library_logs()
+    from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.run import load_run
+
+    try:
+        run = load_run(WORKDIR.value, STEP.value)
+        engine = Engine(run)
+        out = OUT.value or os.path.join(run.workdir, "eval")
+        os.makedirs(out, exist_ok=True)
+        rag = None
+        if RAG.value or "rag" in CONDITIONS.value:
+            from hmem_jax.infer.rag import NearestDocument, training_documents
+            rag = NearestDocument(engine.embedder, training_documents(run.cfg))
+        results: dict = {"workdir": run.workdir, "step": run.step}
+        if PROBE.value:
+            _probe(engine, run, rag, out, results)
+        if PERPLEXITY.value:
+            _perplexity(engine, run, out, results)
+        _tasks(engine, rag, results)
+        with open(os.path.join(out, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+        print(f"\nresults: {os.path.join(out, 'results.json')}", flush=True)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        common.fail(str(error))
+
+
+if __name__ == "__main__":
+    app.run(main)
