@@ -1,0 +1,241 @@
+"""Benchmark the streamed memory bank (BENCHMARKS.md "## Memory bank (streaming)").
+
+    python bench/bench_bank.py ratio     [--steps=40]    streamed/device step time, prefetch on/off
+    python bench/bench_bank.py gather    [--blocks=64]   store gather vs raw read of the same bytes
+    python bench/bench_bank.py paper160m [--steps=20]    160M geometry bank (4.62B), trained streamed
+    python bench/bench_bank.py paper1p4b                 1.4B geometry bank (21.14B): open + fetch
+
+Batches are synthetic (random tokens, random leaf paths; block ids and slots
+built exactly like hmem_jax.data.loader), so any tree geometry can be
+benchmarked without fitting a 65,536-leaf tree. Prints one JSON object per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from hmem_jax.config import HierarchyConfig, MemoryConfig, ModelConfig, TrainConfig, MeshConfig
+
+
+class SyntheticBatches:
+    """batch(step): random tokens and leaf paths; per-level unique block ids + slots (padded)."""
+
+    def __init__(self, cfg: TrainConfig, seed: int = 0) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.levels = [l for l, r in enumerate(cfg.memory.level_sizes, 1) if r > 0]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        cfg, b = self.cfg, self.cfg.batch_size
+        rng = np.random.default_rng([self.seed, step])
+        tokens = rng.integers(1, cfg.model.vocab_size, (b, cfg.seq_len)).astype(np.int32)
+        out = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+               "positions": np.broadcast_to(np.arange(cfg.seq_len, dtype=np.int32),
+                                            tokens.shape).copy()}
+        branching = cfg.hierarchy.branching
+        path = rng.integers(0, branching, (b, cfg.hierarchy.depth))
+        block = np.zeros(b, np.int64)
+        for level in range(1, cfg.hierarchy.depth + 1):
+            block = block * branching + path[:, level - 1]
+            if level not in self.levels:
+                continue
+            clusters = branching ** level
+            unique = np.unique(block)
+            ids = np.full(min(b, clusters), clusters, np.int32)
+            ids[:len(unique)] = unique
+            out[f"block_ids_l{level}"] = ids
+            out[f"block_slots_l{level}"] = np.searchsorted(unique, block).astype(np.int32)
+        return out
+
+    def iterate(self, start_step: int):
+        step = start_step
+        while True:
+            yield step, self.batch(step)
+            step += 1
+
+
+def config(model: ModelConfig, level_sizes: tuple[int, ...], branching: int, batch: int,
+           seq_len: int, steps: int, **memory) -> TrainConfig:
+    return TrainConfig(
+        model=model, hierarchy=HierarchyConfig(branching=branching, depth=len(level_sizes)),
+        memory=MemoryConfig(kind="ffn", level_sizes=level_sizes, generic_probability=0.0,
+                            warmup_steps=1, **memory),
+        mesh=MeshConfig(data=1, fsdp=1), steps=steps, batch_size=batch, seq_len=seq_len,
+        log_every=1, checkpoint_every=10 ** 6, keep_checkpoints=2)
+
+
+def run(cfg: TrainConfig, workdir: str) -> list[dict]:
+    import jax
+    from hmem_jax.train.loop import train
+    train(cfg, workdir, SyntheticBatches(cfg), "synthetic", devices=jax.devices()[:1])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def summarise(rows: list[dict], skip: int) -> dict:
+    rows = rows[skip:]
+    mean = lambda k: float(np.mean([r[k] for r in rows])) if k in rows[0] else None  # noqa: E731
+    return {"step_time_s": mean("perf/step_time_s"), "fetch_bytes_per_step": mean("mem/fetch_bytes"),
+            "store_read_bytes_per_step": mean("mem/store_read_bytes"),
+            "store_write_bytes_per_step": mean("mem/store_write_bytes"),
+            "fetch_wait_s": mean("mem/fetch_wait_s"), "cache_hit_rate": mean("mem/cache_hit_rate")}
+
+
+def bench_ratio(steps: int) -> dict:
+    """Step time of the device tier against the streamed tier (prefetch 0 and 2), same data."""
+    model = ModelConfig(vocab_size=2048, num_layers=4, d_model=256, num_heads=4, head_dim=64,
+                        d_ff=1024)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, memory in (("device", {}),
+                             ("streamed_prefetch0", {"bank_tier": "streaming", "prefetch_steps": 0}),
+                             ("streamed_prefetch2", {"bank_tier": "streaming", "prefetch_steps": 2}),
+                             ("device_again", {})):
+            cfg = config(model, (32, 16, 8), 16, 16, 128, steps, **memory)
+            out[name] = summarise(run(cfg, os.path.join(tmp, name)), skip=5)
+    device = (out["device"]["step_time_s"] + out["device_again"]["step_time_s"]) / 2
+    for name in ("streamed_prefetch0", "streamed_prefetch2"):
+        out[name]["ratio_to_device"] = out[name]["step_time_s"] / device
+    return out
+
+
+def bench_gather(blocks: int) -> dict:
+    """64 random blocks: BankStore.read vs reading the same chunk files' bytes, page cache warm."""
+    from hmem_jax.bank.geometry import BankGeometry
+    from hmem_jax.bank.store import BankStore
+    model = ModelConfig(num_layers=35, d_model=512, num_heads=16, head_dim=32, d_ff=2048)
+    mem = MemoryConfig(kind="ffn", level_sizes=(0, 0, 16, 0))
+    geometry = BankGeometry.from_configs(model, mem, HierarchyConfig(branching=16, depth=4))
+    out = {}
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shard in (1, 16):
+            path = os.path.join(tmp, f"bank{shard}")
+            store = BankStore({"driver": "file", "path": path + "/"}, geometry, False, "bfloat16",
+                              "float32", 0, blocks_per_shard=shard)
+            written = np.arange(0, 4096, 4)
+            for start in range(0, len(written), 64):
+                ids = written[start:start + 64]
+                store.write("l3", ids, store.read("l3", ids))
+            ids = np.sort(rng.choice(written, blocks, replace=False))
+            store.read("l3", ids)  # warm
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                store.read("l3", ids)
+                times.append(time.perf_counter() - start)
+            files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "g00000000"))
+                     for f in fs if f != "zarr.json"]
+            wanted = {str(i // shard) for i in ids}
+            files = [f for f in files if f.split("/c/")[1].split("/")[0] in wanted]
+            raw = []
+            for _ in range(5):
+                start = time.perf_counter()
+                nbytes = sum(len(open(f, "rb").read()) for f in files)
+                raw.append(time.perf_counter() - start)
+            out[f"blocks_per_shard_{shard}"] = {
+                "blocks": blocks, "block_bytes": store.layouts["l3"].block_bytes,
+                "store_read_ms": 1e3 * min(times), "raw_file_read_ms": 1e3 * min(raw),
+                "raw_bytes": nbytes}
+    return out
+
+
+def disk_bytes(path: str) -> int:
+    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True).stdout.split()[0])
+
+
+def bench_paper(name: str, steps: int, layers: int, batch: int, moment_dtype: str,
+                cache_bytes: int) -> dict:
+    """Train `steps` steps streamed from local disk at the paper's bank geometry."""
+    sizes = {"160m": ((256, 64, 16, 0), 512, 2048, 12, 32),
+             "1p4b": ((768, 256, 16, 0), 2048, 5632, 16, 128)}[name]
+    level_sizes, d, d_ff, heads, head_dim = sizes
+    model = ModelConfig(vocab_size=2048, num_layers=layers, d_model=d, num_heads=heads,
+                        head_dim=head_dim, d_ff=d_ff)
+    cfg = config(model, level_sizes, 16, batch, 64, steps, bank_tier="streaming",
+                 bank_dtype="bfloat16", moment_dtype=moment_dtype, host_cache_bytes=cache_bytes,
+                 prefetch_steps=1)
+    cfg = dataclasses.replace(cfg, checkpoint_every=10)
+    from hmem_jax.bank.geometry import BankGeometry
+    geometry = BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        start = time.perf_counter()
+        rows = run(cfg, tmp)
+        wall = time.perf_counter() - start
+        from hmem_jax.bank.store import BankStore
+        store = BankStore({"driver": "file", "path": os.path.join(tmp, "bank") + "/"}, geometry,
+                          False, "bfloat16", moment_dtype, 0, create=False, writer=False)
+        store.restore(store.versions()[-1])
+        touched = {k: int(store.touched(k).sum()) for k in store.layouts}
+        expected = sum(store.layouts[k].block_bytes * n for k, n in touched.items())
+        return {"geometry": name, "memory_layers": layers, "batch": batch,
+                "moment_dtype": moment_dtype, "host_cache_bytes": cache_bytes, "bank_params": geometry.bank_params,
+                "steps": steps, "wall_s": wall, **summarise(rows, skip=2),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                "touched_blocks": touched, "touched_bytes": expected,
+                "disk_bytes": disk_bytes(os.path.join(tmp, "bank")),
+                "losses": [r["train/loss"] for r in rows]}
+
+
+def bench_open_1p4b() -> dict:
+    """Open the 1.4B geometry's bank (21.14B parameters) and fetch one block per level."""
+    from hmem_jax.bank.geometry import BankGeometry
+    from hmem_jax.bank.store import BankStore
+    model = ModelConfig(num_layers=24, d_model=2048, num_heads=16, head_dim=128, d_ff=5632)
+    geometry = BankGeometry.from_configs(model, MemoryConfig(kind="ffn", level_sizes=(768, 256, 16, 0)),
+                                         HierarchyConfig(branching=16, depth=4))
+    out = {"bank_params": geometry.bank_params, "levels": {}}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        start = time.perf_counter()
+        store = BankStore({"driver": "file", "path": tmp + "/"}, geometry, False, "bfloat16",
+                          "float32", 0)
+        out["open_s"] = time.perf_counter() - start
+        for key, layout in store.layouts.items():
+            ids = np.array([layout.clusters - 1])
+            t0 = time.perf_counter()
+            rows = store.read(key, ids)  # never written: materialised from (seed, level, id)
+            t1 = time.perf_counter()
+            store.write(key, ids, rows)
+            t2 = time.perf_counter()
+            store.read(key, ids)
+            t3 = time.perf_counter()
+            out["levels"][key] = {"block_bytes": layout.block_bytes, "materialise_s": t1 - t0,
+                                  "write_s": t2 - t1, "stored_read_s": t3 - t2}
+        out["disk_bytes"] = disk_bytes(tmp)
+        out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["ratio", "gather", "paper160m", "paper1p4b"])
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--blocks", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=35)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--moment_dtype", default="float32")
+    parser.add_argument("--cache_gb", type=float, default=2.0)
+    args = parser.parse_args()
+    if args.mode == "ratio":
+        result = bench_ratio(args.steps or 40)
+    elif args.mode == "gather":
+        result = bench_gather(args.blocks)
+    elif args.mode == "paper160m":
+        result = bench_paper("160m", args.steps or 20, args.layers, args.batch,
+                             args.moment_dtype, int(args.cache_gb * 2 ** 30))
+    else:
+        result = bench_open_1p4b()
+    print(json.dumps({"mode": args.mode, "python": sys.version.split()[0], **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
