@@ -63,12 +63,16 @@ def sample_tokens(logits: Array, key: Array, temperature: float, top_k: int,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """tokens / segment_ids / positions int32[B, P], prompts right-aligned; `lengths` int32[B]."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             width_multiple: int = 1) -> dict[str, np.ndarray]:
+    """tokens / segment_ids / positions int32[B, P], prompts right-aligned; `lengths` int32[B].
+
+    P is the longest prompt rounded up to `width_multiple` (fewer distinct shapes to compile).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("Every prompt needs at least one token (encode it with a BOS or EOT "
                          "token if it is empty).")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // width_multiple) * width_multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros_like(tokens)
     positions = np.zeros_like(tokens)
@@ -82,53 +86,57 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndar
 
 
 class Decoder:
-    """Jitted prefill and one-token steps for a model and its parameters."""
+    """A jitted prefill and a jitted decode loop (`lax.while_loop`, no per-token host round trip)."""
 
     def __init__(self, model: Transformer, params: Any) -> None:
         self.model, self.params = model, params
         self._prefill = jax.jit(self._extend)
-        self._step = jax.jit(self._sample_step, static_argnums=(5, 6, 7))
+        self._loop = jax.jit(self._decode_loop, static_argnums=(5,))
 
     def _extend(self, params: Any, tokens: Array, segment_ids: Array, positions: Array,
                 cache: KVCache, memory: Any) -> tuple[Array, KVCache]:
         return self.model.apply({"params": params}, tokens, segment_ids, positions, cache, memory,
                                 method=Transformer.extend)
 
-    def _sample_step(self, params: Any, cache: KVCache, last_logits: Array, positions: Array,
-                     key: Array, temperature: float, top_k: int, top_p: float,
-                     memory: Any) -> tuple[Array, Array, KVCache]:
-        token = sample_tokens(last_logits, key, temperature, top_k, top_p)
-        ones = jnp.ones_like(token)[:, None]
-        logits, cache = self._extend(params, token[:, None], ones, positions[:, None], cache,
-                                     memory)
-        return token, logits[:, -1], cache
+    def _decode_loop(self, params: Any, cache: KVCache, last_logits: Array, lengths: Array,
+                     key: Array, sampling: Sampling, memory: Any) -> Array:
+        """int32[B, max_new_tokens] sampled tokens; stops early once every row hit a stop id."""
+        batch = last_logits.shape[0]
+        stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
+
+        def step(carry: tuple) -> tuple:
+            index, cache, logits, out, done = carry
+            token = sample_tokens(logits, jax.random.fold_in(key, index), sampling.temperature,
+                                  sampling.top_k, sampling.top_p)
+            out = out.at[:, index].set(token)
+            done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
+            positions = (lengths + index)[:, None]
+            logits, cache = self._extend(params, token[:, None], jnp.ones_like(positions),
+                                         positions, cache, memory)
+            return index + 1, cache, logits[:, -1], out, done
+
+        def keep_going(carry: tuple) -> Array:
+            index, _, _, _, done = carry
+            return (index < sampling.max_new_tokens) & ~jnp.all(done)
+
+        out = jnp.zeros((batch, sampling.max_new_tokens), jnp.int32)
+        init = (jnp.zeros((), jnp.int32), cache, last_logits, out, jnp.zeros((batch,), bool))
+        index, _, _, out, _ = jax.lax.while_loop(keep_going, step, init)
+        return out, index
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
-                 memory: Any = None, pad_id: int = 0) -> list[list[int]]:
+                 memory: Any = None, pad_id: int = 0,
+                 width_multiple: int = 16) -> list[list[int]]:
         """New token ids per prompt (up to max_new_tokens; cut after the first stop id)."""
-        batch = left_pad(prompts, pad_id)
+        batch = left_pad(prompts, pad_id, width_multiple)
         width = batch["tokens"].shape[1]
         cache = init_cache(self.model.cfg, len(prompts), width + sampling.max_new_tokens)
         logits, cache = self._prefill(self.params, batch["tokens"], batch["segment_ids"],
                                       batch["positions"], cache, memory)
-        last = logits[:, -1]
-        positions = jnp.asarray(batch["lengths"])
-        key = jax.random.key(sampling.seed)
-        out = []
-        stops = set(sampling.stop_ids)
-        done = np.zeros(len(prompts), bool)
-        for step in range(sampling.max_new_tokens):
-            token, last, cache = self._step(self.params, cache, last, positions + step,
-                                            jax.random.fold_in(key, step), sampling.temperature,
-                                            sampling.top_k, sampling.top_p, memory)
-            token = np.asarray(token)
-            out.append(token)
-            if stops:
-                done |= np.isin(token, list(stops))
-                if done.all():
-                    break
-        generated = np.stack(out, axis=1) if out else np.zeros((len(prompts), 0), np.int32)
-        return [_cut(row.tolist(), stops) for row in generated]
+        out, steps = self._loop(self.params, cache, logits[:, -1], jnp.asarray(batch["lengths"]),
+                                jax.random.key(sampling.seed), sampling, memory)
+        generated = np.asarray(out)[:, :int(steps)]
+        return [_cut(row.tolist(), set(sampling.stop_ids)) for row in generated]
 
 
 def _cut(ids: list[int], stops: set[int]) -> list[int]:

@@ -45,7 +45,8 @@ class Engine:
             self._embedder = get_embedder(self.run.tree.embedder_name)
         return self._embedder
 
-    def block_ids(self, texts: Sequence[str], blocked_level1: Sequence[int] = ()) -> np.ndarray:
+    def block_ids(self, texts: Sequence[str],
+                  blocked_level1: Sequence[int] | np.ndarray = ()) -> np.ndarray:
         """int32[N, depth] global block ids of the texts' routes."""
         if not self.has_memory:
             return np.zeros((len(texts), 1), np.int32)
@@ -56,7 +57,7 @@ class Engine:
         return retrieval.build_memory(self.run.plan, self.blocks, block_ids, mode)
 
     def memory_for(self, route_texts: Sequence[str], mode: str,
-                   blocked_level1: Sequence[int] = ()) -> Any:
+                   blocked_level1: Sequence[int] | np.ndarray = ()) -> Any:
         """Memory for inputs routed by `route_texts` (one per input), or None for mode 'none'."""
         if mode == "none":
             return None
@@ -69,12 +70,21 @@ class Engine:
 
     def generate(self, prompts: Sequence[str], mode: str = "fetched",
                  sampling: Sampling = Sampling(), route_texts: Sequence[str] | None = None,
-                 blocked_level1: Sequence[int] = ()) -> list[str]:
-        """Continuations of `prompts`, each with the memory its own route text selects."""
+                 blocked_level1: Sequence[int] | np.ndarray = (),
+                 batch_multiple: int = 1) -> list[str]:
+        """Continuations of `prompts`, each with the memory its own route text selects.
+
+        `batch_multiple` pads the batch (with copies of the first prompt) to a
+        multiple of it, so repeated calls of varying size reuse compiled steps.
+        """
         memory = self.memory_for(route_texts or prompts, mode, blocked_level1)
         tokenizer = self.run.tokenizer
         stops = sampling.stop_ids or (tokenizer.eot_id,)
         sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))
-        out = self.decoder.generate([self.encode(p) for p in prompts], sampling, memory,
+        encoded = [self.encode(p) for p in prompts]
+        rows = -(-len(encoded) // batch_multiple) * batch_multiple
+        index = np.minimum(np.arange(rows), len(encoded) - 1)
+        out = self.decoder.generate([encoded[i] for i in index], sampling,
+                                    retrieval.select_rows(memory, index),
                                     pad_id=tokenizer.pad_id)
-        return [tokenizer.decode(ids) for ids in out]
+        return [tokenizer.decode(ids) for ids in out[:len(prompts)]]

@@ -30,23 +30,19 @@ def first_integer(text: str) -> str | None:
 
 
 def _answers(engine: Engine, prompts: Sequence[str], mode: str, max_new_tokens: int,
-             batch_size: int, blocked: Sequence[int] | None = None,
+             batch_size: int, blocked: np.ndarray | None = None,
              prefixes: Sequence[str] | None = None) -> list[str | None]:
     """First integer generated for each prompt; `blocked[i]`: level-1 cluster blocked for i."""
-    out: list[str | None] = [None] * len(prompts)
-    groups: dict[int, list[int]] = {}
-    for index in range(len(prompts)):
-        groups.setdefault(-1 if blocked is None else int(blocked[index]), []).append(index)
+    out: list[str | None] = []
     sampling = Sampling(max_new_tokens=max_new_tokens)
-    for cluster, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            rows = members[start:start + batch_size]
-            texts = [(prefixes[i] if prefixes else "") + prompts[i] for i in rows]
-            generated = engine.generate(texts, mode, sampling,
-                                        route_texts=[prompts[i] for i in rows],
-                                        blocked_level1=() if cluster < 0 else (cluster,))
-            for i, text in zip(rows, generated):
-                out[i] = first_integer(text)
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        texts = [(prefixes[i] if prefixes else "") + prompts[i]
+                 for i in range(len(prompts))[rows]]
+        generated = engine.generate(texts, mode, sampling, route_texts=list(prompts[rows]),
+                                    blocked_level1=() if blocked is None else blocked[rows],
+                                    batch_multiple=batch_size)
+        out.extend(first_integer(text) for text in generated)
     return out
 
 

@@ -51,17 +51,28 @@ class DeviceBlocks:
 
 
 def route(tree: Any, embedder: Any, texts: Sequence[str],
-          blocked_level1: Sequence[int] = ()) -> np.ndarray:
-    """int32[N, depth] paths; level-1 clusters in `blocked_level1` are never entered."""
-    if not blocked_level1:
+          blocked_level1: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+    """int32[N, depth] paths; blocked level-1 clusters are never entered.
+
+    `blocked_level1`: cluster ids blocked for every text, or an int array [N]
+    with one blocked cluster per text (-1 = none), as the blocking experiment
+    blocks each prompt's own best subtree.
+    """
+    per_row = isinstance(blocked_level1, np.ndarray) and blocked_level1.ndim == 1 and len(
+        blocked_level1) == len(texts) and len(texts) > 0
+    if not per_row and not len(blocked_level1):
         return np.asarray(tree.route_texts(list(texts), embedder), np.int32)
     tree.check_embedder(embedder)
-    if len(blocked_level1) >= tree.branching:
-        raise ValueError("Blocking every level-1 subtree leaves nothing to route to.")
     embeddings = np.asarray(embedder.embed(list(texts)), np.float32)
     level1 = tree.levels[0]
     distances = squared_norms(level1)[None, :] - 2.0 * embeddings @ level1.T
-    distances[:, list(blocked_level1)] = np.inf
+    if per_row:
+        rows = np.flatnonzero(blocked_level1 >= 0)
+        distances[rows, blocked_level1[rows]] = np.inf
+    else:
+        if len(blocked_level1) >= tree.branching:
+            raise ValueError("Blocking every level-1 subtree leaves nothing to route to.")
+        distances[:, list(blocked_level1)] = np.inf
     cluster = np.argmin(distances, axis=1).astype(np.int64)
     paths = np.empty((len(texts), tree.depth), np.int32)
     paths[:, 0] = cluster

@@ -1,0 +1,75 @@
+"""Generation throughput (tokens/s) with a KV cache, with and without fetched FFN memory.
+
+    python bench/bench_generate.py [--preset tiny] [--batch 1,8] [--new 64] [--repeats 3]
+
+A randomly initialised anchor (speed does not depend on the weights) and a
+random path memory per row of the batch (level sizes `--levels`). Reports the
+median of `--repeats` timed runs after one compile run, prefill included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hmem_jax.bank.geometry import BankGeometry
+from hmem_jax.config import HierarchyConfig, MemoryConfig, model_preset
+from hmem_jax.infer.decode import Decoder, Sampling
+from hmem_jax.model import Transformer, count_params
+from hmem_jax.model import memory as memory_lib
+
+
+def random_memory(cfg, levels, batch):
+    geometry = BankGeometry.from_configs(cfg, MemoryConfig(kind="ffn", level_sizes=levels),
+                                         HierarchyConfig(branching=16, depth=len(levels)))
+    fetched = {level: {name: 0.02 * jax.random.normal(jax.random.key(level * 10 + i),
+                                                      (batch,) + geometry.block_shape(name, level))
+                       for i, name in enumerate(sorted(geometry.matrices))}
+               for level in geometry.active_levels}
+    slots = {level: jnp.arange(batch) for level in geometry.active_levels}
+    rank_axes = {n: m.rank_axis for n, m in geometry.matrices.items()}
+    return memory_lib.sequence_memory(fetched, slots, rank_axes), geometry.fetched_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--levels", default="64,32,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg = model_preset(args.preset)
+    levels = tuple(int(x) for x in args.levels.split(","))
+    model = Transformer(cfg)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(jax.random.key(0), ids, ids + 1, ids)["params"]
+    decoder = Decoder(model, params)
+    print(f"preset {args.preset}: {count_params(params):,} anchor parameters, "
+          f"{jax.devices()[0].platform}, prompt {args.prompt}, {args.new} new tokens")
+    print(f"{'batch':>5} {'memory':>22} {'tokens/s':>10} {'ms/token-step':>14}")
+    for batch in (int(b) for b in args.batch.split(",")):
+        prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, args.prompt))
+        prompts = [list(map(int, row)) for row in prompts]
+        memory, fetched = random_memory(cfg, levels, batch)
+        for name, mem in (("none", None), (f"ffn {fetched:,} params", memory)):
+            sampling = Sampling(max_new_tokens=args.new)
+            decoder.generate(prompts, sampling, mem)  # compile
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                decoder.generate(prompts, sampling, mem)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            print(f"{batch:>5} {name:>22} {batch * args.new / seconds:>10,.0f} "
+                  f"{1000 * seconds / args.new:>14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
