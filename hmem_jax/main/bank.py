@@ -1,18 +1,18 @@
 """Create, inspect, copy and export a streamed memory bank (docs/bank.md).
 
     python -m hmem_jax.main.bank create  --store=PATH_OR_URL [--gin_file=...] [--gin_param=...]
-    python -m hmem_jax.main.bank inspect --store=... [--version=STEP] [--norm_blocks=64]
-    python -m hmem_jax.main.bank copy    --store=... --to=PATH_OR_URL [--version=STEP]
-    python -m hmem_jax.main.bank export  --store=... --out=DIR [--version=STEP]
+    python -m hmem_jax.main.bank inspect --store=... [--bank_version=STEP] [--norm_blocks=64]
+    python -m hmem_jax.main.bank copy    --store=... --copy_to=PATH_OR_URL [--bank_version=STEP]
+    python -m hmem_jax.main.bank export  --store=... --export_dir=DIR [--bank_version=STEP]
 
 The bank's geometry comes from the gin config (model, hierarchy and memory
 sizes), exactly as for training, and must match the store's manifest.
 `--store` takes what `MemoryConfig.bank_store` takes (a path, a kvstore URL
 such as gs://bucket/bank/ or memory://x/, or a JSON spec); default: that field,
-or WORKDIR/bank with --workdir. `copy` writes the chosen version's stored
+or WORKDIR/bank with --bank_workdir=WORKDIR. `copy` writes the chosen version's stored
 blocks into a new store as one version of the same step (untouched blocks stay
 lazy). `export` writes every level's parameters, untouched blocks
-materialised, as `.npy` files `<out>/<level>/<matrix>.npy` [clusters, layers, ...].
+materialised, as `.npy` files `<export_dir>/<level>/<matrix>.npy` [clusters, layers, ...].
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from absl import app, flags
 from hmem_jax.main import common
 
 STORE = flags.DEFINE_string("store", "", "The bank: path, kvstore URL or JSON spec.")
-WORKDIR = flags.DEFINE_string("workdir", "", "A run folder; its bank is WORKDIR/bank.")
-TO = flags.DEFINE_string("to", "", "copy: the destination store (path, URL or JSON spec).")
-OUT = flags.DEFINE_string("out", "", "export: output folder for .npy files.")
-VERSION = flags.DEFINE_integer("version", None, "Bank version (checkpoint step); default latest.")
+WORKDIR = flags.DEFINE_string("bank_workdir", "", "A run folder; its bank is WORKDIR/bank.")
+TO = flags.DEFINE_string("copy_to", "", "copy: the destination store (path, URL or JSON spec).")
+OUT = flags.DEFINE_string("export_dir", "", "export: output folder for .npy files.")
+VERSION = flags.DEFINE_integer("bank_version", None,
+                               "Bank version (checkpoint step); default latest.")
 NORM_BLOCKS = flags.DEFINE_integer("norm_blocks", 64, "inspect: touched blocks per level read "
                                    "for parameter norms (0 = none).")
 BATCH_BLOCKS = 16
@@ -135,7 +136,7 @@ def main(argv: list[str]) -> None:
             print(json.dumps(inspect(store, version, NORM_BLOCKS.value), indent=1))
         elif command == "copy":
             if not TO.value:
-                common.fail("copy needs --to=DESTINATION.")
+                common.fail("copy needs --copy_to=DESTINATION.")
             if version is None:
                 common.fail(f"The bank at {store.where} holds no version to copy.")
             target = open_store(TO.value, create=True, writer=True)
@@ -143,7 +144,7 @@ def main(argv: list[str]) -> None:
                   f"{target.where}")
         else:
             if not OUT.value:
-                common.fail("export needs --out=DIR.")
+                common.fail("export needs --export_dir=DIR.")
             for path in export(store, OUT.value):
                 print(path)
     except (BankStoreError, ConfigError, ValueError) as error:
