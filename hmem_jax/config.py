@@ -49,6 +49,8 @@ class ModelConfig:
     head with one shared gain of width head_dim (Qwen3/Gemma3 style); 'none'.
     `remat`: 'none', 'full' (recompute each block in the backward pass) or
     'dots' (save matmul outputs only).
+    `qkv_bias`: biases on the query, key and value projections (Qwen2-style
+    anchors imported from `transformers`); the paper's anchors have none.
     """
 
     vocab_size: int = 2048
@@ -66,6 +68,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     init_std: float = 0.02
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(

@@ -70,6 +70,14 @@ def test_exported_anchor_gives_the_same_logits_in_transformers(tmp_path, qk_norm
     assert diff <= 1e-4, diff
 
 
+def test_anchor_with_qkv_biases_exports_as_qwen2(tmp_path):
+    cfg = ModelConfig(**BASE, qk_norm="none", qkv_bias=True)
+    params = random_params(cfg)
+    export_hf(str(tmp_path), cfg, params)
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path)).model_type == "qwen2"
+    assert np.abs(hf_logits(str(tmp_path), TOKENS) - ours(cfg, params, TOKENS)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("qk_norm", ["full", "per_head"])
 def test_anchor_plus_one_path_exports_as_a_wider_ffn_with_the_same_logits(tmp_path, qk_norm):
     cfg = ModelConfig(**BASE, qk_norm=qk_norm)

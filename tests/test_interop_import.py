@@ -25,9 +25,9 @@ def save_tiny(path, model_type, seed=0, **extra):
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **extra})
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # norm gains away from 1 so a mis-mapped norm shows
+    with torch.no_grad():  # norm gains away from 1 (biases from 0) so a mis-mapping shows
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 param.add_(0.3 * torch.randn_like(param))
     model.save_pretrained(path)
     return model.eval()
@@ -44,7 +44,8 @@ def ours(cfg, params, tokens=TOKENS):
 
 @pytest.mark.parametrize("model_type, extra", [
     ("llama", dict(tie_word_embeddings=False)), ("qwen3", dict(tie_word_embeddings=True)),
-    ("qwen3", dict(tie_word_embeddings=False, rope_theta=50_000.0))])
+    ("qwen3", dict(tie_word_embeddings=False, rope_theta=50_000.0)),
+    ("qwen2", dict(tie_word_embeddings=True))])
 def test_imported_anchor_gives_the_same_logits_as_transformers(tmp_path, model_type, extra):
     model = save_tiny(str(tmp_path), model_type, **extra)
     cfg, params = load_hf_anchor(str(tmp_path))

@@ -98,3 +98,29 @@ def format_probe_table(results: dict[str, Any]) -> str:
     counts = next(iter(results.values()))["n_per_bucket"]
     lines.append(f"{'n':<10}" + "".join(f"{n:>8}" for n in counts) + f"{sum(counts):>8}")
     return "\n".join(lines)
+
+
+def probe_workdir(workdir: str, limit: int | None = None,
+                  conditions: Sequence[str] = ("anchor", "generic", "fetched", "blocked")
+                  ) -> dict[str, Any] | None:
+    """The probe table of a run folder's latest checkpoint (None without probes.jsonl).
+
+    What the train entry point calls after training to print the per-bucket table.
+    """
+    import os
+    import random
+
+    from hmem_jax.data.encyclopedia import read_probes
+    from hmem_jax.infer.run import load_run
+
+    run = load_run(workdir)
+    path = os.path.join(run.prepared_dir, "probes.jsonl")
+    if not os.path.isfile(path):
+        return None
+    engine = Engine(run)
+    probes = read_probes(path)
+    if limit:
+        probes = random.Random(0).sample(probes, min(limit, len(probes)))
+    usable = [c for c in conditions if engine.has_memory or c == "anchor"]
+    usable = [c for c in usable if c != "generic" or engine.has_generic]
+    return run_probe(engine, probes, usable)

@@ -8,9 +8,9 @@ from it exactly like a frozen-anchor run from an hmem_jax anchor:
 `TrainConfig.init_from = '<that folder>'` (see experiments/posthoc_ffn.gin).
 
 Supported: model_type 'llama' / 'mistral' (no qk-norm; no sliding window),
-'qwen3' (per-head qk-norm) and 'hmem' (our export with full-width qk-norm),
+'qwen2' (q/k/v biases), 'qwen3' (per-head qk-norm) and 'hmem' (our export with full-width qk-norm),
 with SiLU SwiGLU, no biases and default RoPE. Anything else is refused with
-the reason (e.g. Qwen2's q/k/v biases, Gemma's (1 + w) norms and embedding
+the reason (e.g. Gemma's (1 + w) norms and embedding
 scaling, Llama 3's rope scaling), never imported approximately.
 """
 
@@ -26,7 +26,8 @@ import numpy as np
 from hmem_jax.config import ModelConfig
 from hmem_jax.interop.hf_layout import from_hf_tensors
 
-QK_NORM_OF = {"llama": "none", "mistral": "none", "qwen3": "per_head", "hmem": "full"}
+QK_NORM_OF = {"llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "per_head",
+              "hmem": "full"}
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -62,8 +63,9 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
     problems = []
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config.get('hidden_act')!r} (we use SiLU-gated SwiGLU)")
+    qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases (and none on o)
     if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("attention or MLP biases (our anchor has none)")
+        problems.append("attention or MLP biases (our anchor has q/k/v biases only for Qwen2)")
     if config.get("use_sliding_window") or (model_type == "mistral"
                                             and config.get("sliding_window")):
         problems.append("sliding-window attention")
@@ -79,7 +81,7 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
         d_ff=int(config["intermediate_size"]),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         rope_base=_rope_base(config), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        qk_norm=QK_NORM_OF[model_type], param_dtype="float32", dtype="float32",
+        qk_norm=QK_NORM_OF[model_type], qkv_bias=qkv_bias, param_dtype="float32", dtype="float32",
         init_std=float(config.get("initializer_range", 0.02)))
     values.update(overrides)
     return ModelConfig(**values)

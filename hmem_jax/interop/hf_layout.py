@@ -1,6 +1,6 @@
 """How an hmem_jax anchor maps onto a `transformers` checkpoint, both ways (DESIGN.md decision 8).
 
-Architecture by qk-norm: 'none' -> Llama, 'per_head' -> Qwen3 (its q/k norms
+Architecture by qk-norm: 'none' -> Llama (Qwen2 with q/k/v biases), 'per_head' -> Qwen3 (its q/k norms
 are per head, gain of width head_dim), 'full' -> Qwen3 with full-width q/k
 norms (`modeling_hmem.py`, loaded with trust_remote_code). All three are
 pre-norm decoders with gain-only RMSNorm (eps inside the rsqrt), rotate-half
@@ -30,6 +30,9 @@ LAYER_TENSORS = (
     (("attn", "wk"), "self_attn.k_proj.weight", True),
     (("attn", "wv"), "self_attn.v_proj.weight", True),
     (("attn", "wo"), "self_attn.o_proj.weight", True),
+    (("attn", "bq"), "self_attn.q_proj.bias", False),
+    (("attn", "bk"), "self_attn.k_proj.bias", False),
+    (("attn", "bv"), "self_attn.v_proj.bias", False),
     (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", False),
     (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", False),
     (("mlp", "w_gate"), "mlp.gate_proj.weight", True),
@@ -42,6 +45,11 @@ def hf_config(cfg: ModelConfig, intermediate_size: int | None = None,
               max_position_embeddings: int = 8192) -> dict[str, Any]:
     """config.json for the closest `transformers` architecture (see the module docstring)."""
     model_type, architecture = ARCHITECTURES[cfg.qk_norm]
+    if cfg.qkv_bias:
+        if cfg.qk_norm != "none":
+            raise ValueError("No transformers architecture has q/k/v biases together with "
+                             f"qk-norm {cfg.qk_norm!r}; cannot export this anchor exactly.")
+        model_type, architecture = "qwen2", "Qwen2ForCausalLM"
     config: dict[str, Any] = {
         "architectures": [architecture], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -50,6 +58,7 @@ def hf_config(cfg: ModelConfig, intermediate_size: int | None = None,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "use_sliding_window": False,
         "rope_theta": cfg.rope_base,
         "rope_parameters": {"rope_theta": cfg.rope_base, "rope_type": "default"},
         "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
@@ -101,6 +110,8 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict
         params["lm_head"] = take("lm_head.weight").T
     for path, name, transpose in LAYER_TENSORS:
         if path[-2:] in (("q_norm", "scale"), ("k_norm", "scale")) and cfg.qk_norm == "none":
+            continue
+        if path[-1] in ("bq", "bk", "bv") and not cfg.qkv_bias:
             continue
         layers = [take(f"model.layers.{i}.{name}") for i in range(cfg.num_layers)]
         stacked = np.stack([x.T if transpose else x for x in layers])

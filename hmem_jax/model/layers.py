@@ -124,6 +124,11 @@ class Attention(nn.Module):
         q = add_lora(dense(x, wq), x, memory, "q", scale)
         k = add_lora(dense(x, wk), x, memory, "k", scale)
         v = add_lora(dense(x, wv), x, memory, "v", scale)
+        if cfg.qkv_bias:  # Qwen2-style imported anchors
+            zeros = nn.initializers.zeros
+            q = q + param(self, "bq", zeros, (q_width,), ("q_width",), cfg)
+            k = k + param(self, "bk", zeros, (kv_width,), ("kv_width",), cfg)
+            v = v + param(self, "bv", zeros, (kv_width,), ("kv_width",), cfg)
         if cfg.qk_norm == "full":
             q = RMSNorm(cfg, "q_width", name="q_norm")(q)
             k = RMSNorm(cfg, "kv_width", name="k_norm")(k)
