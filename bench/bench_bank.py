@@ -2,7 +2,7 @@
 
     python bench/bench_bank.py ratio     [--steps=40]    streamed/device step time, prefetch on/off
     python bench/bench_bank.py gather    [--blocks=64]   store gather vs raw read of the same bytes
-    python bench/bench_bank.py paper160m [--steps=20]    160M geometry bank (4.62B), trained streamed
+    python bench/bench_bank.py paper160m [--steps=20]    160M geometry (4.62B bank), streamed
     python bench/bench_bank.py paper1p4b                 1.4B geometry bank (21.14B): open + fetch
 
 Batches are synthetic (random tokens, random leaf paths; block ids and slots
@@ -84,7 +84,8 @@ def run(cfg: TrainConfig, workdir: str) -> list[dict]:
 def summarise(rows: list[dict], skip: int) -> dict:
     rows = rows[skip:]
     mean = lambda k: float(np.mean([r[k] for r in rows])) if k in rows[0] else None  # noqa: E731
-    return {"step_time_s": mean("perf/step_time_s"), "fetch_bytes_per_step": mean("mem/fetch_bytes"),
+    return {"step_time_s": mean("perf/step_time_s"),
+            "fetch_bytes_per_step": mean("mem/fetch_bytes"),
             "store_read_bytes_per_step": mean("mem/store_read_bytes"),
             "store_write_bytes_per_step": mean("mem/store_write_bytes"),
             "fetch_wait_s": mean("mem/fetch_wait_s"), "cache_hit_rate": mean("mem/cache_hit_rate")}
@@ -95,10 +96,11 @@ def bench_ratio(steps: int) -> dict:
     model = ModelConfig(vocab_size=2048, num_layers=4, d_model=256, num_heads=4, head_dim=64,
                         d_ff=1024)
     out = {}
+    streamed = {"bank_tier": "streaming"}
     with tempfile.TemporaryDirectory() as tmp:
         for name, memory in (("device", {}),
-                             ("streamed_prefetch0", {"bank_tier": "streaming", "prefetch_steps": 0}),
-                             ("streamed_prefetch2", {"bank_tier": "streaming", "prefetch_steps": 2}),
+                             ("streamed_prefetch0", {**streamed, "prefetch_steps": 0}),
+                             ("streamed_prefetch2", {**streamed, "prefetch_steps": 2}),
                              ("device_again", {})):
             cfg = config(model, (32, 16, 8), 16, 16, 128, steps, **memory)
             out[name] = summarise(run(cfg, os.path.join(tmp, name)), skip=5)
@@ -150,7 +152,8 @@ def bench_gather(blocks: int) -> dict:
 
 
 def disk_bytes(path: str) -> int:
-    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True).stdout.split()[0])
+    du = subprocess.run(["du", "-sb", path], capture_output=True, text=True)
+    return int(du.stdout.split()[0])
 
 
 def bench_paper(name: str, steps: int, layers: int, batch: int, moment_dtype: str,
@@ -178,7 +181,8 @@ def bench_paper(name: str, steps: int, layers: int, batch: int, moment_dtype: st
         touched = {k: int(store.touched(k).sum()) for k in store.layouts}
         expected = sum(store.layouts[k].block_bytes * n for k, n in touched.items())
         return {"geometry": name, "memory_layers": layers, "batch": batch,
-                "moment_dtype": moment_dtype, "host_cache_bytes": cache_bytes, "bank_params": geometry.bank_params,
+                "moment_dtype": moment_dtype, "host_cache_bytes": cache_bytes,
+                "bank_params": geometry.bank_params,
                 "steps": steps, "wall_s": wall, **summarise(rows, skip=2),
                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                 "touched_blocks": touched, "touched_bytes": expected,
@@ -191,8 +195,8 @@ def bench_open_1p4b() -> dict:
     from hmem_jax.bank.geometry import BankGeometry
     from hmem_jax.bank.store import BankStore
     model = ModelConfig(num_layers=24, d_model=2048, num_heads=16, head_dim=128, d_ff=5632)
-    geometry = BankGeometry.from_configs(model, MemoryConfig(kind="ffn", level_sizes=(768, 256, 16, 0)),
-                                         HierarchyConfig(branching=16, depth=4))
+    memory = MemoryConfig(kind="ffn", level_sizes=(768, 256, 16, 0))
+    geometry = BankGeometry.from_configs(model, memory, HierarchyConfig(branching=16, depth=4))
     out = {"bank_params": geometry.bank_params, "levels": {}}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         start = time.perf_counter()

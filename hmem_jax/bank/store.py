@@ -36,7 +36,7 @@ import numpy as np
 import tensorstore as ts
 
 from hmem_jax.bank.geometry import BankGeometry
-from hmem_jax.bank.layout import COUNT, LevelLayout, describe_location, level_layouts
+from hmem_jax.bank.layout import LevelLayout, describe_location, level_layouts
 from hmem_jax.bank.materialize import Materializer
 
 FORMAT_VERSION = 1

@@ -110,7 +110,8 @@ class StreamedBank:
             for key, ids in step_ids.items():
                 with self._pending_lock:
                     todo = [int(b) for b in self._valid(key, ids)
-                            if (key, int(b)) not in self.cache and (key, int(b)) not in self._pending]
+                            if (key, int(b)) not in self.cache
+                            and (key, int(b)) not in self._pending]
                     if not todo:
                         continue
                     epochs = [self.cache.epoch((key, b)) for b in todo]
