@@ -73,26 +73,47 @@ def test_answers_are_normalised_and_integers_parsed():
     assert "50.0" in table and "-" in table
 
 
-@pytest.fixture(scope="module")
-def trained_memory_run(small_prepared_tree_data, tmp_path_factory):
-    """A 4-step co-trained-from-scratch memory run on the small tree corpus, with config.gin."""
+def _train_memory_run(data, workdir, extra=()):
+    """A 4-step memory run from scratch on the small tree corpus, with its config.gin."""
     import gin
 
     from hmem_jax.data.loader import Loader
     from hmem_jax.main.common import load_train_config
     from hmem_jax.train.loop import fingerprint, train
 
-    prepared, _, params = small_prepared_tree_data
-    workdir = tmp_path_factory.mktemp("memory_run")
+    prepared, _, params = data
     cfg = load_train_config((), params + (
         "TrainConfig.batch_size = 8", "TrainConfig.steps = 4", "TrainConfig.checkpoint_every = 4",
         "TrainConfig.async_checkpointing = False", "MemoryConfig.kind = 'ffn'",
         "MemoryConfig.level_sizes = (8, 4)", "MemoryConfig.lr = 1e-2",
-        "MemoryConfig.generic_probability = 0.25", "MeshConfig.fsdp = 1"))
+        "MemoryConfig.generic_probability = 0.25", "MeshConfig.fsdp = 1") + tuple(extra))
     (workdir / "config.gin").write_text(gin.config_str())
     loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed)
     train(cfg, str(workdir), loader, fingerprint(loader.fingerprint), devices=jax.devices()[:1])
     return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def trained_memory_run(small_prepared_tree_data, tmp_path_factory):
+    return _train_memory_run(small_prepared_tree_data, tmp_path_factory.mktemp("memory_run"))
+
+
+def test_a_streamed_bank_serves_the_same_memory_as_the_device_bank(
+        trained_memory_run, small_prepared_tree_data, tmp_path):
+    from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.run import load_run
+
+    streamed_dir = _train_memory_run(small_prepared_tree_data, tmp_path,
+                                     ("MemoryConfig.bank_tier = 'streaming'",))
+    device, streamed = Engine(load_run(trained_memory_run)), Engine(load_run(streamed_dir))
+    assert streamed.run.bank is None and streamed.run.streamed is not None
+    texts = ["The atomic number of Brium is", "Hugo was born in the year"]
+    for mode in ("fetched", "generic"):
+        a, b = device.memory_for(texts, mode), streamed.memory_for(texts, mode)
+        assert float(np.abs(np.asarray(a["down"])).max()) > 0  # trained, not the zero init
+        for name in a:
+            np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), atol=1e-5)
+    streamed.run.streamed.close()
 
 
 def test_probe_and_blocking_run_end_to_end(trained_memory_run):

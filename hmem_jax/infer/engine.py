@@ -25,8 +25,11 @@ class Engine:
                  embedder: Any = None) -> None:
         self.run = run
         self.model = run.model
-        self.blocks = blocks if blocks is not None else (
-            retrieval.DeviceBlocks(run.bank) if run.bank is not None else None)
+        if blocks is None and run.bank is not None:
+            blocks = retrieval.DeviceBlocks(run.bank)
+        elif blocks is None and run.streamed is not None:
+            blocks = retrieval.StreamedBlocks(run.streamed)
+        self.blocks = blocks
         self._embedder = embedder
         self.decoder = Decoder(self.model, run.params)
 

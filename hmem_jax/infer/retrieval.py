@@ -50,6 +50,18 @@ class DeviceBlocks:
         return bank_lib.fetch(self.bank[level_key], jnp.asarray(ids, jnp.int32)).params
 
 
+class StreamedBlocks:
+    """A streamed bank (tensorstore store + host cache, hmem_jax/bank/streaming.py) as a
+    BlockSource: the same blocks the training step fetched, read through the cache."""
+
+    def __init__(self, bank: Any) -> None:
+        self.bank = bank
+
+    def fetch(self, level_key: str, ids: np.ndarray) -> Mapping[str, Array]:
+        _, rows = self.bank.fetch({level_key: np.asarray(ids, np.int32)})[level_key]
+        return {name: jnp.asarray(value) for name, value in rows.params.items()}
+
+
 def route(tree: Any, embedder: Any, texts: Sequence[str],
           blocked_level1: Sequence[int] | np.ndarray = ()) -> np.ndarray:
     """int32[N, depth] paths; blocked level-1 clusters are never entered.

@@ -30,8 +30,9 @@ class LoadedRun:
     workdir: str
     step: int
     params: Any
-    bank: Any  # dict level key -> LevelBank (device tier), or None for an anchor-only run
+    bank: Any  # dict level key -> LevelBank (device tier), or None (anchor-only or streamed)
     plan: MemoryPlan | None
+    streamed: Any = None  # a read-only StreamedBank when MemoryConfig.bank_tier = 'streaming'
 
     @property
     def model(self) -> Transformer:
@@ -80,8 +81,9 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     mesh = sharding.build_mesh(mesh_cfg, jax.devices()[:1])
     rules = sharding.rules_of(mesh_cfg)
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
+    streaming = plan is not None and cfg.memory.bank_tier == "streaming"
     target = abstract_state(model, make_optimizer(cfg.optim, cfg.steps, frozen=frozen), mesh,
-                            rules, plan)
+                            rules, None if streaming else plan)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30,
                                 async_save=False)
     try:
@@ -89,7 +91,27 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
         state = checkpointer.restore(step, target, expected={})
+        streamed = open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) \
+            if streaming else None
     finally:
         checkpointer.close()
     return LoadedRun(cfg=cfg, workdir=workdir, step=int(step), params=state.params,
-                     bank=state.bank, plan=plan)
+                     bank=state.bank, plan=plan, streamed=streamed)
+
+
+def open_streamed(cfg: TrainConfig, plan: MemoryPlan, workdir: str, record: dict) -> Any:
+    """The run's streamed bank, read-only, at the version the checkpoint recorded."""
+    from hmem_jax.bank.layout import kvstore_spec
+    from hmem_jax.bank.store import BankStore
+    from hmem_jax.bank.streaming import StreamedBank
+
+    if "bank_version" not in record:
+        raise ValueError(f"The checkpoint of {workdir} records no streamed bank version; was it "
+                         "trained with MemoryConfig.bank_tier = 'streaming'?")
+    memory = cfg.memory
+    store = BankStore(kvstore_spec(memory.bank_store, workdir), plan.geometry, plan.with_generic,
+                      memory.bank_dtype, memory.moment_dtype, memory.init_seed,
+                      memory.blocks_per_shard, create=False, writer=False)
+    bank = StreamedBank(store, memory.host_cache_bytes, prefetch_steps=0)
+    bank.restore(int(record["bank_version"]))
+    return bank
