@@ -98,6 +98,7 @@ def trained_memory_run(small_prepared_tree_data, tmp_path_factory):
     return _train_memory_run(small_prepared_tree_data, tmp_path_factory.mktemp("memory_run"))
 
 
+@pytest.mark.slow  # trains two small memory runs (~50 s on 2 cores)
 def test_a_streamed_bank_serves_the_same_memory_as_the_device_bank(
         trained_memory_run, small_prepared_tree_data, tmp_path):
     from hmem_jax.infer.engine import Engine
@@ -116,6 +117,7 @@ def test_a_streamed_bank_serves_the_same_memory_as_the_device_bank(
     streamed.run.streamed.close()
 
 
+@pytest.mark.slow  # trains a small memory run, then decodes 4 conditions (~60 s on 2 cores)
 def test_probe_and_blocking_run_end_to_end(trained_memory_run):
     from hmem_jax.data.encyclopedia import read_probes
     from hmem_jax.infer.engine import Engine
@@ -141,3 +143,34 @@ def test_probe_and_blocking_run_end_to_end(trained_memory_run):
                                      positions, memory)
     without = engine.model.apply({"params": engine.run.params}, ids, np.ones_like(ids), positions)
     assert float(jnp.abs(with_memory - without).max()) > 0
+
+
+@pytest.mark.slow  # three CLI processes on a trained run (~60 s on 2 cores)
+def test_generate_export_and_evaluate_commands_run_on_a_trained_run(trained_memory_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": ""}
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    out = run("hmem_jax.main.generate", f"--workdir={trained_memory_run}",
+              "--prompt=The atomic number of", "--max_new_tokens=4")
+    assert "[blocks [" in out and "->" in out
+    out = run("hmem_jax.main.evaluate", f"--workdir={trained_memory_run}", "--limit=10",
+              f"--out={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["probe"]) == {"anchor", "generic", "fetched", "blocked"}
+    assert "long-tail probe" in out
+    pytest.importorskip("safetensors", reason="export needs the 'hf' extra")
+    run("hmem_jax.main.export", f"--workdir={trained_memory_run}", f"--out={tmp_path / 'hf'}",
+        "--memory=fetched", "--path=1,2", f"--bank={tmp_path / 'bank'}")
+    record = json.loads((tmp_path / "hf" / "hmem_export.json").read_text())
+    assert record["block_ids"] == [1, 6] and record["extra_ffn_units"] == 12
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    assert set(manifest["levels"]) == {"l1", "l2", "generic"}
