@@ -97,10 +97,13 @@ class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases.
 
     `memory` (this layer's, per sequence) may add LoRA to q/k/v/o and KV-memory slots.
-    With a `cache` (this layer's {"k", "v"}: [B, S, kv_heads, head_dim], see
-    hmem_jax/model/cache.py) the new keys/values are written at slot
-    `cache_index` and the queries attend over all S slots (`mask` is [B, 1, T, S]);
-    the updated cache is returned. Without one (training) the second output is None.
+    With a `cache` (all layers' {"k", "v"}: [layers, B, S, kv_heads, head_dim],
+    see hmem_jax/model/cache.py) the new keys/values are written at
+    [`layer`, :, `cache_index`] and the queries attend over this layer's S slots
+    (`mask` is [B, 1, T, S]); the updated cache is returned. The whole cache
+    travels in the scan's carry, so each step updates it in place instead of
+    copying every layer's slice out and back. Without one (training) the second
+    output is None.
     """
 
     cfg: ModelConfig
@@ -108,8 +111,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, positions: Array, memory: Memory | None = None,
-                 cache: Mapping[str, Array] | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+                 cache: Mapping[str, Array] | None = None, cache_index: Array | None = None,
+                 layer: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
         cfg = self.cfg
         batch, length, d = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -144,12 +147,13 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_cache = None
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
-                                                    cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                                    cache_index, axis=1)
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            start = (layer, zero, cache_index, zero, zero)
+            new_cache = {name: jax.lax.dynamic_update_slice(
+                cache[name], value[None].astype(cache[name].dtype), start)
+                for name, value in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False)
+                    .astype(q.dtype) for name in ("k", "v"))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
         if memory and "keys" in memory:
             out = out + kv_memory_attention(q_unrotated, memory)

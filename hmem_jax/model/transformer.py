@@ -33,25 +33,29 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; `memory` and `cache` are this layer's slices (or None).
+    """One pre-norm transformer block; `memory` is this layer's slice (or None).
 
-    Returns (x, this layer's updated KV cache or None); the scan stacks the caches.
+    The scan carry is the residual stream x, or, when decoding with a KV cache,
+    (x, layer index, the whole cache), so the cache is updated in place.
     """
 
     cfg: ModelConfig
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, memory: Any, cache: Any = None,
-                 cache_index: Array | None = None) -> tuple[Array, Any]:
+    def __call__(self, carry: Any, mask: Array, positions: Array, memory: Any,
+                 cache_index: Array | None = None) -> tuple[Any, None]:
+        x, layer, cache = carry if isinstance(carry, tuple) else (carry, None, None)
         attn = Attention(self.cfg, self.lora_scale, name="attn")
         mlp = SwiGLU(self.cfg, self.lora_scale, name="mlp")
-        attended, new_cache = attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask,
-                                   positions, memory, cache, cache_index)
+        attended, cache = attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask,
+                               positions, memory, cache, cache_index, layer)
         x = x + attended
         x = x + mlp(RMSNorm(self.cfg, "embed", name="mlp_norm")(x), memory)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_cache
+        if layer is None:
+            return x, None
+        return (x, layer + 1, cache), None
 
 
 class Transformer(nn.Module):
@@ -72,7 +76,7 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora_scale, name="blocks")
@@ -101,7 +105,7 @@ class Transformer(nn.Module):
                       memory: Any = None) -> Array:
         """Final-normed hidden states[B, T, d] in the compute dtype."""
         mask = document_causal_mask(segment_ids)
-        x, _ = self.blocks(self.embed(tokens), mask, positions, memory, None, None)
+        x, _ = self.blocks(self.embed(tokens), mask, positions, memory, None)
         return self.final_norm(x)
 
     def extend(self, tokens: Array, segment_ids: Array, positions: Array, cache: KVCache,
@@ -113,8 +117,8 @@ class Transformer(nn.Module):
         the same segment up to each query's own slot.
         """
         mask = attention_mask(cache, segment_ids)
-        x, layers = self.blocks(self.embed(tokens), mask, positions, memory, cache.layers,
-                                cache.index)
+        carry = (self.embed(tokens), jnp.zeros((), jnp.int32), cache.layers)
+        (x, _, layers), _ = self.blocks(carry, mask, positions, memory, cache.index)
         logits = self.logits(self.final_norm(x))
         return logits, advance(cache, layers, segment_ids)
 
