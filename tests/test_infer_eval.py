@@ -11,7 +11,7 @@ import pytest
 from hmem_jax.config import ModelConfig
 from hmem_jax.infer.probe import first_integer, format_probe_table
 from hmem_jax.infer.scoring import continuation_logprobs
-from hmem_jax.infer.tasks import Item, few_shot_prefix, normalise, read_task
+from hmem_jax.infer.tasks import Item, few_shot_prefix, first_line, normalise, read_task
 from hmem_jax.model import Transformer
 
 CFG = ModelConfig(vocab_size=23, num_layers=1, d_model=16, num_heads=2, head_dim=8, d_ff=24)
@@ -67,6 +67,8 @@ def test_task_files_of_both_kinds_are_read_and_formatted(tmp_path):
 
 def test_answers_are_normalised_and_integers_parsed():
     assert normalise("  The  Answer, ok. ") == "the answer ok"
+    assert first_line(" 1071. The element is violet.\nNext") == "1071"
+    assert first_line("Paris, France") == "Paris" and first_line("3.5 and 1,071") == "3.5 and 1,071"
     assert first_integer(" 117 and 3") == "117" and first_integer("none") is None
     table = format_probe_table({"anchor": {"per_bucket": [0.5, None], "overall": 0.5,
                                            "n_per_bucket": [2, 0]}})

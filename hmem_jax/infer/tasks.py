@@ -72,7 +72,10 @@ def normalise(text: str) -> str:
 
 
 def first_line(text: str) -> str:
-    return text.strip().split("\n")[0].strip()
+    """The answer part of a generation: up to the first newline, sentence end or ', '
+    (the stop sequences of the usual generation tasks; "3.5" and "1,071" stay whole)."""
+    line = text.strip().split("\n")[0]
+    return re.split(r"\.(?:\s|$)|,\s", line)[0].strip()
 
 
 def evaluate_choice(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
@@ -105,7 +108,8 @@ def evaluate_choice(engine: Engine, items: Sequence[Item], prefix: str, mode: st
 def evaluate_generation(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
                         rag: Callable[[Sequence[str]], list[str]] | None = None,
                         max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Any]:
-    """exact match of the generation's first line (normalised) against any accepted answer."""
+    """exact match of the generation's answer part (`first_line`, normalised) against any
+    accepted answer."""
     correct, outputs = 0, []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
