@@ -102,3 +102,21 @@ def test_lora_memory_merges_into_the_projections(tmp_path):
     batch_memory = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=1), memory)
     expected = ours(cfg, params, TOKENS, batch_memory, lora_scale=0.25)
     assert np.abs(hf_logits(str(tmp_path), TOKENS) - expected).max() <= 1e-4
+
+
+def test_a_tokenizers_json_is_exported_loadable_by_autotokenizer(tmp_path):
+    import json
+
+    from hmem_jax.data.tokenizer import train_hf_bpe
+
+    texts = ["The atomic number of Brium is 42.", "Hugo was born in the year 1874."] * 50
+    tokenizer = train_hf_bpe(texts, 300)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    tokenizer.save(str(prepared))
+    (prepared / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json"}}))
+    cfg = ModelConfig(**{**BASE, "vocab_size": 300})
+    export_hf(str(tmp_path / "hf"), cfg, random_params(cfg), prepared_dir=str(prepared))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    for text in texts[:2]:
+        assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text)
