@@ -51,6 +51,9 @@ class ModelConfig:
     'dots' (save matmul outputs only).
     `qkv_bias`: biases on the query, key and value projections (Qwen2-style
     anchors imported from `transformers`); the paper's anchors have none.
+    `rope_llama3`: () for plain RoPE, or Llama 3's frequency rescaling as
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
+    e.g. (32.0, 1.0, 4.0, 8192) for an imported Llama 3.2.
     """
 
     vocab_size: int = 2048
@@ -69,6 +72,7 @@ class ModelConfig:
     remat: str = "none"
     init_std: float = 0.02
     qkv_bias: bool = False
+    rope_llama3: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -83,6 +87,9 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0,
                  f"ModelConfig.head_dim = {self.head_dim} must be even for rotary embeddings.")
         _check_choice("ModelConfig", "qk_norm", self.qk_norm, ("full", "per_head", "none"))
+        _require(len(self.rope_llama3) in (0, 4),
+                 f"ModelConfig.rope_llama3 = {self.rope_llama3} must be () or (factor, "
+                 "low_freq_factor, high_freq_factor, original_max_position_embeddings).")
         _check_choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
         _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))

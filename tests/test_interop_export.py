@@ -70,6 +70,13 @@ def test_exported_anchor_gives_the_same_logits_in_transformers(tmp_path, qk_norm
     assert diff <= 1e-4, diff
 
 
+def test_anchor_with_llama3_rope_scaling_exports_as_llama(tmp_path):
+    cfg = ModelConfig(**BASE, qk_norm="none", rope_llama3=(8.0, 1.0, 4.0, 64))
+    params = random_params(cfg)
+    export_hf(str(tmp_path), cfg, params)
+    assert np.abs(hf_logits(str(tmp_path), TOKENS) - ours(cfg, params, TOKENS)).max() <= 1e-4
+
+
 def test_anchor_with_qkv_biases_exports_as_qwen2(tmp_path):
     cfg = ModelConfig(**BASE, qk_norm="none", qkv_bias=True)
     params = random_params(cfg)

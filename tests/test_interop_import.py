@@ -45,7 +45,10 @@ def ours(cfg, params, tokens=TOKENS):
 @pytest.mark.parametrize("model_type, extra", [
     ("llama", dict(tie_word_embeddings=False)), ("qwen3", dict(tie_word_embeddings=True)),
     ("qwen3", dict(tie_word_embeddings=False, rope_theta=50_000.0)),
-    ("qwen2", dict(tie_word_embeddings=True))])
+    ("qwen2", dict(tie_word_embeddings=True)),
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}))])
 def test_imported_anchor_gives_the_same_logits_as_transformers(tmp_path, model_type, extra):
     model = save_tiny(str(tmp_path), model_type, **extra)
     cfg, params = load_hf_anchor(str(tmp_path))
@@ -58,8 +61,8 @@ def test_checkpoints_we_cannot_reproduce_exactly_are_refused():
     base = {**COMMON, "model_type": "llama"}
     with pytest.raises(UnsupportedCheckpointError, match="biases"):
         model_config_from_hf({**base, "attention_bias": True})
-    with pytest.raises(UnsupportedCheckpointError, match="RoPE type 'llama3'"):
-        model_config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(UnsupportedCheckpointError, match="RoPE type 'yarn'"):
+        model_config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
     with pytest.raises(UnsupportedCheckpointError, match="gemma3_text"):
         model_config_from_hf({**base, "model_type": "gemma3_text"})
 

@@ -9,9 +9,9 @@ from it exactly like a frozen-anchor run from an hmem_jax anchor:
 
 Supported: model_type 'llama' / 'mistral' (no qk-norm; no sliding window),
 'qwen2' (q/k/v biases), 'qwen3' (per-head qk-norm) and 'hmem' (our export with full-width qk-norm),
-with SiLU SwiGLU, no biases and default RoPE. Anything else is refused with
+with SiLU SwiGLU, no biases, default or Llama-3-scaled RoPE. Anything else is refused with
 the reason (e.g. Gemma's (1 + w) norms and embedding
-scaling, Llama 3's rope scaling), never imported approximately.
+scaling, YaRN or dynamic RoPE), never imported approximately.
 """
 
 from __future__ import annotations
@@ -43,14 +43,21 @@ def read_hf_config(path: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-def _rope_base(config: dict[str, Any]) -> float:
+def _rope(config: dict[str, Any]) -> tuple[float, tuple[float, ...]]:
+    """(rope base, Llama 3 rescaling or ()) from either generation of transformers configs."""
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise UnsupportedCheckpointError(f"RoPE type {kind!r} (scaled rotary frequencies) is not "
-                                         "implemented by hmem_jax's anchor; only 'default'.")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    params = {**scaling, **rope}
+    kind = params.get("rope_type", params.get("type", "default"))
+    base = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    if kind in ("default", None):
+        return base, ()
+    if kind == "llama3":
+        return base, (float(params["factor"]), float(params["low_freq_factor"]),
+                      float(params["high_freq_factor"]),
+                      float(params["original_max_position_embeddings"]))
+    raise UnsupportedCheckpointError(f"RoPE type {kind!r} is not implemented by hmem_jax's "
+                                     "anchor; only 'default' and 'llama3'.")
 
 
 def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -72,6 +79,7 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
     if problems:
         raise UnsupportedCheckpointError(f"Cannot import this {model_type} checkpoint exactly: "
                                          + "; ".join(problems) + ".")
+    rope_base, rope_llama3 = _rope(config)
     heads = int(config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     values = dict(
@@ -80,7 +88,7 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
         num_kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=int(head_dim),
         d_ff=int(config["intermediate_size"]),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_base=_rope_base(config), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_base=rope_base, rope_llama3=rope_llama3, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         qk_norm=QK_NORM_OF[model_type], qkv_bias=qkv_bias, param_dtype="float32", dtype="float32",
         init_std=float(config.get("initializer_range", 0.02)))
     values.update(overrides)

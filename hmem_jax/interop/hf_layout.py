@@ -41,6 +41,15 @@ LAYER_TENSORS = (
 )
 
 
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    if not cfg.rope_llama3:
+        return {"rope_theta": cfg.rope_base, "rope_type": "default"}
+    factor, low, high, original = cfg.rope_llama3
+    return {"rope_theta": cfg.rope_base, "rope_type": "llama3", "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": int(original)}
+
+
 def hf_config(cfg: ModelConfig, intermediate_size: int | None = None,
               max_position_embeddings: int = 8192) -> dict[str, Any]:
     """config.json for the closest `transformers` architecture (see the module docstring)."""
@@ -60,7 +69,7 @@ def hf_config(cfg: ModelConfig, intermediate_size: int | None = None,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "use_sliding_window": False,
         "rope_theta": cfg.rope_base,
-        "rope_parameters": {"rope_theta": cfg.rope_base, "rope_type": "default"},
+        "rope_parameters": rope_parameters(cfg),
         "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
         "dtype": "float32", "torch_dtype": "float32",
     }

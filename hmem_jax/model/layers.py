@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hmem_jax.config import ModelConfig
 from hmem_jax.model.memory import Memory, add_lora, ffn_memory, kv_memory_attention
@@ -66,14 +67,32 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, base: float) -> Array:
+def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max: float) -> np.ndarray:
+    """Llama 3's rescaled rotary frequencies: long wavelengths slowed by `factor`, short ones
+    kept, a smooth blend in between (what `transformers` computes for rope_type 'llama3')."""
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > original_max / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original_max / high_freq_factor) & (wavelen <= original_max
+                                                             / low_freq_factor)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rotary(x: Array, positions: Array, base: float, llama3: tuple[float, ...] = ()) -> Array:
     """Rotary position embedding, rotate-half layout (as Llama/NeoX in `transformers`).
 
     x[B, T, N, H], positions[B, T] -> [B, T, N, H]. Positions restart at 0 in
     each packed document, so a document sees the same encoding wherever it sits.
+    `llama3`: optional (factor, low, high, original_max) frequency rescaling.
     """
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    if llama3:
+        plain = 1.0 / (base ** (np.arange(half, dtype=np.float32) * 2.0 / x.shape[-1]))
+        inv_freq = jnp.asarray(llama3_inv_freq(plain.astype(np.float32), *llama3))
+    else:
+        inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
     angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, H/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -142,8 +161,8 @@ class Attention(nn.Module):
             q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg, "head_dim", name="k_norm")(k)
         q_unrotated = q
-        q = rotary(q, positions, cfg.rope_base)
-        k = rotary(k, positions, cfg.rope_base)
+        q = rotary(q, positions, cfg.rope_base, cfg.rope_llama3)
+        k = rotary(k, positions, cfg.rope_base, cfg.rope_llama3)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_cache = None
         if cache is not None:
