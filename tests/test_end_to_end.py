@@ -8,8 +8,9 @@ import sys
 import pytest
 
 
-def _train(workdir, params, timeout=900):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}"]
+def _train(workdir, params, timeout=900, probe_limit=0):
+    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}",
+            f"--probe_limit={probe_limit}"]
     args += [f"--gin_param={p}" for p in params]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
@@ -26,8 +27,9 @@ def test_train_command_clusters_prepares_trains_with_memory_and_resumes(tmp_path
         "OptimConfig.peak_lr = 1e-2", "MemoryConfig.kind = 'ffn'",
         "MemoryConfig.level_sizes = (16, 8)", "MemoryConfig.lr = 1e-2",
         "MemoryConfig.warmup_steps = 10"]
-    first = _train(workdir, params + ["TrainConfig.steps = 80"], )
+    first = _train(workdir, params + ["TrainConfig.steps = 80"], probe_limit=20)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "long-tail probe" in first.stdout and "fetched" in first.stdout
     assert "starting fresh" in first.stdout and "step 80/80" in first.stdout
     assert os.path.isfile(workdir / "tree" / "tree.json")  # clustered on first run
     assert os.path.isfile(workdir / "data" / "manifest.json")  # prepared on first run

@@ -22,6 +22,9 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics
 UNTIL_STEP = flags.DEFINE_integer(
     "until_step", None, "Stop after this step (checkpointing it), as a preempted job would; "
     "the schedule still spans TrainConfig.steps.")
+PROBE_LIMIT = flags.DEFINE_integer(
+    "probe_limit", 500, "After training, run the long-tail probe on this many probe prompts of the "
+    "prepared data (embedded corpus) and print the per-bucket table; 0 = skip.")
 PEAK_TFLOPS = flags.DEFINE_float(
     "peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0 = data sheet by device kind, or a "
     "measured matmul peak on CPU.")
@@ -102,6 +105,18 @@ def main(argv: list[str]) -> None:
               peak_tflops=PEAK_TFLOPS.value)
     except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
         common.fail(str(error))
+    if jax.process_index() == 0 and UNTIL_STEP.value is None and PROBE_LIMIT.value > 0:
+        print_probe_table(workdir, PROBE_LIMIT.value)
+
+
+def print_probe_table(workdir: str, limit: int) -> None:
+    """The long-tail probe (PAPER.md §5) per frequency bucket, for runs on the embedded corpus."""
+    from hmem_jax.infer.probe import format_probe_table, probe_workdir
+
+    table = probe_workdir(workdir, limit=limit)
+    if table:
+        print("long-tail probe (accuracy % by frequency bucket, 0 = rarest):\n"
+              + format_probe_table(table), flush=True)
 
 
 if __name__ == "__main__":
