@@ -12,7 +12,7 @@ def _train(workdir, params, timeout=900, probe_limit=0):
     args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}",
             f"--probe_limit={probe_limit}"]
     args += [f"--gin_param={p}" for p in params]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -26,7 +26,9 @@ def test_train_command_clusters_prepares_trains_with_memory_and_resumes(tmp_path
         "TrainConfig.checkpoint_every = 40", "OptimConfig.warmup_steps = 10",
         "OptimConfig.peak_lr = 1e-2", "MemoryConfig.kind = 'ffn'",
         "MemoryConfig.level_sizes = (16, 8)", "MemoryConfig.lr = 1e-2",
-        "MemoryConfig.warmup_steps = 10"]
+        "MemoryConfig.warmup_steps = 10",
+        # A 2-device training mesh: the probe afterwards must still load the run on one device.
+        "MeshConfig.data = 2", "MeshConfig.fsdp = 1"]
     first = _train(workdir, params + ["TrainConfig.steps = 80"], probe_limit=20)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "long-tail probe" in first.stdout and "fetched" in first.stdout

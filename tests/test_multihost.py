@@ -13,7 +13,8 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _train_command(workdir, params, extra=()):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}"]
+    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}",
+            "--probe_limit=0"]
     args += [f"--gin_param={p}" for p in params] + list(extra)
     return args
 

@@ -77,7 +77,8 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     cfg = load_config(workdir)
     plan = MemoryPlan.from_config(cfg)
     frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
-    mesh_cfg = MeshConfig()
+    # One device, whatever the training mesh was (and whatever gin bindings are active).
+    mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=1, memory=1)
     mesh = sharding.build_mesh(mesh_cfg, jax.devices()[:1])
     rules = sharding.rules_of(mesh_cfg)
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
