@@ -24,6 +24,7 @@ from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.bank.sparse_adamw import sparse_adamw
 from hmem_jax.config import MemoryConfig, TrainConfig
 from hmem_jax.model import memory as memory_lib
+from hmem_jax.train.optimizer import warmup_cosine
 
 Array = jax.Array
 
@@ -37,9 +38,8 @@ def slots_key(level: int) -> str:
 
 
 def memory_schedule(cfg: MemoryConfig, total_steps: int) -> optax.Schedule:
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
-                                              cfg.end_lr)
+    """The bank's own learning rate: warmup, then cosine from `lr` to `end_lr`."""
+    return warmup_cosine(cfg.lr, cfg.end_lr, cfg.warmup_steps, total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
