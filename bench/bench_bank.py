@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from hmem_jax.config import HierarchyConfig, MemoryConfig, ModelConfig, TrainConfig, MeshConfig
+from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, TrainConfig,
+                             model_preset)
 
 
 class SyntheticBatches:
@@ -110,8 +111,24 @@ def bench_ratio(steps: int) -> dict:
     return out
 
 
+def _best_ms(fn, repeats: int = 5) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
 def bench_gather(blocks: int) -> dict:
-    """64 random blocks: BankStore.read vs reading the same chunk files' bytes, page cache warm."""
+    """Random blocks: BankStore.read vs raw reads of the same chunk files, page cache warm.
+
+    Raw reads go into one fresh array (what a fetch must produce) and into a
+    reused buffer (the memcpy floor); 'no checksum' reads the same blocks from
+    a zarr3 array without the crc32c codec, to show what the checksum costs.
+    """
+    import tensorstore as ts
     from hmem_jax.bank.geometry import BankGeometry
     from hmem_jax.bank.store import BankStore
     model = ModelConfig(num_layers=35, d_model=512, num_heads=16, head_dim=32, d_ff=2048)
@@ -119,7 +136,7 @@ def bench_gather(blocks: int) -> dict:
     geometry = BankGeometry.from_configs(model, mem, HierarchyConfig(branching=16, depth=4))
     out = {}
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for shard in (1, 16):
             path = os.path.join(tmp, f"bank{shard}")
             store = BankStore({"driver": "file", "path": path + "/"}, geometry, False, "bfloat16",
@@ -129,25 +146,49 @@ def bench_gather(blocks: int) -> dict:
                 ids = written[start:start + 64]
                 store.write("l3", ids, store.read("l3", ids))
             ids = np.sort(rng.choice(written, blocks, replace=False))
-            store.read("l3", ids)  # warm
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                store.read("l3", ids)
-                times.append(time.perf_counter() - start)
+            store_ms = _best_ms(lambda: store.read("l3", ids))
             files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "g00000000"))
                      for f in fs if f != "zarr.json"]
             wanted = {str(i // shard) for i in ids}
             files = [f for f in files if f.split("/c/")[1].split("/")[0] in wanted]
-            raw = []
-            for _ in range(5):
-                start = time.perf_counter()
-                nbytes = sum(len(open(f, "rb").read()) for f in files)
-                raw.append(time.perf_counter() - start)
-            out[f"blocks_per_shard_{shard}"] = {
-                "blocks": blocks, "block_bytes": store.layouts["l3"].block_bytes,
-                "store_read_ms": 1e3 * min(times), "raw_file_read_ms": 1e3 * min(raw),
-                "raw_bytes": nbytes}
+            sizes = [os.path.getsize(f) for f in files]
+            reused = np.empty(max(sizes), np.uint8)
+
+            def raw(fresh: bool) -> None:
+                target = np.empty(sum(sizes), np.uint8) if fresh else None
+                offset = 0
+                for name, size in zip(files, sizes):
+                    view = memoryview(target)[offset:offset + size] if fresh else reused
+                    with open(name, "rb", buffering=0) as handle:
+                        handle.readinto(view)
+                    offset += size
+            result = {"blocks": blocks, "block_bytes": store.layouts["l3"].block_bytes,
+                      "store_read_ms": store_ms,
+                      "raw_read_fresh_ms": _best_ms(lambda: raw(True)),
+                      "raw_read_reused_buffer_ms": _best_ms(lambda: raw(False)),
+                      "raw_bytes": sum(sizes)}
+            if shard == 1:
+                rows = store.read("l3", ids)
+                arrays = {}
+                for field, value in rows.items():
+                    chunk = [1, *value.shape[1:]]
+                    arrays[field] = ts.open({
+                        "driver": "zarr3", "kvstore": {"driver": "file",
+                                                       "path": f"{tmp}/plain/{field}/"},
+                        "metadata": {"shape": list(value.shape), "data_type": value.dtype.name,
+                                     "chunk_grid": {"name": "regular",
+                                                    "configuration": {"chunk_shape": chunk}}}},
+                        create=True).result()
+                    arrays[field].write(value).result()
+
+                def plain() -> None:
+                    target = {f: np.empty_like(v) for f, v in rows.items()}
+                    futures = [ts.array(target[f], copy=False, write=True)[k].write(a[k])
+                               for f, a in arrays.items() for k in range(len(ids))]
+                    for future in futures:
+                        future.result()
+                result["store_read_no_checksum_ms"] = _best_ms(plain)
+            out[f"blocks_per_shard_{shard}"] = result
     return out
 
 
@@ -159,11 +200,8 @@ def disk_bytes(path: str) -> int:
 def bench_paper(name: str, steps: int, layers: int, batch: int, moment_dtype: str,
                 cache_bytes: int) -> dict:
     """Train `steps` steps streamed from local disk at the paper's bank geometry."""
-    sizes = {"160m": ((256, 64, 16, 0), 512, 2048, 12, 32),
-             "1p4b": ((768, 256, 16, 0), 2048, 5632, 16, 128)}[name]
-    level_sizes, d, d_ff, heads, head_dim = sizes
-    model = ModelConfig(vocab_size=2048, num_layers=layers, d_model=d, num_heads=heads,
-                        head_dim=head_dim, d_ff=d_ff)
+    level_sizes = {"160m": (256, 64, 16, 0), "1p4b": (768, 256, 16, 0)}[name]
+    model = model_preset(name, num_layers=layers)
     cfg = config(model, level_sizes, 16, batch, 64, steps, bank_tier="streaming",
                  bank_dtype="bfloat16", moment_dtype=moment_dtype, host_cache_bytes=cache_bytes,
                  prefetch_steps=1)

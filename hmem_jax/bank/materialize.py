@@ -30,7 +30,7 @@ class Materializer:
         self.seed = seed
         self._fns: dict[str, Callable] = {}
         self._lock = threading.Lock()
-        self._cpu = jax.devices("cpu")[0]
+        self._cpu = jax.local_devices(backend="cpu")[0]  # this process's own CPU
 
     def _fn(self, layout: LevelLayout) -> Callable:
         with self._lock:

@@ -35,6 +35,7 @@ import numpy as np
 
 from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.cache import BlockCache, Key
+from hmem_jax.bank.host_memory import return_freed_blocks_to_os
 from hmem_jax.bank.layout import COUNT
 from hmem_jax.bank.store import BankStore
 
@@ -209,22 +210,24 @@ class StreamedBank:
                 self._in_flight.append(self._writer.submit(self._write, key, ids[mine], stacked))
 
     def commit(self, updated: Mapping[str, tuple[Any, bank_lib.LevelBank]],
-               fetched: Mapping[str, tuple[np.ndarray, bank_lib.LevelBank]],
+               counts_before: Mapping[str, np.ndarray],
                upcoming: Sequence[StepIds] = ()) -> None:
         """Take a step's updated rows (host arrays); write back what the next steps do not use.
 
-        Only rows whose count moved are updates (padding rows and an unused
-        generic block come back unchanged and are skipped).
+        Only rows whose count moved from `counts_before` (the fetched rows'
+        counts) are updates: padding rows and an unused generic block come
+        back unchanged and are skipped. The cache keeps views of `updated`,
+        which must not be modified afterwards (a step's output never is).
         """
         self._publish()
         for key, (ids, bank) in updated.items():
             ids = np.asarray(ids)
             rows = from_level_bank(bank)
-            before = np.asarray(fetched[key][1].count)
             clusters = self.store.layouts[key].clusters
-            for slot in np.nonzero((ids < clusters) & (rows[COUNT] != before))[0]:
+            moved = (ids < clusters) & (rows[COUNT] != np.asarray(counts_before[key]))
+            for slot in np.nonzero(moved)[0]:
                 self.cache.put_update((key, int(ids[slot])),
-                                      {f: np.array(v[slot]) for f, v in rows.items()})
+                                      {f: v[slot] for f, v in rows.items()})
         soon = {(key, int(b)) for step_ids in upcoming for key, ids in step_ids.items()
                 for b in self._valid(key, ids)}
         self._schedule([d for d in self.cache.dirty() if d[0] not in soon])
@@ -275,6 +278,7 @@ class StreamedBank:
 def open_streamed_bank(spec: Mapping[str, Any], plan: Any, process_index: int = 0,
                        process_count: int = 1) -> StreamedBank:
     """The streamed bank of a run's MemoryPlan; process 0 creates the store, the others join."""
+    return_freed_blocks_to_os()
     cfg = plan.config
 
     def open_store(claim: bool) -> BankStore:

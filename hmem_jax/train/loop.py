@@ -22,8 +22,6 @@ import jax
 from jax.experimental import multihost_utils
 
 from hmem_jax import sharding
-from hmem_jax.bank.layout import kvstore_spec
-from hmem_jax.bank.streaming import StreamedBank, open_streamed_bank
 from hmem_jax.config import TrainConfig
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
@@ -32,6 +30,7 @@ from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
 from hmem_jax.train.step import BANK_ROWS, StepFunctions, compile_train_step
+from hmem_jax.train.streamed import StreamedRows, open_bank, restore_bank
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
@@ -49,35 +48,6 @@ class TrainResult:
     losses: dict[int, float]  # step (1-based: after that many updates) -> loss of that step
     workdir: str
     bank_store: dict[str, Any] | None = None  # kvstore spec of a streamed bank
-
-
-class BankMismatch(RuntimeError):
-    """A checkpoint's bank is not the bank this run streams from."""
-
-
-def _open_bank(cfg: TrainConfig, plan: MemoryPlan | None, workdir: str) -> StreamedBank | None:
-    if plan is None or cfg.memory.bank_tier != "streaming":
-        return None
-    spec = kvstore_spec(cfg.memory.bank_store, workdir)
-    return open_streamed_bank(spec, plan, jax.process_index(), jax.process_count())
-
-
-def _restore_bank(bank: StreamedBank | None, record: dict[str, Any], where: str) -> None:
-    """Point the streamed bank at the version checkpoint `where` recorded."""
-    if bank is None:
-        if "bank_version" in record:
-            raise BankMismatch(f"Checkpoint {where} was written with a streamed bank "
-                               f"(MemoryConfig.bank_tier = 'streaming'); resume with that tier.")
-        return
-    if "bank_version" not in record:
-        raise BankMismatch(f"Checkpoint {where} holds a device-resident bank, but this run has "
-                           "MemoryConfig.bank_tier = 'streaming'; resume with bank_tier = "
-                           "'device', or start the streamed run in a fresh --workdir.")
-    if record.get("bank_uid") != bank.store.uid:
-        raise BankMismatch(f"Checkpoint {where} names bank {record.get('bank_uid')}, but "
-                           f"MemoryConfig.bank_store points at bank {bank.store.uid} "
-                           f"({bank.store.where}); point it at the run's own bank.")
-    bank.restore(int(record["bank_version"]))
 
 
 def _lookahead(batches: Iterator, depth: int) -> Iterator[tuple[int, dict, list[dict]]]:
@@ -135,7 +105,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
-    bank = _open_bank(cfg, plan, workdir)
+    bank = open_bank(cfg, plan, workdir)
     state_plan = None if bank is not None else plan  # a streamed bank is not in the state
     shardings = state_shardings(model, tx, mesh, rules, state_plan)
     record = run_record(cfg, data_fingerprint)
@@ -154,7 +124,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             anchor = restore_anchor(cfg, model, mesh, rules)
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
-        _restore_bank(bank, checkpointer.read_record(latest),
+        restore_bank(bank, checkpointer.read_record(latest),
                       f"{checkpointer.directory}/{latest}")
         state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, state_plan),
                                      record)
@@ -183,8 +153,8 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     run_start, timed_steps = None, 0
     batches = loader.iterate(start_step)
-    depth = max(cfg.memory.prefetch_steps, 1) if bank is not None else 0
-    stream = _lookahead(batches, depth)
+    streamed = StreamedRows(bank, plan, mesh) if bank is not None else None
+    stream = _lookahead(batches, streamed.lookahead if streamed is not None else 0)
     try:
         for step in range(start_step, end_step):
             fetch_start = time.perf_counter()
@@ -192,19 +162,14 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             assert data_step == step, (data_step, step)
             batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
                                           replicate=replicated_inputs)
-            if bank is not None:
-                fetched = bank.fetch(plan.step_ids(local))
-                replicated = sharding.replicated(mesh)
-                batch[BANK_ROWS] = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(replicated, x, x.shape),
-                    fetched)
+            if streamed is not None:
+                batch[BANK_ROWS] = streamed.rows(local)
             data_wait += time.perf_counter() - fetch_start
             state, step_metrics, rows_out = step_fn(state, batch)
-            if bank is not None:
-                upcoming = [plan.step_ids(b) for b in ahead]
-                if cfg.memory.prefetch_steps:
-                    bank.prefetch(upcoming)  # reads overlap the step's compute
-                bank.commit(jax.device_get(rows_out), fetched, upcoming)
+            del batch
+            if streamed is not None:
+                streamed.finish(rows_out, ahead)
+            del rows_out
             window_steps += 1
             if pending is not None:
                 losses[pending[0]] = float(pending[1]["train/loss"])
@@ -223,10 +188,8 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
                     "perf/data_wait_s": data_wait / window_steps,
                     "ckpt/blocking_s": checkpointer.last_blocking_s,
                 })
-                if bank is not None:
-                    bank_metrics = bank.metrics()
-                    bank_metrics["mem/fetch_wait_s"] /= window_steps
-                    logged.update(bank_metrics)
+                if streamed is not None:
+                    logged.update(streamed.metrics(window_steps))
                 if run_start is None:
                     run_start, timed_steps = now, 0  # the first window includes compilation
                 else:

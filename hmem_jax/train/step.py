@@ -177,21 +177,32 @@ def train_step(fns: StepFunctions, state: TrainState,
 
 def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
                        state_shardings: TrainState) -> Callable[[TrainState, Batch], tuple]:
-    """`train_step` under `jax.jit` with explicit shardings; the old state is donated."""
+    """`train_step` under `jax.jit` with explicit shardings.
+
+    The old state is donated, and so are a host bank's rows (`batch[BANK_ROWS]`):
+    the updated rows the step returns reuse their buffers, so a streamed step
+    holds one copy of its rows, not two.
+    """
     replicated = sharding.replicated(mesh)
-    jitted = jax.jit(lambda state, batch: train_step(fns, state, batch),
-                     in_shardings=(state_shardings, None),
+
+    def step(state: TrainState, batch: Batch, rows: Any) -> tuple:
+        return train_step(fns, state, batch if rows is None else {**batch, BANK_ROWS: rows})
+
+    jitted = jax.jit(step, in_shardings=(state_shardings, None, None),
                      out_shardings=(state_shardings, replicated, replicated),
-                     donate_argnums=(0,))
+                     donate_argnums=(0, 2))
+
+    def split(batch: Batch) -> tuple[Batch, Any]:
+        return {k: v for k, v in batch.items() if k != BANK_ROWS}, batch.get(BANK_ROWS)
 
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict, dict | None]:
         with sharding.activate(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, *split(batch))
 
     def compiled(state: TrainState, batch: Batch) -> Any:
         """The compiled executable (for memory and cost analysis in benchmarks)."""
         with sharding.activate(mesh, rules):
-            return jitted.lower(state, batch).compile()
+            return jitted.lower(state, *split(batch)).compile()
 
     run.compiled = compiled
     return run
