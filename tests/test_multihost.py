@@ -31,6 +31,7 @@ def _losses(workdir):
     return np.array([r["train/loss"] for r in rows]), [r["step"] for r in rows]
 
 
+@pytest.mark.slow  # CI runs the streamed-bank 2-process test below, which covers this too
 def test_two_processes_train_together_and_match_one_process(tmp_path, small_prepared_data):
     prepared, params = small_prepared_data
     params = params + ("TrainConfig.steps = 6", "TrainConfig.batch_size = 8",
