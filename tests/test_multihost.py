@@ -82,20 +82,13 @@ app.run(train_main.main)
 
 
 def _final_bank(workdir):
-    """level -> field -> value of every block, read from the store's latest version."""
+    """level -> field -> value of every block in the run's latest bank version."""
     import gin
-    from hmem_jax.bank.store import BankStore
     from hmem_jax.main.common import load_train_config
-    from hmem_jax.train.memory import MemoryPlan
+    from test_bank_streaming import streamed_bank
     gin.clear_config()
     cfg = load_train_config((os.path.join(workdir, "config.gin"),), ())
-    plan = MemoryPlan.from_config(cfg)
-    store = BankStore({"driver": "file", "path": os.path.join(workdir, "bank") + "/"},
-                      plan.geometry, plan.with_generic, cfg.memory.bank_dtype,
-                      cfg.memory.moment_dtype, cfg.memory.init_seed, create=False, writer=False)
-    store.restore(store.versions()[-1])
-    return {key: store.read(key, np.arange(layout.clusters))
-            for key, layout in store.layouts.items()}
+    return streamed_bank(cfg, {"driver": "file", "path": os.path.join(workdir, "bank") + "/"})
 
 
 def test_two_processes_stream_one_bank_each_block_written_by_its_owner(

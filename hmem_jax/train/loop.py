@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
         restore_bank(bank, checkpointer.read_record(latest),
-                      f"{checkpointer.directory}/{latest}")
+                     f"{checkpointer.directory}/{latest}")
         state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, state_plan),
                                      record)
     start_step = int(state.step)

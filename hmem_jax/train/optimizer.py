@@ -17,14 +17,18 @@ import optax
 from hmem_jax.config import OptimConfig
 
 
+def _warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warmup, cut short when the run is shorter than it."""
+    return min(warmup_steps, max(total_steps - 1, 0))
+
+
 def warmup_cosine(peak: float, end: float, warmup_steps: int,
                   total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `peak`, then cosine to `end` at `total_steps`.
 
-    The warmup is cut short when the run is shorter than it. Shared by the
-    anchor's and the memory bank's schedules.
+    Shared by the anchor's and the memory bank's schedules.
     """
-    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    warmup = _warmup(warmup_steps, total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=end)
@@ -33,7 +37,7 @@ def warmup_cosine(peak: float, end: float, warmup_steps: int,
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `peak_lr`, then cosine to `end_lr` at `total_steps` (or constant)."""
     if cfg.schedule == "constant":
-        warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+        warmup = _warmup(cfg.warmup_steps, total_steps)
         ramp = optax.linear_schedule(0.0, cfg.peak_lr, max(warmup, 1))
         return optax.join_schedules([ramp, optax.constant_schedule(cfg.peak_lr)], [warmup])
     return warmup_cosine(cfg.peak_lr, cfg.end_lr, cfg.warmup_steps, total_steps)
