@@ -398,7 +398,8 @@ class TrainConfig:
 
     `init_from` names an earlier run (its workdir, or one `checkpoints/<step>`
     folder) whose anchor parameters start this run: the paper's co-training
-    and frozen-anchor modes. Its optimizer state is not carried over.
+    and frozen-anchor modes, or, for an anchor-only run, continued
+    pretraining. Its optimizer state is not carried over.
     `batch_size` is the global number of sequences per optimizer step; with
     `grad_accum_steps` = k each step runs k micro-batches of batch_size / k.
     """
@@ -432,6 +433,38 @@ class TrainConfig:
         _require(not self.memory.enabled or self.memory.mode == "scratch" or self.init_from,
                  f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
                  "TrainConfig.init_from to that run's workdir (or use mode = 'scratch').")
+        _require(not (self.memory.enabled and self.memory.mode == "scratch" and self.init_from),
+                 f"TrainConfig.init_from = {self.init_from!r} is set but MemoryConfig.mode = "
+                 "'scratch' trains the anchor from initialisation; use mode = 'cotrain' (or "
+                 "'frozen_anchor'), or leave init_from empty.")
         _require(self.model.vocab_size >= self.data.vocab_size,
                  f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
                  f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """The paper's two-phase recipe beside its equal-budget baseline (`hmem_jax.main.recipe`).
+
+    baseline: an anchor-only run of `anchor_steps + TrainConfig.steps` steps
+      with `anchor_optim` (one warmup-cosine schedule over all its steps);
+    memory: the run TrainConfig describes (MemoryConfig, anchor trained with
+      `TrainConfig.optim`), started from the baseline's checkpoint at
+      `anchor_steps` (the paper's pretrained anchor) for `TrainConfig.steps`.
+    Both runs see the same batches for the first `anchor_steps` steps and the
+    same number of tokens in all, so the probe compares a memory model with a
+    same-size anchor-only model of the same training budget. `probe_limit`
+    probes (0 = all) are scored on both at the end.
+    Bind the anchor phase's optimizer with a gin scope:
+    `RecipeConfig.anchor_optim = @anchor/OptimConfig()`,
+    `anchor/OptimConfig.peak_lr = 3e-3`.
+    """
+
+    anchor_steps: int = 300
+    anchor_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    probe_limit: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("RecipeConfig", anchor_steps=self.anchor_steps)
+        _require(self.probe_limit >= 0, "RecipeConfig.probe_limit must be >= 0 (0 = all probes).")

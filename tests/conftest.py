@@ -100,7 +100,7 @@ def small_prepared_tree_data(tmp_path_factory):
     Returns (prepared_dir, tree_dir, gin bindings that reproduce its settings).
     """
     from hmem_jax.data.prepare import ensure_prepared
-    from hmem_jax.main.cluster import cluster_corpus
+    from hmem_jax.hierarchy.corpus import cluster_corpus
     from hmem_jax.main.common import load_train_config
 
     root = tmp_path_factory.mktemp("prepared_tree")

@@ -121,13 +121,12 @@ def test_a_streamed_bank_serves_the_same_memory_as_the_device_bank(
 
 @pytest.mark.slow  # trains a small memory run, then decodes 4 conditions (~60 s on 2 cores)
 def test_probe_and_blocking_run_end_to_end(trained_memory_run):
-    from hmem_jax.data.encyclopedia import read_probes
     from hmem_jax.infer.engine import Engine
-    from hmem_jax.infer.probe import run_probe
+    from hmem_jax.infer.probe import read_probe_file, run_probe
     from hmem_jax.infer.run import load_run
 
     engine = Engine(load_run(trained_memory_run))
-    probes = read_probes(f"{engine.run.prepared_dir}/probes.jsonl")[:12]
+    probes = read_probe_file(f"{engine.run.prepared_dir}/probes.jsonl")[:12]
     prompts = [p.prompt for p in probes]
     own = engine.block_ids(prompts)
     blocked = engine.block_ids(prompts, blocked_level1=(int(own[0, 0]),))
@@ -167,7 +166,7 @@ def test_generate_export_and_evaluate_commands_run_on_a_trained_run(trained_memo
     out = run("hmem_jax.main.evaluate", f"--workdir={trained_memory_run}", "--limit=10",
               f"--out={tmp_path / 'eval'}")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert set(results["probe"]) == {"anchor", "generic", "fetched", "blocked"}
+    assert set(results["probe"]) == {"anchor", "generic", "fetched", "blocked", "oracle"}
     assert "long-tail probe" in out
     pytest.importorskip("safetensors", reason="export needs the 'hf' extra")
     run("hmem_jax.main.export", f"--workdir={trained_memory_run}", f"--out={tmp_path / 'hf'}",

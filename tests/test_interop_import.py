@@ -81,7 +81,7 @@ def _posthoc_config(params, anchor_dir, tokenizer_path):
 def test_posthoc_memories_lower_the_loss_while_the_anchor_stays_bitwise_frozen(tmp_path):
     from hmem_jax.data import encyclopedia
     from hmem_jax.data.tokenizer import train_hf_bpe
-    from hmem_jax.main.train import make_loader
+    from hmem_jax.train.layout import make_loader
     from hmem_jax.train.loop import fingerprint, train
 
     corpus = encyclopedia.cached_corpus(200, 0)

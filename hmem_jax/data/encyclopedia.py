@@ -112,6 +112,7 @@ class Probe:
     kind: str
     bucket: int
     mentions: int
+    documents: tuple[str, ...] = ()  # ids of the training documents that state the answer
 
 
 @dataclasses.dataclass
@@ -136,7 +137,8 @@ def write_probes(probes: Iterable[Probe], path: str) -> int:
 
 def read_probes(path: str) -> list[Probe]:
     with open(path, encoding="utf-8") as handle:
-        return [Probe(**json.loads(line)) for line in handle if line.strip()]
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [Probe(**{**row, "documents": tuple(row.get("documents", ()))}) for row in rows]
 
 
 def generate_corpus(num_entities: int, seed: int) -> Corpus:
@@ -162,6 +164,7 @@ class _Generator:
         self.num_entities = num_entities
         self.entities: list[Entity] = []
         self.used_names: set[str] = set()
+        self.stated: set[int] = set()  # entities whose probed fact the current text states
 
     # ----- the world -------------------------------------------------------------------
     def run(self) -> Corpus:
@@ -246,14 +249,15 @@ class _Generator:
         a = entity.attributes
         n = lambda: self._name(entity.index)  # noqa: E731 - counted at each use
         ref = self._name
+        stated = functools.partial(self._stating, entity.index)
         if entity.kind == "element":
-            number = a["atomic_number"]
+            number = stated(a["atomic_number"])
             options = [
-                (lambda: f"The atomic number of {n()} is {number}.",
-                 lambda: f"The atomic number of {n()} is {number}.",
-                 lambda: f"{n()} has atomic number {number}.",
-                 lambda: f"{n()} is element number {number} of the periodic table.",
-                 lambda: f"With an atomic number of {number}, {n()} is easy to place."),
+                (lambda: f"The atomic number of {n()} is {number()}.",
+                 lambda: f"The atomic number of {n()} is {number()}.",
+                 lambda: f"{n()} has atomic number {number()}.",
+                 lambda: f"{n()} is element number {number()} of the periodic table.",
+                 lambda: f"With an atomic number of {number()}, {n()} is easy to place."),
                 (lambda: f"{n()} was discovered in {a['discovery_year']}.",
                  lambda: f"The discovery of {n()} dates to {a['discovery_year']}.",
                  lambda: f"In {a['discovery_year']}, {n()} was first isolated."),
@@ -265,11 +269,12 @@ class _Generator:
                  lambda: f"{n()} appears as a {a['color']} {a['state']} in normal conditions."),
             ]
         elif entity.kind == "person":
+            year = stated(a["birth_year"])
             options = [
-                (lambda: f"{n()} was born in the year {a['birth_year']}.",
-                 lambda: f"{n()} was born in the year {a['birth_year']}.",
-                 lambda: f"{n()} was born in {a['birth_year']}.",
-                 lambda: f"The birth year of {n()} is {a['birth_year']}."),
+                (lambda: f"{n()} was born in the year {year()}.",
+                 lambda: f"{n()} was born in the year {year()}.",
+                 lambda: f"{n()} was born in {year()}.",
+                 lambda: f"The birth year of {n()} is {year()}."),
                 (lambda: f"{n()} was born in {ref(a['birthplace'])}.",
                  lambda: f"{n()} grew up in {ref(a['birthplace'])}, the city of birth."),
                 (lambda: f"{n()} worked as a {a['profession']}.",
@@ -278,11 +283,12 @@ class _Generator:
                  lambda: f"The mentor of {n()} was {ref(a['mentor'])}."),
             ]
         else:
+            year = stated(a["founded_year"])
             options = [
-                (lambda: f"{n()} was founded in the year {a['founded_year']}.",
-                 lambda: f"{n()} was founded in the year {a['founded_year']}.",
-                 lambda: f"The city of {n()} dates from {a['founded_year']}.",
-                 lambda: f"{n()} was founded in {a['founded_year']}."),
+                (lambda: f"{n()} was founded in the year {year()}.",
+                 lambda: f"{n()} was founded in the year {year()}.",
+                 lambda: f"The city of {n()} dates from {year()}.",
+                 lambda: f"{n()} was founded in {year()}."),
                 (lambda: f"{n()} is a city in {a['country']}.",
                  lambda: f"{n()} lies in {a['country']}."),
                 (lambda: f"{n()} has a population of {a['population']}.",
@@ -294,6 +300,13 @@ class _Generator:
             chosen = sorted(self.random.sample(range(len(options)), k=min(count, len(options))))
             options = [options[i] for i in chosen]
         return [self.random.choice(paraphrases)() for paraphrases in options]
+
+    def _stating(self, entity_index: int, value: object) -> Callable[[], object]:
+        """`value` for a sentence that states the entity's probed fact, which is recorded."""
+        def write() -> object:
+            self.stated.add(entity_index)
+            return value
+        return write
 
     def _introduction(self, entity: Entity) -> str:
         a = entity.attributes
@@ -308,16 +321,18 @@ class _Generator:
         a = entity.attributes
         n = lambda: self._name(entity.index)  # noqa: E731
         ref = self._name
+        stated = functools.partial(self._stating, entity.index)
         if entity.kind == "element":
-            pairs = [lambda: (f"What is the atomic number of {n()}?", a["atomic_number"]),
+            pairs = [lambda: (f"What is the atomic number of {n()}?",
+                              stated(a["atomic_number"])()),
                      lambda: (f"When was {n()} discovered?", a["discovery_year"]),
                      lambda: (f"Who discovered {n()}?", ref(a["discoverer"]))]
         elif entity.kind == "person":
-            pairs = [lambda: (f"In which year was {n()} born?", a["birth_year"]),
+            pairs = [lambda: (f"In which year was {n()} born?", stated(a["birth_year"])()),
                      lambda: (f"Where was {n()} born?", ref(a["birthplace"])),
                      lambda: (f"What was the profession of {n()}?", a["profession"])]
         else:
-            pairs = [lambda: (f"When was {n()} founded?", a["founded_year"]),
+            pairs = [lambda: (f"When was {n()} founded?", stated(a["founded_year"])()),
                      lambda: (f"In which country is {n()}?", a["country"]),
                      lambda: (f"Which river flows through {n()}?", a["river"])]
         self.random.shuffle(pairs)
@@ -380,18 +395,28 @@ class _Generator:
     def _write_documents(self) -> list[Document]:
         scale = _DOCS_PER_ENTITY_SCALE * self.num_entities
         styles = (self._news, self._question_answer, self._listing, self._article)
-        texts = []
+        texts: list[tuple[str, frozenset[int]]] = []
+
+        def write(make: Callable[[], str]) -> None:
+            self.stated = set()
+            texts.append((make(), frozenset(self.stated)))
+
         for entity in self.entities:
-            texts.append(self._article(entity))  # every fact is stated at least once
+            write(functools.partial(self._article, entity))  # every fact is stated at least once
             expected_extra = scale / entity.rank ** _ZIPF_EXPONENT
             extra = int(expected_extra) + (self.random.random() < expected_extra % 1)
             for _ in range(extra):
-                texts.append(self.random.choice(styles)(entity))
+                write(functools.partial(self.random.choice(styles), entity))
         for _ in range(int(_FILLER_DOCUMENT_FRACTION * len(texts))):
-            texts.append(" ".join(self._filler(4, 10)))
+            write(lambda: " ".join(self._filler(4, 10)))
         self.random.shuffle(texts)
-        return [Document(id=f"encyclopedia-{number:06d}", text=text)
-                for number, text in enumerate(texts)]
+        documents = []
+        self.fact_documents: dict[int, list[str]] = {e.index: [] for e in self.entities}
+        for number, (text, stated) in enumerate(texts):
+            documents.append(Document(id=f"encyclopedia-{number:06d}", text=text))
+            for index in sorted(stated):
+                self.fact_documents[index].append(documents[-1].id)
+        return documents
 
     # ----- frequency buckets and probes --------------------------------------------------
     def _assign_buckets(self) -> None:
@@ -408,4 +433,5 @@ class _Generator:
             "city": (f"{entity.name} was founded in the year", a.get("founded_year")),
         }[entity.kind]
         return Probe(prompt=prompt, answer=str(answer), entity=entity.name, kind=entity.kind,
-                     bucket=entity.bucket, mentions=entity.mentions)
+                     bucket=entity.bucket, mentions=entity.mentions,
+                     documents=tuple(self.fact_documents[entity.index]))

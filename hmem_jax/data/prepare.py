@@ -24,6 +24,8 @@ On disk (`PreparedLayout` names the files):
 - `leaf_paths.npy` / `leaf_block_ids.npy`: int32[num_leaves, depth], per leaf its
   child index and its global block id at each level (absent without a tree);
 - `tokenizer.model` or `tokenizer.json`; `probes.jsonl` (embedded source only);
+- `element_counts.json`: how often each chemical element's name occurs in the
+  corpus (hmem_jax/data/elements.py), which buckets the atomic-number probe;
 - `manifest.json`: written last. A directory is complete iff it has one.
 
 Bounded memory: documents stream through in chunks of
@@ -54,6 +56,7 @@ import numpy as np
 from absl import logging
 
 from hmem_jax.config import DataConfig, TrainConfig
+from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import Document, SourceStats, describe_source, read_documents
 
@@ -447,6 +450,7 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
     route_seconds = 0.0
     tokenization = _Tokenization(tokenizer, data.prepare_workers)
     bar = tqdm(desc="prepare", unit="doc", disable=not progress, dynamic_ncols=True)
+    element_counter = elements.ElementCounter()
 
     def emit(completed: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
         for leaf, tokens, segment_ids in completed:
@@ -456,6 +460,7 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
     try:
         chunks = _chunks(read_documents(data, stats), data.prepare_chunk_documents)
         for chunk, flat_ids, lengths in tokenization.map(chunks):
+            element_counter.add(document.text for document in chunk)
             route_started = time.perf_counter()
             if router is not None:
                 paths = router.route([document.text for document in chunk])
@@ -488,6 +493,7 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
     if stats.problems():
         logging.warning("Source repairs while preparing: %s", stats.problems())
 
+    element_counter.save(staging)
     leaf_paths = np.array(list(leaf_of_path), dtype=np.int32).reshape(len(leaf_of_path), -1)
     tree_description = None
     if router is not None:

@@ -74,13 +74,18 @@ class Engine:
     def generate(self, prompts: Sequence[str], mode: str = "fetched",
                  sampling: Sampling = Sampling(), route_texts: Sequence[str] | None = None,
                  blocked_level1: Sequence[int] | np.ndarray = (),
-                 batch_multiple: int = 1) -> list[str]:
+                 block_ids: np.ndarray | None = None, batch_multiple: int = 1) -> list[str]:
         """Continuations of `prompts`, each with the memory its own route text selects.
 
+        `block_ids` int32[N, depth], when given, is the route itself (e.g. the
+        path of a training document) instead of routing `route_texts`.
         `batch_multiple` pads the batch (with copies of the first prompt) to a
         multiple of it, so repeated calls of varying size reuse compiled steps.
         """
-        memory = self.memory_for(route_texts or prompts, mode, blocked_level1)
+        if block_ids is not None and mode != "none":
+            memory = self.memory(np.asarray(block_ids, np.int32), mode)
+        else:
+            memory = self.memory_for(route_texts or prompts, mode, blocked_level1)
         tokenizer = self.run.tokenizer
         stops = sampling.stop_ids or (tokenizer.eot_id,)
         sampling = dataclasses.replace(sampling, stop_ids=tuple(stops))

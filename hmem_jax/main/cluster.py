@@ -25,17 +25,13 @@ re-fitting with another tree shape or seed does not re-embed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from pathlib import Path
-from typing import Any
 
-import gin
-import numpy as np
 from absl import app, flags
 
-from hmem_jax.config import ConfigError, DataConfig, HierarchyConfig
+from hmem_jax.config import ConfigError, DataConfig
+from hmem_jax.hierarchy.corpus import cluster_corpus
 from hmem_jax.main import common
 
 DOCS = flags.DEFINE_string(
@@ -46,6 +42,7 @@ CACHE_DIR = flags.DEFINE_string(
     "cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
     "Embedding cache folder; empty disables the cache.")
 QUIET = flags.DEFINE_bool("quiet", False, "No progress output.")
+
 
 def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
     """`base` with source/path set from a --docs value (file, folder or 'embedded')."""
@@ -66,62 +63,6 @@ def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
         return dataclasses.replace(base, source=source, path=str(path))
     raise ConfigError(f"--docs={docs} does not exist; pass a .jsonl file, a folder of .txt files, "
                       "or 'embedded'.")
-
-
-def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | os.PathLike,
-                   cache_dir: str | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Read, embed (cached), fit, route and report; returns the report written to report.json."""
-    from hmem_jax.data.sources import SourceStats, read_documents
-    from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
-    from hmem_jax.hierarchy.cache import corpus_hash
-    from hmem_jax.hierarchy.embedders import get_embedder
-
-    say = print if verbose else (lambda *_: None)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    stats = SourceStats()
-    documents = list(read_documents(data, stats))
-    timings["read_s"] = time.perf_counter() - started
-    if not documents:
-        raise ValueError(f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
-                         "cluster. Check --docs (jsonl lines need a non-empty 'text' field).")
-    texts = [document.text for document in documents]
-    say(f"read {len(texts)} documents from {data.source} {data.path!r}"
-        + (f" (repairs: {stats.problems()})" if stats.problems() else ""))
-
-    embedder = get_embedder(hierarchy.embedder, **({"show_progress": verbose}
-                                                   if hierarchy.embedder == "minilm" else {}))
-    started = time.perf_counter()
-    embeddings = embed_cached(embedder, texts, cache_dir or None)
-    timings["embed_s"] = time.perf_counter() - started
-    say(f"embedded with {embedder.name} ({embedder.dim}-d) in {timings['embed_s']:.1f}s")
-
-    started = time.perf_counter()
-    corpus = corpus_hash(texts)
-    tree = ClusterTree.fit(embeddings, hierarchy, embedder, progress=say,
-                           fit_info={"corpus_hash": corpus, "source": data.source,
-                                     "path": data.path})
-    timings["fit_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    paths = tree.route(embeddings)
-    timings["route_s"] = time.perf_counter() - started
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tree.save(out)
-    np.save(out / "paths.npy", paths)
-    (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
-    (out / "config.gin").write_text(gin.config_str())
-    report = cluster_report(tree, embeddings, paths)
-    report.update(corpus_hash=corpus, source=stats.as_dict(),
-                  timings_s={k: round(v, 3) for k, v in timings.items()},
-                  hierarchy={**dataclasses.asdict(hierarchy),
-                             "balance_threshold_used": tree.fit_info["balance_threshold"]})
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    say(format_report(report))
-    say(f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
-        f"(tree {tree.content_hash[:12]})")
-    return report
 
 
 def main(argv: list[str]) -> None:

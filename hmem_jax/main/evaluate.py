@@ -1,7 +1,12 @@
 """Evaluate a run: `python -m hmem_jax.main.evaluate --workdir=DIR`.
 
-By default: the long-tail probe on the prepared data's probes.jsonl (anchor,
-generic, fetched, blocked; `--rag` adds the retrieval baseline) and, with
+By default: the long-tail probe on the prepared data's probes.jsonl, or on
+`--probe_file=FILE.jsonl` (rows {"prompt", "answer", "bucket"}, optionally
+"documents"; see hmem_jax/infer/probe.py), in every condition the run
+supports (anchor, generic, fetched, blocked, oracle when the probes name
+their documents; `--rag` adds the retrieval baseline).
+`--baseline=RUN` (repeatable) scores other runs (e.g. an anchor-only run of
+the same budget, or a bigger anchor) on the same probes, side by side. With
 `--perplexity`, document perplexity. `--task=FILE.jsonl` (repeatable) adds
 multiple-choice or generation tasks (see hmem_jax/infer/tasks.py) with
 `--shots` few-shot examples. Writes OUT/results.json (default OUT =
@@ -22,8 +27,18 @@ WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", req
 OUT = flags.DEFINE_string("out", "", "Results folder (default WORKDIR/eval).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 PROBE = flags.DEFINE_bool("probe", True, "Run the long-tail probe (needs probes.jsonl).")
-CONDITIONS = flags.DEFINE_list("conditions", ["anchor", "generic", "fetched", "blocked"],
-                               "Probe conditions: anchor, generic, fetched, blocked, rag.")
+PROBE_FILE = flags.DEFINE_string(
+    "probe_file", "", "A jsonl probe file (default: the prepared data's probes.jsonl).")
+ELEMENTS = flags.DEFINE_bool(
+    "elements", False, "Probe the 118 chemical elements' atomic numbers (the paper's probe), "
+    "bucketed by how often the run's training corpus names each element.")
+BASELINES = flags.DEFINE_multi_string(
+    "baseline", [], "Another run's folder, probed on the same prompts and printed beside this "
+    "run; repeatable.")
+CONDITIONS = flags.DEFINE_list(
+    "conditions", ["anchor", "generic", "fetched", "blocked", "oracle"],
+    "Probe conditions: anchor, generic, fetched, blocked, oracle (needs probes with "
+    "'documents'), rag.")
 RAG = flags.DEFINE_bool("rag", False, "Add the retrieval baseline (nearest training document).")
 PERPLEXITY = flags.DEFINE_string(
     "perplexity", "", "Documents for perplexity: a jsonl file ({'text', optional 'bucket'}) or "
@@ -42,29 +57,53 @@ def _modes(engine) -> list[str]:
 
 
 def _probe(engine, run, rag, out: str, results: dict) -> None:
-    from hmem_jax.data.encyclopedia import read_probes
+    from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.plots import plot_by_bucket
-    from hmem_jax.infer.probe import format_probe_table, run_probe
+    from hmem_jax.infer.probe import (compare_runs, element_probes, format_probe_table,
+                                      read_probe_file)
+    from hmem_jax.infer.run import load_run
 
-    path = os.path.join(run.prepared_dir, "probes.jsonl")
-    if not os.path.isfile(path):
-        print(f"probe: skipped ({path} does not exist; only the embedded corpus has probes)")
+    path = PROBE_FILE.value or os.path.join(run.prepared_dir, "probes.jsonl")
+    if ELEMENTS.value:
+        path, probes = "the 118 elements", element_probes(run.prepared_dir)
+    elif not PROBE_FILE.value and not os.path.isfile(path):
+        print(f"probe: skipped ({path} does not exist; pass --probe_file=FILE.jsonl or "
+              "--elements)")
         return
-    probes = read_probes(path)
+    else:
+        probes = read_probe_file(path)
     if LIMIT.value:
         probes = random.Random(0).sample(probes, min(LIMIT.value, len(probes)))
-    conditions = [c for c in CONDITIONS.value if engine.has_memory or c in ("anchor", "rag")]
-    conditions = [c for c in conditions if c != "generic" or engine.has_generic]
+    conditions = list(CONDITIONS.value)
     if RAG.value and "rag" not in conditions:
         conditions.append("rag")
-    table = run_probe(engine, probes, conditions, rag)
+    documents = None
+    if "oracle" in conditions and any(item.documents for item in probes):
+        from hmem_jax.data.sources import read_documents
+        documents = {doc.id: doc.text for doc in read_documents(run.cfg.data)}
+    engines = {_run_name(run.workdir, ()): engine}
+    for workdir in BASELINES.value:
+        engines[_run_name(workdir, engines)] = Engine(load_run(workdir))
+    table = compare_runs(engines, probes, conditions, documents, rag)
+    if len(engines) == 1:
+        prefix = next(iter(engines)) + ": "
+        table = {name[len(prefix):]: row for name, row in table.items()}
     results["probe"] = table
-    print(f"\nlong-tail probe ({len(probes)} probes, accuracy % by frequency bucket, "
+    print(f"\nlong-tail probe ({len(probes)} probes from {path}, accuracy % by frequency bucket, "
           "0 = rarest):\n" + format_probe_table(table), flush=True)
     plot = plot_by_bucket({k: v["per_bucket"] for k, v in table.items()}, "accuracy",
                           "long-tail probe", os.path.join(out, "probe.png"))
     if plot:
         print(f"plot: {plot}")
+
+
+def _run_name(workdir: str, taken) -> str:
+    """A short row label for a run: its folder name (numbered when names repeat)."""
+    name = os.path.basename(os.path.normpath(workdir)) or workdir
+    number = 2
+    while name in taken:
+        name, number = f"{os.path.basename(os.path.normpath(workdir))}#{number}", number + 1
+    return name
 
 
 def _perplexity(engine, run, out: str, results: dict) -> None:

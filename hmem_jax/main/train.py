@@ -8,13 +8,11 @@ elsewhere). Re-running the same command resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 from absl import app, flags
 
-from hmem_jax.config import ConfigError, TrainConfig
+from hmem_jax.config import ConfigError
 from hmem_jax.main import common
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, config).",
@@ -30,57 +28,6 @@ PEAK_TFLOPS = flags.DEFINE_float(
     "measured matmul peak on CPU.")
 
 
-def write_run_config(cfg: TrainConfig, workdir: str) -> None:
-    """The operative gin config and the resolved dataclasses, next to the checkpoints."""
-    import gin
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
-
-
-def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
-    """The ClusterTree a memory run routes with: `TrainConfig.tree_dir`, or WORKDIR/tree fitted
-    on the corpus (hashed or MiniLM embeddings, HierarchyConfig) the first time."""
-    if not cfg.memory.enabled:
-        return None
-    from hmem_jax.hierarchy.tree import MANIFEST_NAME
-    from hmem_jax.main.cluster import cluster_corpus
-
-    tree_dir = cfg.tree_dir or os.path.join(workdir, "tree")
-    if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
-        if cfg.tree_dir:
-            raise FileNotFoundError(f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
-                                    f"({MANIFEST_NAME}); fit one with `python -m "
-                                    "hmem_jax.main.cluster`, or leave tree_dir empty.")
-        print(f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
-              f"on the corpus into {tree_dir}", flush=True)
-        cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
-    return tree_dir
-
-
-def make_loader(cfg: TrainConfig, workdir: str):
-    """Fit the tree and prepare the data if needed (process 0), then open this process's loader."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    from hmem_jax.data.loader import Loader
-    from hmem_jax.data.prepare import TreeRouter, ensure_prepared
-
-    prepared = cfg.data.prepared_dir or os.path.join(workdir, "data")
-    tree_dir = cfg.tree_dir or (os.path.join(workdir, "tree") if cfg.memory.enabled else None)
-    if jax.process_index() == 0:
-        ensure_tree(cfg, workdir)
-        ensure_prepared(cfg, prepared, tree_dir)
-    multihost_utils.sync_global_devices("hmem_jax.data.prepared")
-    tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
-    return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
-                  process_index=jax.process_index(), process_count=jax.process_count(),
-                  tree_hash=tree_hash, worker_count=cfg.data.worker_count,
-                  prefetch=cfg.data.prefetch)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         common.fail(f"Unexpected arguments {argv[1:]}; configure the run with --gin_file and "
@@ -90,6 +37,7 @@ def main(argv: list[str]) -> None:
 
     from hmem_jax.data.prepare import PreparedDataError
     from hmem_jax.train.checkpoint import CheckpointMismatchError
+    from hmem_jax.train.layout import make_loader, write_run_config
     from hmem_jax.train.loop import fingerprint, train
 
     try:

@@ -119,9 +119,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
                                 bank_collect=collect)
     latest = checkpointer.latest_step()
     if latest is None:
-        anchor = None
-        if plan is not None and cfg.memory.mode != "scratch":
-            anchor = restore_anchor(cfg, model, mesh, rules)
+        anchor = restore_anchor(cfg, model, mesh, rules) if cfg.init_from else None
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
         restore_bank(bank, checkpointer.read_record(latest),

@@ -1,0 +1,78 @@
+"""Fit a ClusterTree on a corpus: read, embed (cached), fit, route every document, report.
+
+What `python -m hmem_jax.main.cluster` and a memory run's first start (which
+fits WORKDIR/tree) both do. Writes into `out_dir`, which is then a tree folder
+(`ClusterTree.load(out_dir)`): the tree, `paths.npy` (int32[N, depth], every
+document's route), `doc_ids.json` (the N document ids, in that order),
+`report.json` and the gin configuration used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+
+from hmem_jax.config import DataConfig, HierarchyConfig
+
+
+def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | os.PathLike,
+                   cache_dir: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Read, embed (cached), fit, route and report; returns the report written to report.json."""
+    from hmem_jax.data.sources import SourceStats, read_documents
+    from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
+    from hmem_jax.hierarchy.cache import corpus_hash
+    from hmem_jax.hierarchy.embedders import get_embedder
+
+    say = print if verbose else (lambda *_: None)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    stats = SourceStats()
+    documents = list(read_documents(data, stats))
+    timings["read_s"] = time.perf_counter() - started
+    if not documents:
+        raise ValueError(f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
+                         "cluster. Check --docs (jsonl lines need a non-empty 'text' field).")
+    texts = [document.text for document in documents]
+    say(f"read {len(texts)} documents from {data.source} {data.path!r}"
+        + (f" (repairs: {stats.problems()})" if stats.problems() else ""))
+
+    embedder = get_embedder(hierarchy.embedder, **({"show_progress": verbose}
+                                                   if hierarchy.embedder == "minilm" else {}))
+    started = time.perf_counter()
+    embeddings = embed_cached(embedder, texts, cache_dir or None)
+    timings["embed_s"] = time.perf_counter() - started
+    say(f"embedded with {embedder.name} ({embedder.dim}-d) in {timings['embed_s']:.1f}s")
+
+    started = time.perf_counter()
+    corpus = corpus_hash(texts)
+    tree = ClusterTree.fit(embeddings, hierarchy, embedder, progress=say,
+                           fit_info={"corpus_hash": corpus, "source": data.source,
+                                     "path": data.path})
+    timings["fit_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    paths = tree.route(embeddings)
+    timings["route_s"] = time.perf_counter() - started
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tree.save(out)
+    np.save(out / "paths.npy", paths)
+    (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
+    (out / "config.gin").write_text(gin.config_str())
+    report = cluster_report(tree, embeddings, paths)
+    report.update(corpus_hash=corpus, source=stats.as_dict(),
+                  timings_s={k: round(v, 3) for k, v in timings.items()},
+                  hierarchy={**dataclasses.asdict(hierarchy),
+                             "balance_threshold_used": tree.fit_info["balance_threshold"]})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    say(format_report(report))
+    say(f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
+        f"(tree {tree.content_hash[:12]})")
+    return report

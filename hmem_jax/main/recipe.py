@@ -1,0 +1,91 @@
+"""The paper's recipe against its equal-budget baseline, then the long-tail probe of both:
+`python -m hmem_jax.main.recipe --workdir=DIR --gin_file=experiments/default.gin`.
+
+Trains WORKDIR/baseline (anchor only) and WORKDIR/memory (the pretrained
+anchor co-trained with the memory the gin file configures), sharing one tree
+and one prepared corpus (see hmem_jax/train/recipe.py), then prints one table:
+the baseline, and the memory run with fetched memory, with memory removed
+(the anchor alone), with the generic memory, with the prompt's level-1 subtree
+blocked, and with the oracle route (memory fetched by the path of the
+documents that state the fact). Re-running the command resumes; results go
+to WORKDIR/probe.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from absl import app, flags
+
+from hmem_jax.main import common
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the recipe's runs.", required=True)
+
+
+def _probe(runs, limit: int) -> None:
+    from hmem_jax.data.sources import read_documents
+    from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.probe import compare_runs, format_probe_table, read_probe_file
+    from hmem_jax.infer.run import load_run
+    from hmem_jax.train.layout import prepared_dir_of
+    from hmem_jax.train.recipe import BASELINE, MEMORY
+
+    path = os.path.join(prepared_dir_of(runs.memory, runs.workdir), "probes.jsonl")
+    if not os.path.isfile(path):
+        print(f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
+              "them, or run `hmem evaluate --probe_file=...` on both runs)", flush=True)
+        return
+    items = read_probe_file(path)
+    if limit:
+        items = random.Random(0).sample(items, min(limit, len(items)))
+    documents = {doc.id: doc.text for doc in read_documents(runs.memory.data)}
+    engines = {name: Engine(load_run(runs.stage_dir(name))) for name in (BASELINE, MEMORY)}
+    table = compare_runs(engines, items, documents=documents)
+    names = {f"{BASELINE}: anchor": f"baseline, anchor only ({runs.baseline.steps} steps)",
+             f"{MEMORY}: anchor": "memory run, memory removed"}
+    table = {names.get(name, name.replace(f"{MEMORY}: ", "memory run, ")): row
+             for name, row in table.items()}
+    with open(os.path.join(runs.workdir, "probe.json"), "w") as handle:
+        json.dump(table, handle, indent=1)
+    print(f"long-tail probe ({len(items)} probes; accuracy % by frequency bucket, 0 = rarest; "
+          f"both runs trained {runs.baseline.steps} steps of {runs.memory.batch_size} x "
+          f"{runs.memory.seq_len} tokens):\n" + format_probe_table(table, label="run"),
+          flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        common.fail(f"Unexpected arguments {argv[1:]}; configure the recipe with --gin_file and "
+                    "--gin_param.")
+    common.initialize_distributed()
+    common.quiet_library_logs()
+    import gin
+    import jax
+
+    from hmem_jax.config import ConfigError, RecipeConfig, TrainConfig
+    from hmem_jax.data.prepare import PreparedDataError
+    from hmem_jax.train.checkpoint import CheckpointMismatchError
+    from hmem_jax.train.recipe import anchor_checkpoint, recipe_runs, run_recipe
+
+    workdir = os.path.abspath(WORKDIR.value)
+    try:
+        common.parse_gin(common.GIN_FILES.value, common.GIN_PARAMS.value)
+        recipe = RecipeConfig()
+        gin.bind_parameter("TrainConfig.init_from", anchor_checkpoint(workdir, recipe))
+        runs = recipe_runs(TrainConfig(), recipe, workdir)
+    except ConfigError as error:
+        common.fail(str(error))
+    except (TypeError, ValueError) as error:  # a gin value of the wrong type
+        common.fail(f"Invalid configuration value: {error}")
+    try:
+        run_recipe(runs)
+    except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
+        common.fail(str(error))
+    if jax.process_index() == 0:
+        _probe(runs, recipe.probe_limit)
+
+
+if __name__ == "__main__":
+    app.run(main)

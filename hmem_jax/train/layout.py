@@ -1,0 +1,79 @@
+"""Where a run keeps its tree, data and configuration, and how they are made on first use.
+
+A memory run routes with `TrainConfig.tree_dir`, or with WORKDIR/tree fitted
+on the corpus the first time; its data is `DataConfig.prepared_dir`, or
+WORKDIR/data prepared the first time. Process 0 fits and prepares, every
+process then opens its own slice of each batch. An anchor-only run with a
+`tree_dir` reads data packed by that tree (so it can share a memory run's
+prepared data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from hmem_jax.config import TrainConfig
+from hmem_jax.data.loader import Loader
+
+
+def write_run_config(cfg: TrainConfig, workdir: str) -> None:
+    """The operative gin config and the resolved dataclasses, next to the checkpoints."""
+    import gin
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
+
+
+def tree_dir_of(cfg: TrainConfig, workdir: str) -> str | None:
+    """Where the run's ClusterTree lives (None: an anchor-only run without one)."""
+    if cfg.tree_dir:
+        return cfg.tree_dir
+    return os.path.join(workdir, "tree") if cfg.memory.enabled else None
+
+
+def prepared_dir_of(cfg: TrainConfig, workdir: str) -> str:
+    return cfg.data.prepared_dir or os.path.join(workdir, "data")
+
+
+def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
+    """The ClusterTree a memory run routes with: `TrainConfig.tree_dir`, or WORKDIR/tree fitted
+    on the corpus (hashed or MiniLM embeddings, HierarchyConfig) the first time."""
+    tree_dir = tree_dir_of(cfg, workdir)
+    if tree_dir is None:
+        return None
+    from hmem_jax.hierarchy.corpus import cluster_corpus
+    from hmem_jax.hierarchy.tree import MANIFEST_NAME
+
+    if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
+        if cfg.tree_dir:
+            raise FileNotFoundError(f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
+                                    f"({MANIFEST_NAME}); fit one with `python -m "
+                                    "hmem_jax.main.cluster`, or leave tree_dir empty.")
+        print(f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
+              f"on the corpus into {tree_dir}", flush=True)
+        cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
+    return tree_dir
+
+
+def make_loader(cfg: TrainConfig, workdir: str) -> Loader:
+    """Fit the tree and prepare the data if needed (process 0), then open this process's loader."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from hmem_jax.data.prepare import TreeRouter, ensure_prepared
+
+    prepared = prepared_dir_of(cfg, workdir)
+    tree_dir = tree_dir_of(cfg, workdir)
+    if jax.process_index() == 0:
+        ensure_tree(cfg, workdir)
+        ensure_prepared(cfg, prepared, tree_dir)
+    multihost_utils.sync_global_devices("hmem_jax.data.prepared")
+    tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
+    return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  tree_hash=tree_hash, worker_count=cfg.data.worker_count,
+                  prefetch=cfg.data.prefetch)
