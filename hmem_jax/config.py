@@ -274,7 +274,8 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
-        _check_choice("DataConfig", "source", self.source, ("embedded", "jsonl", "text_dir", "seqio"))
+        _check_choice("DataConfig", "source", self.source,
+                      ("embedded", "jsonl", "text_dir", "seqio"))
         _check_choice("DataConfig", "tokenizer", self.tokenizer, ("sentencepiece", "hf"))
         _require(self.source == "embedded" or self.path,
                  f"DataConfig.source = {self.source!r} needs DataConfig.path.")
@@ -390,6 +391,11 @@ class MemoryConfig:
     def enabled(self) -> bool:
         return self.kind != "none"
 
+    @property
+    def needs_anchor(self) -> bool:
+        """Whether training starts from a pretrained anchor (`TrainConfig.init_from`)."""
+        return self.enabled and self.mode != "scratch"
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -398,8 +404,13 @@ class TrainConfig:
 
     `init_from` names an earlier run (its workdir, or one `checkpoints/<step>`
     folder) whose anchor parameters start this run: the paper's co-training
-    and frozen-anchor modes, or, for an anchor-only run, continued
-    pretraining. Its optimizer state is not carried over.
+    and frozen-anchor modes (which need it: `check_startable`), or, for an
+    anchor-only run, continued pretraining. Its optimizer state is not
+    carried over.
+    `subtree` >= 0 makes this run one job of the paper's subtree-parallel
+    frozen-anchor training: it reads only the records routed into that level-1
+    cluster, so it touches only that subtree's blocks; `hmem bank merge`
+    combines the jobs' banks into one.
     `batch_size` is the global number of sequences per optimizer step; with
     `grad_accum_steps` = k each step runs k micro-batches of batch_size / k.
     """
@@ -412,6 +423,7 @@ class TrainConfig:
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     init_from: str = ""  # an anchor run's workdir (or checkpoint step folder) for cotrain / frozen
     tree_dir: str = ""  # the ClusterTree; empty = WORKDIR/tree, fitted on the corpus if needed
+    subtree: int = -1  # >= 0: train only this level-1 subtree's data and blocks (frozen anchor)
     steps: int = 300
     batch_size: int = 16
     seq_len: int = 256
@@ -430,16 +442,26 @@ class TrainConfig:
         _require(self.batch_size % self.grad_accum_steps == 0,
                  f"TrainConfig.batch_size = {self.batch_size} must be divisible by "
                  f"grad_accum_steps = {self.grad_accum_steps}.")
-        _require(not self.memory.enabled or self.memory.mode == "scratch" or self.init_from,
-                 f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
-                 "TrainConfig.init_from to that run's workdir (or use mode = 'scratch').")
-        _require(not (self.memory.enabled and self.memory.mode == "scratch" and self.init_from),
+        _require(not (self.memory.enabled and not self.memory.needs_anchor and self.init_from),
                  f"TrainConfig.init_from = {self.init_from!r} is set but MemoryConfig.mode = "
                  "'scratch' trains the anchor from initialisation; use mode = 'cotrain' (or "
                  "'frozen_anchor'), or leave init_from empty.")
         _require(self.model.vocab_size >= self.data.vocab_size,
                  f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
                  f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.")
+
+        _require(self.subtree < 0 or (self.memory.enabled and self.memory.mode == "frozen_anchor"),
+                 f"TrainConfig.subtree = {self.subtree} trains one level-1 subtree's memory "
+                 "beside a frozen anchor (the jobs' banks are merged afterwards): set "
+                 "MemoryConfig.mode = 'frozen_anchor', or subtree = -1.")
+
+    def check_startable(self) -> None:
+        """What a run needs before its first step, beyond valid values (checked at train time,
+        so a config that a recipe completes can still be described by `hmem info`)."""
+        _require(not self.memory.needs_anchor or bool(self.init_from),
+                 f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
+                 "TrainConfig.init_from to that run's workdir (or use mode = 'scratch'), or run "
+                 "the recipe (`python -m hmem_jax.main.recipe`), which trains the anchor first.")
 
 
 @gin.configurable

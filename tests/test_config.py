@@ -51,8 +51,13 @@ def test_info_reports_the_papers_anchor_bank_and_fetched_sizes(name, anchor, ban
 
 
 def test_cotraining_without_an_anchor_to_start_from_is_a_clear_error():
+    cfg = load_train_config(("paper_160m",), ())  # describable (`hmem info`), not startable
     with pytest.raises(ConfigError, match="init_from"):
-        load_train_config(("paper_160m",), ())
+        cfg.check_startable()
+    with pytest.raises(ConfigError, match="scratch"):
+        load_train_config((), ("MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 1",
+                               "MemoryConfig.level_sizes = (4,)",
+                               "TrainConfig.init_from = 'runs/anchor'"))
 
 
 def test_memory_levels_must_match_the_tree_depth():

@@ -118,12 +118,72 @@ def test_a_tokenizers_json_is_exported_loadable_by_autotokenizer(tmp_path):
 
     texts = ["The atomic number of Brium is 42.", "Hugo was born in the year 1874."] * 50
     tokenizer = train_hf_bpe(texts, 300)
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    tokenizer.save(str(prepared))
-    (prepared / "manifest.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json"}}))
+    prepared = _prepared_with(tokenizer, tmp_path / "prepared")
     cfg = ModelConfig(**{**BASE, "vocab_size": 300})
-    export_hf(str(tmp_path / "hf"), cfg, random_params(cfg), prepared_dir=str(prepared))
+    export_hf(str(tmp_path / "hf"), cfg, random_params(cfg), prepared_dir=prepared)
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     for text in texts[:2]:
         assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert loaded.eos_token_id == tokenizer.eot_id and loaded.pad_token_id == tokenizer.pad_id
+
+
+def _prepared_with(tokenizer, folder):
+    import json
+    folder.mkdir()
+    tokenizer.save(str(folder))
+    (folder / "manifest.json").write_text(json.dumps({"tokenizer": tokenizer.describe()}))
+    return str(folder)
+
+
+def test_a_sentencepiece_tokenizer_loads_without_remote_code_and_encodes_like_ours(tmp_path):
+    from hmem_jax.data.tokenizer import train_sentencepiece
+
+    texts = ["The atomic number of Brium is 42.", "Hugo was born in the year 1874.",
+             "Zhouium \u00fc  two  spaces\nand a new line"] * 40
+    tokenizer = train_sentencepiece(texts, 300)
+    prepared = _prepared_with(tokenizer, tmp_path / "prepared")
+    cfg = ModelConfig(**{**BASE, "vocab_size": 300})  # qk_norm 'full': the model needs remote code
+    export_hf(str(tmp_path / "hf"), cfg, random_params(cfg), prepared_dir=prepared)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    for text in texts[:3]:
+        assert loaded.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert loaded.eos_token_id == tokenizer.eot_id == 3
+
+
+def _always_end_of_text(cfg, params, eot_id):
+    """Parameters whose next token is always `eot_id`: blocks zeroed (the residual stream is the
+    token embedding), embedding dimension 0 positive, final norm reading only that dimension,
+    and a head whose only non-zero row is the end-of-text token's."""
+    import flax.linen as nn
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    blocks = jax.tree.map(lambda x: np.ones_like(x) if x.ndim == 2 else np.zeros_like(x),
+                          params["blocks"])
+    embedding = params["embedding"].copy()
+    embedding[:, 0] = np.abs(embedding[:, 0]) + 1.0
+    scale = np.zeros_like(params["final_norm"]["scale"])
+    scale[0] = 1.0
+    head = np.zeros_like(params["lm_head"])
+    head[0, eot_id] = 10.0
+    return {**params, "blocks": blocks, "embedding": embedding,
+            "final_norm": {"scale": scale}, "lm_head": head}
+
+
+def test_exported_generate_stops_at_end_of_text_as_hmem_generate_does(tmp_path):
+    from hmem_jax.data.tokenizer import train_hf_bpe
+    from hmem_jax.infer.decode import Decoder, Sampling
+
+    tokenizer = train_hf_bpe(["The atomic number of Brium is 42."] * 50, 300)
+    prepared = _prepared_with(tokenizer, tmp_path / "prepared")
+    cfg = ModelConfig(**{**BASE, "vocab_size": 300, "qk_norm": "none", "tie_embeddings": False})
+    params = _always_end_of_text(cfg, random_params(cfg), tokenizer.eot_id)
+    prompt = tokenizer.encode("The atomic number of")
+    ours_out = Decoder(Transformer(cfg), params).generate(
+        [prompt], Sampling(max_new_tokens=6, stop_ids=(tokenizer.eot_id,)), None,
+        pad_id=tokenizer.pad_id)[0]
+    assert list(ours_out) == []  # the first token is end-of-text: nothing before the stop
+    export_hf(str(tmp_path / "hf"), cfg, params, prepared_dir=prepared)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
+                                                              local_files_only=True)
+    assert model.generation_config.eos_token_id == tokenizer.eot_id
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert out[0, len(prompt):].tolist() == [tokenizer.eot_id]  # stopped there too

@@ -11,10 +11,14 @@ a seed, with all text written by this module.
 The world: invented chemical elements (atomic number, discovery year, where and
 by whom discovered), people (birth year, birthplace, profession, mentor) and
 cities (country, founding year, population, river). Entities get a Zipf rank;
-an entity of rank r is the subject of one article plus A / r^0.9 further
-documents on average (stochastically rounded; A scales with the number of
-entities) in several styles (article, news, question and
-answer, list), each fact phrased by one of several paraphrases. Documents also
+an entity of rank r is the subject of one article, three further documents
+and A / r^0.9 more on average (stochastically rounded; A scales with the
+number of entities) in several styles (article, news, question and answer,
+list), each fact phrased by one of several paraphrases. The floor of four
+documents per entity is what makes a rare fact learnable as knowledge at
+all: a fact seen in a single context is memorised with that context but not
+recalled from a plain question (the probe), by any model; real corpora state
+even rare facts a few times, in different words. Documents also
 mention related entities and carry common-knowledge filler (arithmetic,
 calendars, everyday sentences) so an anchor model has general structure to
 learn. Every insertion of an entity's name is counted; the five frequency
@@ -36,6 +40,7 @@ from hmem_jax.data.sources import Document
 
 NUM_BUCKETS = 5
 _DOCS_PER_ENTITY_SCALE = 0.23  # A = this * num_entities: the head entity's extra documents
+_MIN_EXTRA_DOCUMENTS = 3  # every entity is the subject of the article plus at least this many
 _ZIPF_EXPONENT = 0.9
 _FILLER_DOCUMENT_FRACTION = 0.15
 _KIND_WEIGHTS = (("element", 0.4), ("person", 0.35), ("city", 0.25))
@@ -404,7 +409,8 @@ class _Generator:
         for entity in self.entities:
             write(functools.partial(self._article, entity))  # every fact is stated at least once
             expected_extra = scale / entity.rank ** _ZIPF_EXPONENT
-            extra = int(expected_extra) + (self.random.random() < expected_extra % 1)
+            extra = _MIN_EXTRA_DOCUMENTS + int(expected_extra) + (
+                self.random.random() < expected_extra % 1)
             for _ in range(extra):
                 write(functools.partial(self.random.choice(styles), entity))
         for _ in range(int(_FILLER_DOCUMENT_FRACTION * len(texts))):

@@ -44,7 +44,7 @@ from hmem_jax.data import prepare as prepare_lib
 from hmem_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 _FINGERPRINT_KEYS = ("format_version", "seq_len", "num_records", "tokenizer_sha256",
-                     "tree_hash", "source")
+                     "tree_hash", "source", "subtree")
 
 
 class DataMismatchError(prepare_lib.PreparedDataError):
@@ -86,14 +86,17 @@ class Loader:
       tree_hash: the content hash of the tree the run's memory bank follows;
         it must be the tree the data was routed with.
       worker_count, prefetch: background threads and steps read ahead by `iterate`.
+      subtree: read only the records of this level-1 cluster (the paper's
+        subtree-parallel training: one job per level-1 subtree); None = all.
     """
 
     def __init__(self, prepared_dir: str, global_batch_size: int, seq_len: int, seed: int,
                  process_index: int = 0, process_count: int = 1,
                  block_capacity: int | Sequence[int] | None = None,
                  expect: Mapping[str, Any] | None = None, tree_hash: str | None = None,
-                 worker_count: int = 1, prefetch: int = 2) -> None:
+                 worker_count: int = 1, prefetch: int = 2, subtree: int | None = None) -> None:
         self.prepared_dir = prepared_dir
+        self.subtree = subtree
         self.manifest = prepare_lib.read_manifest(prepared_dir)
         self._check_arguments(global_batch_size, seq_len, process_index, process_count)
         self.global_batch_size = global_batch_size
@@ -119,7 +122,6 @@ class Loader:
             raise prepare_lib.PreparedDataError(
                 f"The shards in {prepared_dir!r} hold {len(self._source)} records but the "
                 f"manifest lists {self.num_records}; the directory is damaged. Prepare it again.")
-        self._order = grain.MapDataset.range(self.num_records).shuffle(seed=_shuffle_seed(seed))
         self._record_leaves = np.fromfile(
             os.path.join(prepared_dir, prepare_lib.RECORD_LEAVES_FILE), dtype="<i4")
         tree = self.manifest["tree"]
@@ -132,6 +134,9 @@ class Loader:
             self.block_capacity = self._capacities(block_capacity)
         else:
             self.block_id_padding, self.block_capacity = [], []
+        self._records = self._subtree_records(subtree)  # None: every record, in order
+        count = self.num_records if self._records is None else len(self._records)
+        self._order = grain.MapDataset.range(count).shuffle(seed=_shuffle_seed(seed))
 
     # ----- validation ---------------------------------------------------------------------
     def _check_arguments(self, batch: int, seq_len: int, index: int, count: int) -> None:
@@ -147,21 +152,40 @@ class Loader:
             raise ValueError(f"The global batch size {batch} must be a positive multiple of the "
                              f"process count {count}; change TrainConfig.batch_size.")
 
+    def _subtree_records(self, subtree: int | None) -> np.ndarray | None:
+        if subtree is None:
+            return None
+        if not self.depth:
+            raise DataMismatchError(f"A subtree job (subtree {subtree}) needs data routed by a "
+                                    f"tree; {self.prepared_dir!r} was prepared without one.")
+        branching = self.block_id_padding[0]
+        if not 0 <= subtree < branching:
+            raise ValueError(f"subtree = {subtree} is not a level-1 cluster of this tree "
+                             f"(0 .. {branching - 1}).")
+        records = np.flatnonzero(self._leaf_paths[self._record_leaves, 0] == subtree)
+        if not len(records):
+            raise DataMismatchError(f"Level-1 subtree {subtree} holds no records in "
+                                    f"{self.prepared_dir!r}; there is nothing to train on.")
+        return records
+
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What a run must keep seeing on resume; store it in the checkpoint, pass as `expect`."""
         tree = self.manifest["tree"]
-        return {"format_version": self.manifest["format_version"], "seq_len": self.seq_len,
-                "num_records": int(self.manifest["num_records"]),
-                "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
-                "tree_hash": tree["content_hash"] if tree else None,
-                "source": self.manifest["source"]}
+        found = {"format_version": self.manifest["format_version"], "seq_len": self.seq_len,
+                 "num_records": int(self.manifest["num_records"]),
+                 "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
+                 "tree_hash": tree["content_hash"] if tree else None,
+                 "source": self.manifest["source"]}
+        if self.subtree is not None:  # absent otherwise: earlier checkpoints still match
+            found["subtree"] = self.subtree
+        return found
 
     def _check_fingerprint(self, expect: Mapping[str, Any]) -> None:
         found = self.fingerprint
         differences = [f"{key}: the run started with {expect.get(key)!r}, the data now has "
-                       f"{found[key]!r}" for key in _FINGERPRINT_KEYS
-                       if key in expect and expect[key] != found[key]]
+                       f"{found.get(key)!r}" for key in _FINGERPRINT_KEYS
+                       if (key in expect or key in found) and expect.get(key) != found.get(key)]
         if differences:
             raise DataMismatchError(
                 f"The prepared data in {self.prepared_dir!r} is not the data this run was "
@@ -196,11 +220,13 @@ class Loader:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
         first = step * self.global_batch_size
-        return np.fromiter((self._order[g] for g in range(first, first + self.global_batch_size)),
+        rows = np.fromiter((self._order[g] for g in range(first, first + self.global_batch_size)),
                            dtype=np.int64, count=self.global_batch_size)
+        return rows if self._records is None else self._records[rows]
 
     def epoch_of(self, step: int) -> float:
-        return step * self.global_batch_size / self.num_records
+        count = self.num_records if self._records is None else len(self._records)
+        return step * self.global_batch_size / count
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`; the same arrays every time it is asked."""

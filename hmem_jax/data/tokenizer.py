@@ -73,6 +73,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    @abc.abstractmethod
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id (how exports name the special tokens)."""
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
@@ -130,6 +134,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._processor.EncodeAsIds(text)
+
+    def piece(self, token_id: int) -> str:
+        return self._processor.IdToPiece(int(token_id))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._processor.Encode(list(texts), out_type=int)
@@ -193,6 +200,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def piece(self, token_id: int) -> str:
+        return self._tokenizer.id_to_token(int(token_id))
 
 
 _CLASSES: dict[str, type[Tokenizer]] = {"sentencepiece": SentencePieceTokenizer,

@@ -33,6 +33,7 @@ class LoadedRun:
     bank: Any  # dict level key -> LevelBank (device tier), or None (anchor-only or streamed)
     plan: MemoryPlan | None
     streamed: Any = None  # a read-only StreamedBank when MemoryConfig.bank_tier = 'streaming'
+    opt_state: Any = None  # the anchor's optimizer state at that step
 
     @property
     def model(self) -> Transformer:
@@ -59,7 +60,7 @@ class LoadedRun:
 
 def load_config(workdir: str) -> TrainConfig:
     """The run's TrainConfig from its operative `config.gin`."""
-    from hmem_jax.main.common import load_train_config
+    from hmem_jax.gin_parsing import load_train_config
     path = os.path.join(workdir, "config.gin")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir!r} has no config.gin; point --workdir at a folder "
@@ -97,7 +98,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     finally:
         checkpointer.close()
     return LoadedRun(cfg=cfg, workdir=workdir, step=int(step), params=state.params,
-                     bank=state.bank, plan=plan, streamed=streamed)
+                     bank=state.bank, plan=plan, streamed=streamed, opt_state=state.opt_state)
 
 
 def open_streamed(cfg: TrainConfig, plan: MemoryPlan, workdir: str, record: dict) -> Any:

@@ -65,23 +65,36 @@ def merge_memory(params: Mapping[str, Any], memory: Mapping[str, Any] | None,
     return merged, extra
 
 
-def write_tokenizer(prepared_dir: str, out_dir: str) -> list[str]:
-    """Copy the run's tokenizer; a `tokenizers` JSON also gets a PreTrainedTokenizerFast config."""
-    written = []
-    manifest_path = os.path.join(prepared_dir, "manifest.json")
-    if not os.path.isfile(manifest_path):
-        return written
-    with open(manifest_path, encoding="utf-8") as handle:
-        info = json.load(handle)["tokenizer"]
-    source = os.path.join(prepared_dir, info["file"])
-    shutil.copy(source, os.path.join(out_dir, os.path.basename(source)))
-    written.append(os.path.basename(source))
-    if source.endswith(".json"):
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20}
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as handle:
-            json.dump(config, handle, indent=1)
-        written.append("tokenizer_config.json")
-    return written
+def write_tokenizer(prepared_dir: str, out_dir: str) -> tuple[list[str], dict[str, int]]:
+    """Copy the run's tokenizer with a `tokenizer_config.json` naming its class and special
+    tokens; returns (files written, special token ids for config.json/generation_config.json).
+
+    A `tokenizers` JSON loads as PreTrainedTokenizerFast; a sentencepiece model
+    as LlamaTokenizer without added BOS/EOS, which encodes text as our
+    tokenizer does (except that leading whitespace of a text is dropped).
+    Naming the class keeps AutoTokenizer from looking for remote code.
+    """
+    from hmem_jax.data.tokenizer import load_tokenizer
+
+    if not os.path.isfile(os.path.join(prepared_dir, "manifest.json")):
+        return [], {}
+    tokenizer = load_tokenizer(prepared_dir)
+    path = tokenizer.save(out_dir)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id,
+           "pad_token_id": tokenizer.pad_id}
+    config: dict[str, Any] = {
+        "bos_token": tokenizer.piece(tokenizer.bos_id),
+        "eos_token": tokenizer.piece(tokenizer.eot_id),
+        "pad_token": tokenizer.piece(tokenizer.pad_id),
+        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False}
+    if tokenizer.kind == "hf":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        config.update(tokenizer_class="LlamaTokenizer", legacy=False, add_prefix_space=None)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as handle:
+        json.dump(config, handle, indent=1)
+    return [os.path.basename(path), "tokenizer_config.json"], ids
 
 
 def export_hf(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any],
@@ -92,15 +105,20 @@ def export_hf(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any],
 
     merged, extra = merge_memory(params, memory, lora_scale)
     os.makedirs(out_dir, exist_ok=True)
-    config = hf_layout.hf_config(cfg, intermediate_size=cfg.d_ff + extra)
+    tokenizer_files, special_ids = write_tokenizer(prepared_dir, out_dir) if prepared_dir \
+        else ([], {})
+    config = {**hf_layout.hf_config(cfg, intermediate_size=cfg.d_ff + extra), **special_ids}
     with open(os.path.join(out_dir, "config.json"), "w") as handle:
         json.dump(config, handle, indent=1)
+    if special_ids:  # generate() stops at the end-of-text token, as `hmem generate` does
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as handle:
+            json.dump(special_ids, handle, indent=1)
+        tokenizer_files.append("generation_config.json")
     if cfg.qk_norm == "full":
         shutil.copy(os.path.join(os.path.dirname(__file__), hf_layout.REMOTE_CODE_FILE),
                     os.path.join(out_dir, hf_layout.REMOTE_CODE_FILE))
     save_file(hf_layout.to_hf_tensors(merged, cfg), os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
-    tokenizer_files = write_tokenizer(prepared_dir, out_dir) if prepared_dir else []
     record = {"architecture": config["architectures"][0], "extra_ffn_units": extra,
               "trust_remote_code": cfg.qk_norm == "full", "tokenizer_files": tokenizer_files,
               **(metadata or {})}

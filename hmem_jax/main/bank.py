@@ -4,6 +4,7 @@
     python -m hmem_jax.main.bank inspect --store=... [--bank_version=STEP] [--norm_blocks=64]
     python -m hmem_jax.main.bank copy    --store=... --copy_to=PATH_OR_URL [--bank_version=STEP]
     python -m hmem_jax.main.bank export  --store=... --export_dir=DIR [--bank_version=STEP]
+    python -m hmem_jax.main.bank merge   --subtree_runs=RUN0,RUN1,... --merged_workdir=DIR
 
 The bank's geometry comes from the gin config (model, hierarchy and memory
 sizes), exactly as for training, and must match the store's manifest.
@@ -13,6 +14,8 @@ or WORKDIR/bank with --bank_workdir=WORKDIR. `copy` writes the chosen version's 
 blocks into a new store as one version of the same step (untouched blocks stay
 lazy). `export` writes every level's parameters, untouched blocks
 materialised, as `.npy` files `<export_dir>/<level>/<matrix>.npy` [clusters, layers, ...].
+`merge` combines the banks of subtree-parallel frozen-anchor jobs (runs with
+`TrainConfig.subtree` = 0, 1, ...) into one run folder (hmem_jax/bank/merge.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ VERSION = flags.DEFINE_integer("bank_version", None,
                                "Bank version (checkpoint step); default latest.")
 NORM_BLOCKS = flags.DEFINE_integer("norm_blocks", 64, "inspect: touched blocks per level read "
                                    "for parameter norms (0 = none).")
+SUBTREE_RUNS = flags.DEFINE_list("subtree_runs", [], "merge: the subtree jobs' run folders.")
+MERGED = flags.DEFINE_string("merged_workdir", "", "merge: the new run folder to write.")
 BATCH_BLOCKS = 16
 
 
@@ -120,11 +125,21 @@ def main(argv: list[str]) -> None:
     from hmem_jax.bank.store import BankStoreError
     from hmem_jax.config import ConfigError
 
-    commands = ("create", "inspect", "copy", "export")
+    commands = ("create", "inspect", "copy", "export", "merge")
     if len(argv) != 2 or argv[1] not in commands:
         common.fail(f"Give one command of {commands}, e.g. python -m hmem_jax.main.bank inspect "
                     "--store=DIR --gin_file=...")
     command = argv[1]
+    if command == "merge":
+        if not SUBTREE_RUNS.value or not MERGED.value:
+            common.fail("merge needs --subtree_runs=RUN0,RUN1,... and --merged_workdir=DIR.")
+        from hmem_jax.bank.merge import merge_subtree_runs
+        try:
+            out = merge_subtree_runs(SUBTREE_RUNS.value, MERGED.value)
+        except (ConfigError, FileNotFoundError) as error:
+            common.fail(str(error))
+        print(f"merged {len(SUBTREE_RUNS.value)} subtree jobs into {out}")
+        return
     try:
         store = open_store(STORE.value, create=command == "create", writer=False)
         if command == "create":

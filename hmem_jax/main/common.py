@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-
-import gin
 from absl import flags
 
-from hmem_jax.config import ConfigError, TrainConfig
-
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "experiments")
+from hmem_jax.config import TrainConfig
+from hmem_jax.gin_parsing import (EXPERIMENTS_DIR, load_train_config, parse_gin,  # noqa: F401
+                                  resolve_gin_file)
 
 GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "Gin config file (path or experiments/ name); repeatable, later files win.")
@@ -39,44 +35,6 @@ NUM_PROCESSES = flags.DEFINE_integer(
 PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("HMEM_PROCESS_ID", "0")),
     "This process's index in a multi-process run (also HMEM_PROCESS_ID).")
-
-
-def resolve_gin_file(name: str) -> str:
-    """A gin file path, trying `experiments/NAME[.gin]` when `name` is not a file."""
-    candidates = [name, name + ".gin", os.path.join(EXPERIMENTS_DIR, name),
-                  os.path.join(EXPERIMENTS_DIR, name + ".gin")]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    available = sorted(f[:-4] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".gin")) \
-        if os.path.isdir(EXPERIMENTS_DIR) else []
-    raise ConfigError(f"--gin_file={name!r}: no such file (also looked in {EXPERIMENTS_DIR}). "
-                      f"Experiments available: {available}.")
-
-
-def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
-    """Parse gin files then bindings; any error names the offending file or binding."""
-    gin.clear_config()
-    paths = [resolve_gin_file(f) for f in files]
-    gin.add_config_file_search_path(EXPERIMENTS_DIR)
-    for path in paths:
-        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
-    try:
-        gin.parse_config_files_and_bindings(paths, list(params), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, IOError) as err:
-        raise ConfigError(f"Invalid gin configuration ({', '.join(paths + list(params)) or 'none'}):"
-                          f" {err}") from err
-
-
-def load_train_config(files: Sequence[str] = (), params: Sequence[str] = ()) -> TrainConfig:
-    """Parse gin and build the TrainConfig; bad values fail here, naming the field."""
-    parse_gin(files, params)
-    try:
-        return TrainConfig()
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"Invalid configuration value: {err}") from err
 
 
 def config_from_flags() -> TrainConfig:

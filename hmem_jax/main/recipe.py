@@ -24,15 +24,16 @@ from hmem_jax.main import common
 WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the recipe's runs.", required=True)
 
 
-def _probe(runs, limit: int) -> None:
+def _probe(recipe, limit: int) -> None:
     from hmem_jax.data.sources import read_documents
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.probe import compare_runs, format_probe_table, read_probe_file
     from hmem_jax.infer.run import load_run
-    from hmem_jax.train.layout import prepared_dir_of
     from hmem_jax.train.recipe import BASELINE, MEMORY
 
-    path = os.path.join(prepared_dir_of(runs.memory, runs.workdir), "probes.jsonl")
+    engines = {name: Engine(load_run(recipe.stage_dir(name))) for name in (BASELINE, MEMORY)}
+    memory_run, baseline_run = engines[MEMORY].run, engines[BASELINE].run
+    path = os.path.join(memory_run.prepared_dir, "probes.jsonl")
     if not os.path.isfile(path):
         print(f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
               "them, or run `hmem evaluate --probe_file=...` on both runs)", flush=True)
@@ -40,19 +41,19 @@ def _probe(runs, limit: int) -> None:
     items = read_probe_file(path)
     if limit:
         items = random.Random(0).sample(items, min(limit, len(items)))
-    documents = {doc.id: doc.text for doc in read_documents(runs.memory.data)}
-    engines = {name: Engine(load_run(runs.stage_dir(name))) for name in (BASELINE, MEMORY)}
-    table = compare_runs(engines, items, documents=documents)
-    names = {f"{BASELINE}: anchor": f"baseline, anchor only ({runs.baseline.steps} steps)",
+    documents = {doc.id: doc.text for doc in read_documents(memory_run.cfg.data)}
+    table = compare_runs(engines, items, ("fetched", "oracle", "blocked", "generic", "anchor"),
+                         documents)
+    names = {f"{BASELINE}: anchor": f"baseline, anchor only ({baseline_run.cfg.steps} steps)",
              f"{MEMORY}: anchor": "memory run, memory removed"}
     table = {names.get(name, name.replace(f"{MEMORY}: ", "memory run, ")): row
              for name, row in table.items()}
-    with open(os.path.join(runs.workdir, "probe.json"), "w") as handle:
+    with open(os.path.join(recipe.workdir, "probe.json"), "w") as handle:
         json.dump(table, handle, indent=1)
+    cfg = memory_run.cfg
     print(f"long-tail probe ({len(items)} probes; accuracy % by frequency bucket, 0 = rarest; "
-          f"both runs trained {runs.baseline.steps} steps of {runs.memory.batch_size} x "
-          f"{runs.memory.seq_len} tokens):\n" + format_probe_table(table, label="run"),
-          flush=True)
+          f"both runs trained {baseline_run.cfg.steps} steps of {cfg.batch_size} x "
+          f"{cfg.seq_len} tokens):\n" + format_probe_table(table, label="run"), flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -61,30 +62,22 @@ def main(argv: list[str]) -> None:
                     "--gin_param.")
     common.initialize_distributed()
     common.quiet_library_logs()
-    import gin
     import jax
 
-    from hmem_jax.config import ConfigError, RecipeConfig, TrainConfig
+    from hmem_jax.config import ConfigError
     from hmem_jax.data.prepare import PreparedDataError
     from hmem_jax.train.checkpoint import CheckpointMismatchError
-    from hmem_jax.train.recipe import anchor_checkpoint, recipe_runs, run_recipe
+    from hmem_jax.train.recipe import Recipe, run_recipe
 
-    workdir = os.path.abspath(WORKDIR.value)
+    recipe = Recipe(os.path.abspath(WORKDIR.value), tuple(common.GIN_FILES.value),
+                    tuple(common.GIN_PARAMS.value))
     try:
-        common.parse_gin(common.GIN_FILES.value, common.GIN_PARAMS.value)
-        recipe = RecipeConfig()
-        gin.bind_parameter("TrainConfig.init_from", anchor_checkpoint(workdir, recipe))
-        runs = recipe_runs(TrainConfig(), recipe, workdir)
-    except ConfigError as error:
-        common.fail(str(error))
-    except (TypeError, ValueError) as error:  # a gin value of the wrong type
-        common.fail(f"Invalid configuration value: {error}")
-    try:
-        run_recipe(runs)
+        recipe.check()
+        run_recipe(recipe)
     except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
         common.fail(str(error))
     if jax.process_index() == 0:
-        _probe(runs, recipe.probe_limit)
+        _probe(recipe, recipe.settings().probe_limit)
 
 
 if __name__ == "__main__":

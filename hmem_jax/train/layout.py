@@ -76,4 +76,4 @@ def make_loader(cfg: TrainConfig, workdir: str) -> Loader:
     return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
                   tree_hash=tree_hash, worker_count=cfg.data.worker_count,
-                  prefetch=cfg.data.prefetch)
+                  prefetch=cfg.data.prefetch, subtree=cfg.subtree if cfg.subtree >= 0 else None)

@@ -90,6 +90,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     it is stored in each checkpoint and must match on resume. `devices`
     restricts the mesh to a subset (default: every device of every process).
     """
+    cfg.check_startable()
     mesh = sharding.build_mesh(cfg.mesh, devices)
     rules = sharding.rules_of(cfg.mesh)
     shards = sharding.batch_shards(mesh, rules)

@@ -10,73 +10,109 @@ tokens again, and compares with an anchor-only model given the same total
 budget. Here the baseline *is* the anchor's pretraining continued without
 memory: both runs share their first `anchor_steps` steps bit for bit, see the
 same number of tokens, and differ only in what the second phase trains.
-Stages run in the order baseline (to anchor_steps), memory, baseline (to the
-end); each stage resumes from its own checkpoints, so re-running the job
-after an interruption continues where it stopped.
+
+Each run is configured by the recipe's gin files plus a few bindings of its
+own (`Recipe.bindings`), so its `config.gin` reproduces it exactly and every
+tool that loads a run (evaluate, generate, export) works on either. Stages
+run in the order baseline (to anchor_steps), memory, baseline (to the end);
+each resumes from its own checkpoints, so re-running the job after an
+interruption continues where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gin
 
 from hmem_jax.config import ConfigError, RecipeConfig, TrainConfig
-from hmem_jax.train.layout import ensure_tree, make_loader, prepared_dir_of, write_run_config
+from hmem_jax.gin_parsing import parse_gin
 
 BASELINE, MEMORY = "baseline", "memory"
 
 
-def anchor_checkpoint(workdir: str, recipe: RecipeConfig) -> str:
-    """The baseline checkpoint the memory run starts from (its `TrainConfig.init_from`)."""
-    return os.path.join(workdir, BASELINE, "checkpoints", str(recipe.anchor_steps))
-
-
 @dataclasses.dataclass(frozen=True)
-class RecipeRuns:
+class Recipe:
+    """A recipe folder and the gin configuration of its memory run."""
+
     workdir: str
-    recipe: RecipeConfig
-    baseline: TrainConfig
-    memory: TrainConfig
+    gin_files: tuple[str, ...] = ()
+    gin_params: tuple[str, ...] = ()
 
-    def stage_dir(self, name: str) -> str:
-        return os.path.join(self.workdir, name)
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.workdir, stage)
+
+    def settings(self) -> RecipeConfig:
+        parse_gin(self.gin_files, self.gin_params)
+        return RecipeConfig()
+
+    def anchor_checkpoint(self) -> str:
+        """The baseline checkpoint the memory run starts from (its `TrainConfig.init_from`)."""
+        return os.path.join(self.stage_dir(BASELINE), "checkpoints",
+                            str(self.settings().anchor_steps))
+
+    def bindings(self, stage: str) -> dict[str, Any]:
+        """What `stage` binds on top of the recipe's gin files (parses gin: global state)."""
+        recipe = self.settings()
+        given = TrainConfig()
+        shared = {"TrainConfig.tree_dir": given.tree_dir or os.path.join(self.workdir, "tree"),
+                  "DataConfig.prepared_dir": (given.data.prepared_dir
+                                              or os.path.join(self.workdir, "data"))}
+        if stage == MEMORY:
+            return {**shared, "TrainConfig.init_from": self.anchor_checkpoint()}
+        baseline = {**shared, "MemoryConfig.kind": "none", "MemoryConfig.level_sizes": (),
+                    "MemoryConfig.mode": "scratch", "MemoryConfig.bank_tier": "device",
+                    "MemoryConfig.bank_store": "", "TrainConfig.init_from": "",
+                    "TrainConfig.steps": recipe.anchor_steps + given.steps}
+        try:
+            baseline["TrainConfig.optim"] = gin.query_parameter("RecipeConfig.anchor_optim")
+        except ValueError:  # not bound: the baseline's anchor uses OptimConfig as given
+            pass
+        return baseline
+
+    def config(self, stage: str) -> TrainConfig:
+        """`stage`'s TrainConfig; gin is left holding exactly that run's configuration."""
+        bindings = self.bindings(stage)
+        parse_gin(self.gin_files, self.gin_params)
+        for name, value in bindings.items():
+            gin.bind_parameter(name, value)
+        try:
+            return TrainConfig()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"Invalid configuration value: {err}") from err
+
+    def check(self) -> None:
+        """Config errors before any training: both runs must build, the memory run must be
+        a memory run that starts from the anchor."""
+        memory = self.config(MEMORY)
+        if not memory.memory.enabled:
+            raise ConfigError("The recipe compares a memory run with an anchor-only baseline: "
+                              "set MemoryConfig.kind (e.g. 'ffn') and MemoryConfig.level_sizes.")
+        self.config(BASELINE)
 
 
-def recipe_runs(memory: TrainConfig, recipe: RecipeConfig, workdir: str) -> RecipeRuns:
-    """Both runs' configurations. `memory.init_from` must be `anchor_checkpoint(...)`."""
-    if not memory.memory.enabled:
-        raise ConfigError("The recipe compares a memory run with an anchor-only baseline: set "
-                          "MemoryConfig.kind (e.g. 'ffn') and MemoryConfig.level_sizes.")
-    if memory.memory.mode == "scratch":
-        raise ConfigError("The recipe starts the memory run from the pretrained anchor: set "
-                          "MemoryConfig.mode = 'cotrain' (or 'frozen_anchor').")
-    expected = anchor_checkpoint(workdir, recipe)
-    if os.path.abspath(memory.init_from) != os.path.abspath(expected):
-        raise ConfigError(f"TrainConfig.init_from = {memory.init_from!r}: the recipe sets it "
-                          f"itself (to {expected!r}); remove the binding.")
-    shared_data = dataclasses.replace(memory.data, prepared_dir=prepared_dir_of(memory, workdir))
-    memory = dataclasses.replace(memory, data=shared_data,
-                                 tree_dir=memory.tree_dir or os.path.join(workdir, "tree"))
-    no_memory = dataclasses.replace(memory.memory, kind="none", level_sizes=(), bank_store="",
-                                    mode="scratch", bank_tier="device")
-    baseline = dataclasses.replace(memory, memory=no_memory, optim=recipe.anchor_optim,
-                                   steps=recipe.anchor_steps + memory.steps, init_from="")
-    return RecipeRuns(workdir=workdir, recipe=recipe, baseline=baseline, memory=memory)
-
-
-def run_recipe(runs: RecipeRuns, say=print) -> dict[str, str]:
-    """Train (or resume) both runs; returns stage name -> its workdir."""
+def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
+    """Train (or resume) both runs."""
+    from hmem_jax.train.layout import ensure_tree, make_loader, write_run_config
     from hmem_jax.train.loop import fingerprint, train
 
-    ensure_tree(runs.memory, runs.workdir)
-    stages = ((BASELINE, runs.baseline, runs.recipe.anchor_steps),
-              (MEMORY, runs.memory, None),
-              (BASELINE, runs.baseline, None))
-    for name, cfg, until in stages:
-        workdir = runs.stage_dir(name)
-        steps = until or cfg.steps
-        say(f"hmem_jax recipe: {name} run, steps to {steps} ({workdir})")
+    memory = recipe.config(MEMORY)
+    fits_tree = memory.tree_dir == os.path.join(recipe.workdir, "tree")
+    # With no tree given, WORKDIR/tree is fitted as a memory run fits its own.
+    ensure_tree(dataclasses.replace(memory, tree_dir="") if fits_tree else memory,
+                recipe.workdir)
+    anchor_steps = recipe.settings().anchor_steps
+    stages: Sequence[tuple[str, int | None]] = (
+        (BASELINE, anchor_steps), (MEMORY, None), (BASELINE, None))
+    for stage, until in stages:
+        cfg = recipe.config(stage)
+        workdir = recipe.stage_dir(stage)
+        say(f"hmem_jax recipe: {stage} run, steps to {until or cfg.steps} ({workdir})")
         write_run_config(cfg, workdir)
         loader = make_loader(cfg, workdir)
         train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=until)
-    return {BASELINE: runs.stage_dir(BASELINE), MEMORY: runs.stage_dir(MEMORY)}

@@ -1,0 +1,54 @@
+"""The recipe command: an anchor-only baseline and a co-trained memory run of the same budget,
+sharing their first steps, then one probe table of both."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _recipe(workdir, params, timeout=900):
+    args = [sys.executable, "-m", "hmem_jax.main.recipe", f"--workdir={workdir}"]
+    args += [f"--gin_param={p}" for p in params]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp_path):
+    from conftest import SMALL_TREE_PARAMS
+    workdir = tmp_path / "recipe"
+    params = list(SMALL_TREE_PARAMS) + [
+        "TrainConfig.batch_size = 8", "TrainConfig.log_every = 10", "TrainConfig.steps = 20",
+        "RecipeConfig.anchor_steps = 20", "RecipeConfig.probe_limit = 20",
+        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 8)",
+        "MemoryConfig.mode = 'cotrain'", "MemoryConfig.lr = 1e-2"]
+    done = _recipe(workdir, params)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "baseline, anchor only (40 steps)" in out
+    for row in ("memory run, fetched", "memory run, memory removed", "memory run, generic",
+                "memory run, blocked", "memory run, oracle"):
+        assert row in out
+    baseline = workdir / "baseline"
+    assert sorted(os.listdir(baseline / "checkpoints"))[-1] == "40"
+    memory_cfg = json.loads((workdir / "memory" / "config.json").read_text())
+    assert memory_cfg["init_from"] == str(baseline / "checkpoints" / "20")
+    assert memory_cfg["memory"]["mode"] == "cotrain"
+    baseline_cfg = json.loads((baseline / "config.json").read_text())
+    assert baseline_cfg["memory"]["kind"] == "none" and baseline_cfg["steps"] == 40
+    # Both runs read the one tree and prepared corpus of the recipe folder.
+    assert memory_cfg["data"]["prepared_dir"] == baseline_cfg["data"]["prepared_dir"]
+    steps = [json.loads(line)["step"] for line in open(workdir / "memory" / "metrics.jsonl")]
+    assert steps[-1] == 20
+    table = json.loads((workdir / "probe.json").read_text())
+    assert sum(table["memory run, fetched"]["n_per_bucket"]) == 20
+
+
+def test_recipe_needs_a_memory_run_that_starts_from_the_anchor(tmp_path):
+    done = _recipe(tmp_path / "r", ["MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 1",
+                                    "MemoryConfig.level_sizes = (4,)"])
+    assert done.returncode == 2 and "cotrain" in done.stderr and "Traceback" not in done.stderr
