@@ -37,8 +37,16 @@ def test_recorded_mentions_equal_name_occurrences_in_text(corpus):
 def test_mentions_have_a_long_tail(corpus):
     mentions = np.sort([e.mentions for e in corpus.entities])[::-1]
     top_decile_share = mentions[:NUM_ENTITIES // 10].sum() / mentions.sum()
-    assert top_decile_share > 0.3  # uniform would be 0.1
+    assert top_decile_share > 0.25  # uniform would be 0.1 (the floor of passages flattens it)
     assert mentions[0] > 10 * np.median(mentions)
+
+
+def test_every_probed_fact_is_stated_in_several_documents_that_the_probe_names(corpus):
+    texts = {d.id: d.text for d in corpus.documents}
+    for probe in corpus.probes:
+        assert len(probe.documents) >= 3, probe  # the article and two short passages at least
+        for doc in probe.documents:
+            assert probe.answer in texts[doc] and probe.entity in texts[doc]
 
 
 def test_buckets_are_quintiles_rising_with_frequency(corpus):

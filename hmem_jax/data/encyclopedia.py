@@ -11,14 +11,16 @@ a seed, with all text written by this module.
 The world: invented chemical elements (atomic number, discovery year, where and
 by whom discovered), people (birth year, birthplace, profession, mentor) and
 cities (country, founding year, population, river). Entities get a Zipf rank;
-an entity of rank r is the subject of one article, three further documents
-and A / r^0.9 more on average (stochastically rounded; A scales with the
-number of entities) in several styles (article, news, question and answer,
-list), each fact phrased by one of several paraphrases. The floor of four
-documents per entity is what makes a rare fact learnable as knowledge at
-all: a fact seen in a single context is memorised with that context but not
-recalled from a plain question (the probe), by any model; real corpora state
-even rare facts a few times, in different words. Documents also
+an entity of rank r is the subject of one article and four short passages
+(each stating one fact, two of them the probed one), and of A / r^0.9 more
+documents on average (stochastically rounded; A scales with the number of
+entities) in random styles (article, news, question and answer, list), each
+fact phrased by one of several paraphrases. The floor of short passages that
+name the entity first in the sentence stating a fact is what makes a rare
+fact learnable as knowledge at all: a fact seen only inside one fixed
+document is memorised with that document but not recalled from a plain
+prompt such as the probe's; real corpora state even rare facts a few times,
+in different words. Documents also
 mention related entities and carry common-knowledge filler (arithmetic,
 calendars, everyday sentences) so an anchor model has general structure to
 learn. Every insertion of an entity's name is counted; the five frequency
@@ -40,7 +42,6 @@ from hmem_jax.data.sources import Document
 
 NUM_BUCKETS = 5
 _DOCS_PER_ENTITY_SCALE = 0.23  # A = this * num_entities: the head entity's extra documents
-_MIN_EXTRA_DOCUMENTS = 3  # every entity is the subject of the article plus at least this many
 _ZIPF_EXPONENT = 0.9
 _FILLER_DOCUMENT_FRACTION = 0.15
 _KIND_WEIGHTS = (("element", 0.4), ("person", 0.35), ("city", 0.25))
@@ -245,7 +246,8 @@ class _Generator:
         return entity.name
 
     # ----- facts, phrased ---------------------------------------------------------------
-    def _fact_sentences(self, entity: Entity, count: int | None = None) -> list[str]:
+    def _fact_sentences(self, entity: Entity, count: int | None = None,
+                        only: int | None = None) -> list[str]:
         """One sentence per attribute (or `count` random attributes), each a random paraphrase.
 
         Paraphrases are lambdas so only the chosen one runs: names are counted
@@ -301,7 +303,9 @@ class _Generator:
                 (lambda: f"{n()} stands on the {a['river']}.",
                  lambda: f"The {a['river']} flows through {n()}."),
             ]
-        if count is not None:
+        if only is not None:  # attribute 0 is the probed one
+            options = [options[only]]
+        elif count is not None:
             chosen = sorted(self.random.sample(range(len(options)), k=min(count, len(options))))
             options = [options[i] for i in chosen]
         return [self.random.choice(paraphrases)() for paraphrases in options]
@@ -386,6 +390,14 @@ class _Generator:
                                       "Visitors often ask about this."))
         return " ".join([opening] + self._filler(1, 2) + chosen + self._filler(1, 2))
 
+    def _snippet(self, entity: Entity, attribute: int | None) -> str:
+        """A short passage in which one fact names the entity (attribute None: a random one)."""
+        if attribute is None:
+            fact = self._fact_sentences(entity, 1)
+        else:
+            fact = self._fact_sentences(entity, only=attribute)
+        return " ".join(self._filler(0, 2) + fact + self._filler(0, 1))
+
     def _question_answer(self, entity: Entity) -> str:
         questions = self._questions(entity, self.random.randint(2, 3))
         return "\n".join(questions + self._filler(0, 1))
@@ -408,9 +420,10 @@ class _Generator:
 
         for entity in self.entities:
             write(functools.partial(self._article, entity))  # every fact is stated at least once
+            for attribute in (0, None, 0, None):  # the floor: short passages, fact first-named
+                write(functools.partial(self._snippet, entity, attribute))
             expected_extra = scale / entity.rank ** _ZIPF_EXPONENT
-            extra = _MIN_EXTRA_DOCUMENTS + int(expected_extra) + (
-                self.random.random() < expected_extra % 1)
+            extra = int(expected_extra) + (self.random.random() < expected_extra % 1)
             for _ in range(extra):
                 write(functools.partial(self.random.choice(styles), entity))
         for _ in range(int(_FILLER_DOCUMENT_FRACTION * len(texts))):

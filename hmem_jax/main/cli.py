@@ -1,6 +1,7 @@
 """`hmem COMMAND [--flags]`: one console script for every entry point.
 
-    hmem train --workdir=runs/x --gin_file=experiments/default.gin
+    hmem recipe --workdir=runs/default --gin_file=experiments/default.gin
+    hmem train --workdir=runs/x --gin_file=experiments/X.gin
     hmem info --gin_file=experiments/paper_160m.gin
 
 Only the chosen command's module is imported: entry points define their own
@@ -15,6 +16,7 @@ import sys
 
 COMMANDS = {
     "train": "hmem_jax.main.train",
+    "recipe": "hmem_jax.main.recipe",
     "prepare": "hmem_jax.main.prepare",
     "cluster": "hmem_jax.main.cluster",
     "info": "hmem_jax.main.info",
