@@ -48,7 +48,8 @@ def _train(cfg_params, workdir, prepared, extra):
     return str(workdir)
 
 
-@pytest.mark.slow  # an anchor run, two subtree jobs and a merge (~60 s on 2 cores)
+@pytest.mark.slow  # an anchor run, two subtree jobs and a merge (~50 s on 2 cores)
+@pytest.mark.ci
 def test_merged_subtree_jobs_answer_like_the_job_of_each_prompts_subtree(
         small_prepared_tree_data, tmp_path):
     from hmem_jax.bank.merge import merge_subtree_runs

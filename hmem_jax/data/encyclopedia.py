@@ -396,7 +396,7 @@ class _Generator:
             fact = self._fact_sentences(entity, 1)
         else:
             fact = self._fact_sentences(entity, only=attribute)
-        return " ".join(self._filler(0, 2) + fact + self._filler(0, 1))
+        return " ".join(self._filler(0, 1) + fact)
 
     def _question_answer(self, entity: Entity) -> str:
         questions = self._questions(entity, self.random.randint(2, 3))
