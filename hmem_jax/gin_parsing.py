@@ -46,12 +46,17 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
         raise ConfigError(f"Invalid gin configuration ({where}): {err}") from err
 
 
-def load_train_config(files: Sequence[str] = (), params: Sequence[str] = ()) -> TrainConfig:
-    """Parse gin and build the TrainConfig; bad values fail here, naming the field."""
-    parse_gin(files, params)
+def build_train_config() -> TrainConfig:
+    """The TrainConfig of the gin state now parsed; bad values fail here, naming the field."""
     try:
         return TrainConfig()
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"Invalid configuration value: {err}") from err
+
+
+def load_train_config(files: Sequence[str] = (), params: Sequence[str] = ()) -> TrainConfig:
+    """Parse gin and build the TrainConfig; bad values fail here, naming the field."""
+    parse_gin(files, params)
+    return build_train_config()

@@ -113,6 +113,16 @@ def small_prepared_tree_data(tmp_path_factory):
     return out, tree, params
 
 
+def run_entry_point(module: str, workdir, params, devices: int, *flags: str, timeout=900):
+    """`python -m MODULE --workdir=... FLAGS --gin_param=...` with `devices` fake CPU devices."""
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
+    args += [f"--gin_param={p}" for p in params]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_gin_config():
     """Gin bindings are global: clear them around each test so none leaks into the next."""

@@ -8,12 +8,10 @@ import sys
 import pytest
 
 
-def _train(workdir, params, timeout=900, probe_limit=0):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}",
-            f"--probe_limit={probe_limit}"]
-    args += [f"--gin_param={p}" for p in params]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+def _train(workdir, params, probe_limit=0):
+    from conftest import run_entry_point
+    return run_entry_point("hmem_jax.main.train", workdir, params, 2,
+                           f"--probe_limit={probe_limit}")
 
 
 @pytest.mark.slow

@@ -3,17 +3,13 @@ sharing their first steps, then one probe table of both."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 
-def _recipe(workdir, params, timeout=900):
-    args = [sys.executable, "-m", "hmem_jax.main.recipe", f"--workdir={workdir}"]
-    args += [f"--gin_param={p}" for p in params]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+def _recipe(workdir, params):
+    from conftest import run_entry_point
+    return run_entry_point("hmem_jax.main.recipe", workdir, params, 1)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -107,6 +108,19 @@ def read_probe_file(path: str) -> list[ProbeItem]:
     return items
 
 
+def sample_probes(items: Sequence[ProbeItem], limit: int) -> list[ProbeItem]:
+    """`limit` probes drawn with a fixed seed (all of them when limit is 0 or larger)."""
+    if not limit:
+        return list(items)
+    return random.Random(0).sample(list(items), min(limit, len(items)))
+
+
+def documents_by_id(data: Any) -> dict[str, str]:
+    """id -> text of every training document of a DataConfig (what 'oracle' routes by)."""
+    from hmem_jax.data.sources import read_documents
+    return {doc.id: doc.text for doc in read_documents(data)}
+
+
 def _generate(engine: Engine, prompts: Sequence[str], mode: str, sampling: Sampling,
               batch_size: int, routes: np.ndarray | None = None,
               blocked: np.ndarray | None = None,
@@ -132,24 +146,26 @@ def accuracy_by_bucket(correct: np.ndarray, buckets: np.ndarray,
             "n_per_bucket": [int(np.sum(buckets == b)) for b in range(num_buckets)]}
 
 
-def oracle_block_ids(engine: Engine, items: Sequence[ProbeItem],
-                     documents: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """(block ids int32[N, depth], has_route bool[N]): per probe, the path most of the
-    documents stating its answer were routed to (ties: the first such document's)."""
-    depth = engine.run.tree.depth
-    routes = np.zeros((len(items), depth), np.int32)
-    has = np.zeros(len(items), bool)
+def _fact_document_routes(engine: Engine, items: Sequence[ProbeItem],
+                          documents: Mapping[str, str]) -> list[tuple[int, np.ndarray]]:
+    """(probe index, block ids int32[depth]) for every known document that states an answer."""
     texts, owners = [], []
     for i, item in enumerate(items):
         for doc in item.documents:
             if doc in documents:
                 texts.append(documents[doc])
                 owners.append(i)
-    if not texts:
-        return routes, has
-    ids = engine.block_ids(texts)
+    return list(zip(owners, engine.block_ids(texts))) if texts else []
+
+
+def oracle_block_ids(engine: Engine, items: Sequence[ProbeItem],
+                     documents: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(block ids int32[N, depth], has_route bool[N]): per probe, the path most of the
+    documents stating its answer were routed to (ties: the first such document's)."""
+    routes = np.zeros((len(items), engine.run.tree.depth), np.int32)
+    has = np.zeros(len(items), bool)
     per_item: dict[int, list[tuple[int, ...]]] = collections.defaultdict(list)
-    for owner, row in zip(owners, ids):
+    for owner, row in _fact_document_routes(engine, items, documents):
         per_item[owner].append(tuple(int(x) for x in row))
     for i, paths in per_item.items():
         routes[i] = collections.Counter(paths).most_common(1)[0][0]
@@ -165,17 +181,9 @@ def routing_agreement(engine: Engine, items: Sequence[ProbeItem],
     prompt_ids = engine.block_ids([item.prompt for item in items])
     hits = np.zeros((len(items), depth), bool)
     known = np.zeros(len(items), bool)
-    texts, owners = [], []
-    for i, item in enumerate(items):
-        for doc in item.documents:
-            if doc in documents:
-                texts.append(documents[doc])
-                owners.append(i)
-    if texts:
-        doc_ids = engine.block_ids(texts)
-        for owner, row in zip(owners, doc_ids):
-            known[owner] = True
-            hits[owner] |= row == prompt_ids[owner]
+    for owner, row in _fact_document_routes(engine, items, documents):
+        known[owner] = True
+        hits[owner] |= row == prompt_ids[owner]
     buckets = np.array([item.bucket for item in items])
     num_buckets = int(buckets.max()) + 1 if len(items) else 0
     per_level = [accuracy_by_bucket(hits[known, level], buckets[known], num_buckets)
@@ -276,21 +284,16 @@ def probe_workdir(workdir: str, limit: int = 0,
                   ) -> dict[str, Any] | None:
     """The probe table of a run folder's latest checkpoint on its prepared data's probes
     (None when the data has no probes.jsonl); what `train` prints after training."""
-    import random
-
-    from hmem_jax.data.sources import read_documents
     from hmem_jax.infer.run import load_run
 
     run = load_run(workdir)
     path = os.path.join(run.prepared_dir, "probes.jsonl")
     if not os.path.isfile(path):
         return None
-    items = read_probe_file(path)
-    if limit:
-        items = random.Random(0).sample(items, min(limit, len(items)))
+    items = sample_probes(read_probe_file(path), limit)
     documents = None
     if "oracle" in conditions and any(item.documents for item in items):
-        documents = {doc.id: doc.text for doc in read_documents(run.cfg.data)}
+        documents = documents_by_id(run.cfg.data)
     rows = compare_runs({"run": Engine(run)}, items, conditions, documents)
     return {name[len("run: "):]: row for name, row in rows.items()}
 

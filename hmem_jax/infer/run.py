@@ -19,6 +19,7 @@ import jax
 from hmem_jax import sharding
 from hmem_jax.config import MeshConfig, TrainConfig
 from hmem_jax.model import Transformer
+from hmem_jax.train.layout import prepared_dir_of
 from hmem_jax.train.memory import MemoryPlan
 
 
@@ -41,7 +42,7 @@ class LoadedRun:
 
     @property
     def prepared_dir(self) -> str:
-        return self.cfg.data.prepared_dir or os.path.join(self.workdir, "data")
+        return prepared_dir_of(self.cfg, self.workdir)
 
     @property
     def tree_dir(self) -> str:

@@ -59,8 +59,8 @@ def _modes(engine) -> list[str]:
 def _probe(engine, run, rag, out: str, results: dict) -> None:
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.plots import plot_by_bucket
-    from hmem_jax.infer.probe import (compare_runs, element_probes, format_probe_table,
-                                      read_probe_file)
+    from hmem_jax.infer.probe import (compare_runs, documents_by_id, element_probes,
+                                      format_probe_table, read_probe_file, sample_probes)
     from hmem_jax.infer.run import load_run
 
     path = PROBE_FILE.value or os.path.join(run.prepared_dir, "probes.jsonl")
@@ -72,15 +72,13 @@ def _probe(engine, run, rag, out: str, results: dict) -> None:
         return
     else:
         probes = read_probe_file(path)
-    if LIMIT.value:
-        probes = random.Random(0).sample(probes, min(LIMIT.value, len(probes)))
+    probes = sample_probes(probes, LIMIT.value)
     conditions = list(CONDITIONS.value)
     if RAG.value and "rag" not in conditions:
         conditions.append("rag")
     documents = None
     if "oracle" in conditions and any(item.documents for item in probes):
-        from hmem_jax.data.sources import read_documents
-        documents = {doc.id: doc.text for doc in read_documents(run.cfg.data)}
+        documents = documents_by_id(run.cfg.data)
     engines = {_run_name(run.workdir, ()): engine}
     for workdir in BASELINES.value:
         engines[_run_name(workdir, engines)] = Engine(load_run(workdir))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 from absl import app, flags
 
@@ -25,9 +24,9 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the recipe's runs.", r
 
 
 def _probe(recipe, limit: int) -> None:
-    from hmem_jax.data.sources import read_documents
     from hmem_jax.infer.engine import Engine
-    from hmem_jax.infer.probe import compare_runs, format_probe_table, read_probe_file
+    from hmem_jax.infer.probe import (compare_runs, documents_by_id, format_probe_table,
+                                      read_probe_file, sample_probes)
     from hmem_jax.infer.run import load_run
     from hmem_jax.train.recipe import BASELINE, MEMORY
 
@@ -38,10 +37,8 @@ def _probe(recipe, limit: int) -> None:
         print(f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
               "them, or run `hmem evaluate --probe_file=...` on both runs)", flush=True)
         return
-    items = read_probe_file(path)
-    if limit:
-        items = random.Random(0).sample(items, min(limit, len(items)))
-    documents = {doc.id: doc.text for doc in read_documents(memory_run.cfg.data)}
+    items = sample_probes(read_probe_file(path), limit)
+    documents = documents_by_id(memory_run.cfg.data)
     table = compare_runs(engines, items, ("fetched", "oracle", "blocked", "generic", "anchor"),
                          documents)
     names = {f"{BASELINE}: anchor": f"baseline, anchor only ({baseline_run.cfg.steps} steps)",

@@ -29,7 +29,7 @@ from typing import Any
 import gin
 
 from hmem_jax.config import ConfigError, RecipeConfig, TrainConfig
-from hmem_jax.gin_parsing import parse_gin
+from hmem_jax.gin_parsing import build_train_config, parse_gin
 
 BASELINE, MEMORY = "baseline", "memory"
 
@@ -49,20 +49,17 @@ class Recipe:
         parse_gin(self.gin_files, self.gin_params)
         return RecipeConfig()
 
-    def anchor_checkpoint(self) -> str:
-        """The baseline checkpoint the memory run starts from (its `TrainConfig.init_from`)."""
-        return os.path.join(self.stage_dir(BASELINE), "checkpoints",
-                            str(self.settings().anchor_steps))
-
     def bindings(self, stage: str) -> dict[str, Any]:
         """What `stage` binds on top of the recipe's gin files (parses gin: global state)."""
         recipe = self.settings()
-        given = TrainConfig()
+        given = build_train_config()
         shared = {"TrainConfig.tree_dir": given.tree_dir or os.path.join(self.workdir, "tree"),
                   "DataConfig.prepared_dir": (given.data.prepared_dir
                                               or os.path.join(self.workdir, "data"))}
         if stage == MEMORY:
-            return {**shared, "TrainConfig.init_from": self.anchor_checkpoint()}
+            # The baseline checkpoint the memory run starts from.
+            anchor = os.path.join(self.stage_dir(BASELINE), "checkpoints", str(recipe.anchor_steps))
+            return {**shared, "TrainConfig.init_from": anchor}
         baseline = {**shared, "MemoryConfig.kind": "none", "MemoryConfig.level_sizes": (),
                     "MemoryConfig.mode": "scratch", "MemoryConfig.bank_tier": "device",
                     "MemoryConfig.bank_store": "", "TrainConfig.init_from": "",
@@ -79,12 +76,7 @@ class Recipe:
         parse_gin(self.gin_files, self.gin_params)
         for name, value in bindings.items():
             gin.bind_parameter(name, value)
-        try:
-            return TrainConfig()
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"Invalid configuration value: {err}") from err
+        return build_train_config()
 
     def check(self) -> None:
         """Config errors before any training: both runs must build, the memory run must be
