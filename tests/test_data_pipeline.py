@@ -70,23 +70,56 @@ def _documents_per_leaf(directory, tree_dir):
     leaf_of = {tuple(path): leaf for leaf, path in enumerate(leaf_paths)}
     expected = collections.defaultdict(list)
     for key, document in zip(keys, documents):
-        expected[leaf_of[key]] += tokenizer.encode(document.text) + [tokenizer.eot_id]
+        expected[leaf_of[key]].append(tokenizer.encode(document.text) + [tokenizer.eot_id])
     return expected
 
 
+def _pieces(document):
+    """A document as packing must store it: whole if it fits, else seq_len chunks + the rest."""
+    whole = (len(document) - 1) // SEQ_LEN * SEQ_LEN
+    return [tuple(document[i:i + SEQ_LEN]) for i in range(0, whole, SEQ_LEN)] + \
+        [tuple(document[whole:])]
+
+
 @pytest.mark.parametrize("routed", [True, False])
-def test_each_leaf_holds_exactly_its_documents_in_order(routed, routed_dir, plain_dir, tree_dir):
+def test_each_leaf_holds_exactly_its_documents_uncut(routed, routed_dir, plain_dir, tree_dir):
     directory = routed_dir if routed else plain_dir
-    found = collections.defaultdict(list)
+    found = collections.defaultdict(collections.Counter)
     for leaf, tokens, segment_ids in _records(directory):
-        found[leaf] += tokens[segment_ids > 0].tolist()
+        for segment in np.unique(segment_ids[segment_ids > 0]):
+            found[leaf][tuple(tokens[segment_ids == segment].tolist())] += 1
     expected = _documents_per_leaf(directory, tree_dir if routed else None)
     assert len(found) == len(expected) == json.load(
         open(os.path.join(directory, "manifest.json")))["leaves"]["count"]
-    for leaf in expected:  # no token of another cluster, none lost, none repeated
-        assert found[leaf] == expected[leaf], leaf
+    for leaf, documents in expected.items():
+        # no token of another cluster, none lost or repeated, and every document that fits
+        # in a sequence is one segment (only longer ones are cut, at seq_len)
+        assert found[leaf] == collections.Counter(
+            piece for document in documents for piece in _pieces(document)), leaf
     if routed:
         assert len(expected) > 3
+    assert any(len(d) > SEQ_LEN for documents in expected.values() for d in documents)
+
+
+def test_packing_fills_first_fit_and_bounds_open_sequences():
+    packer = prepare_lib.LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=2)
+    completed = []
+    for leaf, length in [(0, 5), (0, 6), (1, 3), (0, 3), (0, 4), (0, 7), (0, 8)]:
+        completed += packer.add(leaf, np.arange(2, 2 + length))
+    completed += packer.finish()
+    rows = [(leaf, tokens.tolist(), segments.tolist()) for leaf, tokens, segments in completed]
+    # leaf 0: 6 opens A; 7 opens B; 4 fills A exactly (completed); 5 opens D; 8 and 9 each
+    # open a third sequence, so the fullest (the new one) is completed; B and D are left
+    assert rows[0] == (0, [2, 3, 4, 5, 6, 1, 2, 3, 4, 1], [1] * 6 + [2] * 4)
+    assert [leaf for leaf, _, _ in rows] == [0, 0, 0, 0, 0, 1]
+    assert [sum(s > 0 for s in segments) for _, _, segments in rows] == [10, 8, 9, 7, 5, 4]
+    for _, tokens, segments in rows:
+        assert len(tokens) == 10
+        for segment in set(segments) - {0}:
+            piece = [t for t, s in zip(tokens, segments) if s == segment]
+            assert piece[-1] == 1 and 1 not in piece[:-1]  # every document whole, EOT last
+    with pytest.raises(ValueError, match="open_per_leaf"):
+        prepare_lib.LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=0)
 
 
 def test_segments_positions_and_eot_are_consistent(routed_dir):
@@ -124,8 +157,9 @@ def test_one_epoch_reads_every_record_once_and_counts_every_token(routed_dir, tr
         counted.update(tokens[segments > 0].tolist())
         delivered += keep
     expected = collections.Counter()
-    for tokens in _documents_per_leaf(routed_dir, tree_dir).values():
-        expected.update(tokens)
+    for documents in _documents_per_leaf(routed_dir, tree_dir).values():
+        for document in documents:
+            expected.update(document)
     assert delivered == loader.num_records
     assert counted == expected
     assert sum(expected.values()) == loader.manifest["num_tokens"]

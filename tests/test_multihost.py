@@ -137,10 +137,15 @@ def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
     assert {p for owners in writes.values() for p in owners} == {0, 1}
 
     want, got = _final_bank(single), _final_bank(multi)
+    # Two processes sum gradients in another order than one. Adam divides by sqrt(v), so for a
+    # near-zero gradient that rounding becomes a visible share of a step of size lr: bound the
+    # difference by a thousandth of the farthest a parameter can move (lr x 6 steps).
+    movement = 1e-2 * 6
     for key, fields in want.items():
         touched = np.nonzero(got[key]["count"])[0]
         assert len(touched) and {b for _, level, b in writes if level == key} >= set(touched)
         for field, value in fields.items():
             np.testing.assert_allclose(got[key][field].astype(np.float32),
-                                       value.astype(np.float32), rtol=1e-4, atol=1e-6,
+                                       value.astype(np.float32), rtol=1e-4,
+                                       atol=1e-3 * movement if field.startswith("params") else 1e-6,
                                        err_msg=f"{key} {field}")

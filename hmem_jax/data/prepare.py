@@ -61,6 +61,7 @@ from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import Document, SourceStats, describe_source, read_documents
 
 FORMAT_VERSION = 1
+PACKING = "first_fit"  # LeafPacker; recorded so data packed otherwise is not reused
 MANIFEST_FILE = "manifest.json"
 RECORD_LEAVES_FILE = "record_leaves.bin"
 LEAF_PATHS_FILE = "leaf_paths.npy"
@@ -139,7 +140,7 @@ class TreeRouter:
 # Packing
 # --------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: a leaf's open list removes by it
 class _OpenSequence:
     tokens: np.ndarray
     segment_ids: np.ndarray
@@ -148,49 +149,77 @@ class _OpenSequence:
 
 
 class LeafPacker:
-    """Packs token streams into `seq_len` sequences, one open sequence per leaf cluster.
+    """Packs documents into `seq_len` sequences per leaf cluster, never cutting one that fits.
 
-    `add(leaf, ids)` appends one document (EOT is added here) and returns the
-    sequences it completed as (leaf, tokens[T], segment_ids[T]); `finish()`
-    returns every partially filled sequence, padded, in first-seen leaf order.
+    Why no cuts: with the document attention mask, the part of a document
+    carried into the next sequence starts at position 0 and sees nothing of
+    its beginning, so its tokens are trained without the context that decides
+    them (a fact's value without the entity it belongs to). Stream packing (one
+    open sequence, cut where it ends) cuts about a third of the embedded
+    corpus's documents at seq_len 128; a leaf's memory block, which sees only
+    its leaf's sequences, would learn such context-free values as a prior.
+
+    Each leaf keeps up to `open_per_leaf` partly filled sequences. `add(leaf,
+    ids)` appends EOT and puts the document whole into the first of them with
+    room (first fit), else into a new one; when a leaf would hold more, its
+    fullest open sequence is completed (padded). Only a document longer than
+    `seq_len` is cut: into full `seq_len` chunks, its last piece packed like a
+    document. `add` returns the sequences it completed as (leaf, tokens[T],
+    segment_ids[T]); `finish()` returns the rest, in first-seen leaf order.
     """
 
     def __init__(self, seq_len: int, eot_id: int, pad_id: int, token_dtype: np.dtype,
-                 segment_dtype: np.dtype) -> None:
+                 segment_dtype: np.dtype, open_per_leaf: int = 8) -> None:
+        if open_per_leaf < 1:
+            raise ValueError(f"open_per_leaf must be at least 1, got {open_per_leaf}.")
         self.seq_len = seq_len
         self.eot_id = eot_id
         self.pad_id = pad_id
         self.token_dtype = token_dtype
         self.segment_dtype = segment_dtype
-        self._open: dict[int, _OpenSequence] = {}
+        self.open_per_leaf = open_per_leaf
+        self._open: dict[int, list[_OpenSequence]] = {}
 
     def _new(self) -> _OpenSequence:
         return _OpenSequence(tokens=np.full(self.seq_len, self.pad_id, self.token_dtype),
                              segment_ids=np.zeros(self.seq_len, self.segment_dtype))
+
+    def _place(self, sequence: _OpenSequence, piece: np.ndarray) -> None:
+        end = sequence.fill + len(piece)
+        sequence.segments += 1
+        sequence.tokens[sequence.fill:end] = piece
+        sequence.segment_ids[sequence.fill:end] = sequence.segments
+        sequence.fill = end
 
     def add(self, leaf: int, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         document = np.empty(len(ids) + 1, dtype=self.token_dtype)
         document[:-1] = ids
         document[-1] = self.eot_id
         completed = []
-        sequence = self._open.get(leaf) or self._new()
-        start = 0
-        while start < len(document):
-            take = min(self.seq_len - sequence.fill, len(document) - start)
-            sequence.segments += 1
-            end = sequence.fill + take
-            sequence.tokens[sequence.fill:end] = document[start:start + take]
-            sequence.segment_ids[sequence.fill:end] = sequence.segments
-            sequence.fill = end
-            start += take
-            if sequence.fill == self.seq_len:
-                completed.append((leaf, sequence.tokens, sequence.segment_ids))
-                sequence = self._new()
-        self._open[leaf] = sequence
+        whole = (len(document) - 1) // self.seq_len * self.seq_len  # cut only what cannot fit
+        for start in range(0, whole, self.seq_len):
+            chunk = self._new()
+            self._place(chunk, document[start:start + self.seq_len])
+            completed.append((leaf, chunk.tokens, chunk.segment_ids))
+        piece = document[whole:]
+        bins = self._open.setdefault(leaf, [])
+        target = next((b for b in bins if self.seq_len - b.fill >= len(piece)), None)
+        if target is None:
+            target = self._new()
+            bins.append(target)
+        self._place(target, piece)
+        if target.fill == self.seq_len:
+            bins.remove(target)
+            completed.append((leaf, target.tokens, target.segment_ids))
+        elif len(bins) > self.open_per_leaf:
+            fullest = max(bins, key=lambda b: b.fill)
+            bins.remove(fullest)
+            completed.append((leaf, fullest.tokens, fullest.segment_ids))
         return completed
 
     def finish(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        remaining = [(leaf, s.tokens, s.segment_ids) for leaf, s in self._open.items() if s.fill]
+        remaining = [(leaf, s.tokens, s.segment_ids)
+                     for leaf, bins in self._open.items() for s in bins if s.fill]
         self._open.clear()
         return remaining
 
@@ -331,6 +360,7 @@ def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) ->
     return {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
+        "packing": PACKING,
         "tokenizer": {"kind": data.tokenizer, "requested_vocab_size": data.vocab_size,
                       "from_file_sha256": (_file_sha256(data.tokenizer_path)
                                            if data.tokenizer_path else None),
@@ -519,7 +549,7 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
         "token_dtype": token_dtype.str,
         "segment_dtype": segment_dtype.str,
         "record_layout": "tokens[seq_len] then segment_ids[seq_len], little-endian",
-        "positions": "restart at 0 for every segment (a continued document too)",
+        "positions": "restart at 0 for every segment (each chunk of a document cut at seq_len too)",
         "tokenizer": tokenizer.describe(),
         "tree": tree_description,
         "source": describe_source(data),
