@@ -315,6 +315,10 @@ class MemoryConfig:
     blocks (MoE-style dispatch with `jax.lax.ragged_dot`).
     The bank has its own sparse AdamW (see hmem_jax/bank/sparse_adamw.py):
     `lr` warms up over `warmup_steps` and decays by cosine to `end_lr`.
+    `bank_dtype` is how the bank's parameters are stored (moments: `moment_dtype`);
+    `bank_rounding` is how an update is stored in a narrower `bank_dtype` than
+    float32: 'stochastic' (unbiased, so updates below bf16's resolution still
+    add up) or 'nearest' (most small updates are lost).
 
     Bank tier (DESIGN.md decision 3, docs/bank.md): `bank_tier` 'device' keeps
     the whole bank in the train state on the accelerators; 'streaming' keeps
@@ -344,6 +348,7 @@ class MemoryConfig:
     weight_decay: float = 1e-3
     bank_dtype: str = "float32"
     moment_dtype: str = "float32"
+    bank_rounding: str = "stochastic"
     init_seed: int = 0
     bank_tier: str = "device"
     bank_store: str = ""
@@ -370,6 +375,8 @@ class MemoryConfig:
         _check_choice("MemoryConfig", "application", self.application, ("gather", "grouped"))
         _check_choice("MemoryConfig", "bank_dtype", self.bank_dtype, DTYPES)
         _check_choice("MemoryConfig", "moment_dtype", self.moment_dtype, DTYPES)
+        _check_choice("MemoryConfig", "bank_rounding", self.bank_rounding,
+                      ("stochastic", "nearest"))
         _require(all(int(r) >= 0 for r in self.level_sizes),
                  f"MemoryConfig.level_sizes = {self.level_sizes} must be >= 0 per level.")
         _require(self.kind == "none" or sum(self.level_sizes) > 0,

@@ -1,6 +1,7 @@
 """Memory-augmented training: sparse updates, lazy AdamW, modes, resume, sharding."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from hmem_jax.bank.sparse_adamw import sparse_adamw
+from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw, stochastic_round
 from hmem_jax.config import MemoryConfig, MeshConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.main.common import load_train_config
@@ -146,3 +147,71 @@ def test_memory_training_on_8_devices_matches_one_device(tmp_path, small_prepare
     # Adam divides by √v, so float summation-order differences in tiny gradients grow a little.
     for a, b in zip(jax.tree.leaves(one.state.bank), jax.tree.leaves(eight.state.bank)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+
+
+def test_stochastic_rounding_is_unbiased_and_keeps_representable_values():
+    x = jnp.full((20000,), 1.0 + 2.0 ** -10, jnp.float32)  # 1/8 of the way to the next bf16
+    rounded = stochastic_round(x, jnp.bfloat16, jax.random.key(0)).astype(jnp.float32)
+    assert set(np.unique(np.asarray(rounded))) == {1.0, 1.0078125}
+    assert abs(float(rounded.mean()) - (1.0 + 2.0 ** -10)) < 1e-4  # nearest is off by 9.8e-4
+    exact = jnp.asarray(np.random.default_rng(0).normal(size=512), jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(stochastic_round(exact.astype(jnp.float32), jnp.bfloat16, jax.random.key(1))),
+        np.asarray(exact))
+
+
+def _drift(dtype, rounding, steps=200, lr=1e-4):
+    """Total movement of a [2, 32, 32] bank after `steps` lazy AdamW steps on noisy, consistent
+    gradients, with entries of size 0.06-0.12 (bf16 spacing 4.9e-4 there: half of it > lr)."""
+    rng = np.random.default_rng(0)
+    start = (rng.uniform(0.06, 0.12, (2, 32, 32)) * rng.choice([-1, 1], (2, 32, 32)))
+    direction = rng.normal(size=(2, 32, 32))
+    cfg = MemoryConfig(kind="ffn", level_sizes=(2,), bank_rounding=rounding, weight_decay=0.0)
+    rows = {"w": jnp.asarray(start, dtype)}
+    mu = nu = {"w": jnp.zeros((2, 32, 32), jnp.float32)}
+    count, ids = jnp.zeros(2, jnp.int32), jnp.arange(2)
+    update = jax.jit(lambda r, g, m, v, c, k: sparse_adamw(r, g, m, v, c, jnp.ones(2, bool),
+                                                           jnp.float32(lr), cfg, k))
+    for step in range(steps):
+        grad = {"w": jnp.asarray(direction + 0.5 * rng.normal(size=direction.shape), jnp.float32)}
+        rows, mu, nu, count = update(rows, grad, mu, nu, count,
+                                     row_rounding_keys(0, jnp.int32(step), 1, ids))
+    return np.asarray(rows["w"], np.float32) - np.asarray(jnp.asarray(start, dtype), np.float32)
+
+
+def test_bf16_bank_with_stochastic_rounding_moves_like_the_float32_bank():
+    reference = _drift(jnp.float32, "nearest")
+    assert np.abs(reference).mean() > 0.01  # up to 200 steps of ~lr each
+    nearest = _drift(jnp.bfloat16, "nearest")
+    stochastic = _drift(jnp.bfloat16, "stochastic")
+    assert np.abs(nearest).max() == 0.0  # every update below half a bf16 step: all lost
+    # Unbiased: the bank moves as far along the float32 path as float32 does (within 3%);
+    # each entry carries the rounding noise of a random walk, ~ spacing * sqrt(p (1-p) steps)
+    # with p ~ lr / spacing, about 2.8e-3 against a mean movement of 1.4e-2.
+    along = np.sum(stochastic * reference) / np.sum(reference * reference)
+    assert abs(along - 1.0) < 0.03, along
+    error = np.linalg.norm(stochastic - reference) / np.linalg.norm(reference)
+    assert error < 0.25, error
+
+
+def test_bf16_bank_trains_and_reports_the_share_of_entries_updates_change(
+        tmp_path, small_prepared_tree_data):
+    prepared, _, params = small_prepared_tree_data
+    changed = {}
+    losses = {}
+    for name, memory in (("float32", {}),
+                         ("nearest", {"bank_dtype": "bfloat16", "bank_rounding": "nearest"}),
+                         ("stochastic", {"bank_dtype": "bfloat16"})):
+        cfg = _config(params, steps=4, memory={"lr": 1e-4, "end_lr": 1e-4, **memory})
+        result, _ = _train(cfg, prepared, tmp_path / name)
+        losses[name] = _losses(result)
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        changed[name] = np.mean([r["mem/changed_fraction"] for r in rows
+                                 if r["step"] > 1])  # step 1 has memory lr 0 (warm-up)
+        assert result.state.bank["l1"].params["down"].dtype == jnp.dtype(
+            memory.get("bank_dtype", "float32"))
+    # At lr 1e-4 rounding to nearest loses the updates of every entry larger than ~0.05
+    # (the gate and up matrices); the metric shows it, and stochastic rounding moves more.
+    assert changed["float32"] > 0.9 and changed["nearest"] < 0.6
+    assert changed["stochastic"] > changed["nearest"]
+    np.testing.assert_allclose(losses["stochastic"], losses["float32"], rtol=1e-3)

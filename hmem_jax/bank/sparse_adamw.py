@@ -14,11 +14,26 @@ them together.
 Update for each valid row (t = count + 1, lr from the memory schedule):
     m ← β1·m + (1-β1)·g          v ← β2·v + (1-β2)·g²
     p ← p - lr·( (m / (1-β1^t)) / (√(v / (1-β2^t)) + ε) + wd·p )
+
+Narrow banks (bf16, as the paper stores them): the update is computed in
+float32, then stored. Rounded to nearest, an update smaller than half the
+gap between neighbouring bf16 values (2^-9 of the value) is lost, and at the
+memory phase's rates (1e-4 → 1e-5 per step, for entries of size ~0.02-0.1)
+nearly all of them are. Stochastic rounding (`MemoryConfig.bank_rounding`)
+stores the upper or lower neighbour with the probability that makes the
+stored value equal the float32 one in expectation, so small updates add up
+as they would in float32. Chosen over float32 master rows because the bank
+then stays 2 bytes per parameter everywhere it lives and moves (store,
+host cache, device, checkpoints) instead of 4; the moments, which need the
+precision, stay in `moment_dtype` (float32 by default). The random bits of
+a row are a function of (seed, step, level, block id) alone, so every bank
+tier and layout rounds a block identically.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,20 +43,45 @@ from hmem_jax.config import MemoryConfig
 Array = jax.Array
 
 
+def stochastic_round(x: Array, dtype: Any, key: Array) -> Array:
+    """float32 `x` as `dtype`, rounded up or down at random so that E[result] = x.
+
+    The nearest value of `dtype` and its neighbour on the other side of x are
+    chosen with probabilities inversely proportional to their distance to x;
+    values `dtype` represents exactly are returned unchanged.
+    """
+    nearest = x.astype(dtype)
+    near = nearest.astype(jnp.float32)
+    toward = jnp.where(x > near, jnp.inf, -jnp.inf).astype(dtype)
+    other = jnp.nextafter(nearest, toward)
+    gap = other.astype(jnp.float32) - near
+    chance = jnp.where(gap != 0, (x - near) / jnp.where(gap != 0, gap, 1.0), 0.0)
+    return jnp.where(jax.random.uniform(key, x.shape) < chance, other, nearest)
+
+
+def row_rounding_keys(seed: int, step: Array, level: int, ids: Array) -> Array:
+    """One PRNG key per row, from (seed, step, level, block id): layout-independent."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), level)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
 def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
                  mu: Mapping[str, Array], nu: Mapping[str, Array], count: Array, valid: Array,
-                 lr: Array, cfg: MemoryConfig) -> tuple[dict, dict, dict, Array]:
+                 lr: Array, cfg: MemoryConfig, rounding_keys: Array | None = None
+                 ) -> tuple[dict, dict, dict, Array]:
     """One lazy AdamW step on gathered rows.
 
     params/grads/mu/nu[name]: [U, ...]; count: int32[U] updates received so far;
-    valid: bool[U] rows to update (padding rows are returned unchanged).
+    valid: bool[U] rows to update (padding rows are returned unchanged);
+    rounding_keys: [U] keys (`row_rounding_keys`) for stochastic rounding of
+    narrow params when `cfg.bank_rounding` is 'stochastic'; None rounds to nearest.
     Returns (params, mu, nu, count), the rows to write back.
     """
     t = (count + 1).astype(jnp.float32)
     correction1 = 1.0 - cfg.b1 ** t
     correction2 = 1.0 - cfg.b2 ** t
     new_params, new_mu, new_nu = {}, {}, {}
-    for name, p in params.items():
+    for i, (name, p) in enumerate(sorted(params.items())):
         g = grads[name].astype(jnp.float32)
         m = cfg.b1 * mu[name].astype(jnp.float32) + (1.0 - cfg.b1) * g
         v = cfg.b2 * nu[name].astype(jnp.float32) + (1.0 - cfg.b2) * g * g
@@ -51,7 +91,16 @@ def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
         p32 = p.astype(jnp.float32)
         updated = p32 - lr * (m_hat / (jnp.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * p32)
         keep = valid.reshape(shape)
-        new_params[name] = jnp.where(keep, updated, p32).astype(p.dtype)
+        new_params[name] = _store(jnp.where(keep, updated, p32), p.dtype, cfg, rounding_keys, i)
         new_mu[name] = jnp.where(keep, m, mu[name]).astype(mu[name].dtype)
         new_nu[name] = jnp.where(keep, v, nu[name]).astype(nu[name].dtype)
     return new_params, new_mu, new_nu, jnp.where(valid, count + 1, count)
+
+
+def _store(x: Array, dtype: Any, cfg: MemoryConfig, keys: Array | None, index: int) -> Array:
+    """Updated float32 rows in the bank's dtype: rounded stochastically or to nearest."""
+    if (keys is None or cfg.bank_rounding != "stochastic"
+            or jnp.dtype(dtype).itemsize >= jnp.dtype(jnp.float32).itemsize):
+        return x.astype(dtype)
+    return jax.vmap(lambda k, row: stochastic_round(row, dtype, jax.random.fold_in(k, index))
+                    )(keys, x)

@@ -21,7 +21,7 @@ import optax
 
 from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.geometry import BankGeometry
-from hmem_jax.bank.sparse_adamw import sparse_adamw
+from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw
 from hmem_jax.config import MemoryConfig, TrainConfig
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.train.optimizer import warmup_cosine
@@ -120,20 +120,25 @@ class MemoryPlan:
 
     def updated_rows(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
                      grads: Mapping[str, Mapping[str, Array]], lr: Array,
-                     use_generic: Array | None) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
+                     use_generic: Array | None, step: Array
+                     ) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
         """Sparse AdamW on the fetched rows: level key -> (ids, rows to write back).
 
         Padding rows (ids >= clusters) and an unused generic block are returned
-        unchanged; writing them back is a no-op.
+        unchanged; writing them back is a no-op. `step` seeds the stochastic
+        rounding of a narrow bank.
         """
         out = {}
         for key, (ids, rows) in fetched.items():
             if key == bank_lib.GENERIC:
+                level = 0
                 valid = jnp.broadcast_to(jnp.any(use_generic), ids.shape)
             else:
-                valid = ids < self.geometry.clusters(int(key[1:]))
+                level = int(key[1:])
+                valid = ids < self.geometry.clusters(level)
+            keys = row_rounding_keys(self.seed + 104729, step, level, ids)
             params, mu, nu, count = sparse_adamw(rows.params, grads[key], rows.mu, rows.nu,
-                                                 rows.count, valid, lr, self.config)
+                                                 rows.count, valid, lr, self.config, keys)
             out[key] = (ids, bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count))
         return out
 
@@ -146,16 +151,28 @@ class MemoryPlan:
             new_bank[key] = bank_lib.commit(bank[key], ids, updated)
         return new_bank
 
-    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, Array]:
+    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
+                updated: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, Array]:
+        """Per step: unique blocks per level, bytes fetched, and `mem/changed_fraction`, the
+        share of the fetched blocks' parameters whose stored value the update changed (near 0
+        means a narrow bank is losing its updates to rounding)."""
         out = {}
         fetch_bytes = jnp.zeros((), jnp.float32)
+        changed = total = jnp.zeros((), jnp.float32)
         for level in self.levels:
             key = bank_lib.level_key(level)
             ids, rows = fetched[key]
-            unique = jnp.sum(ids < self.geometry.clusters(level))
+            valid = ids < self.geometry.clusters(level)
+            unique = jnp.sum(valid)
             out[f"mem/unique_blocks_l{level}"] = unique
             row_bytes = sum(x[0].size * x.dtype.itemsize for x in rows.params.values())
             fetch_bytes = fetch_bytes + unique * row_bytes
+            for name, before in rows.params.items():
+                moved = updated[key][1].params[name] != before
+                per_row = moved.reshape(moved.shape[0], -1).sum(axis=1)
+                changed = changed + jnp.sum(jnp.where(valid, per_row, 0))
+                total = total + unique * before[0].size
         out["mem/fetch_bytes"] = fetch_bytes
+        out["mem/changed_fraction"] = changed / jnp.maximum(total, 1.0)
         return out
 

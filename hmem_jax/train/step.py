@@ -166,10 +166,10 @@ def train_step(fns: StepFunctions, state: TrainState,
     bank, rows_out = state.bank, None
     if plan is not None:
         memory_lr = fns.memory_schedule(state.step)
-        rows_out = plan.updated_rows(fetched, memory_grads, memory_lr, use_generic)
+        rows_out = plan.updated_rows(fetched, memory_grads, memory_lr, use_generic, state.step)
+        metrics.update(plan.metrics(fetched, rows_out))
         if not fns.host_bank:
             bank, rows_out = plan.commit(state.bank, rows_out), None
-        metrics.update(plan.metrics(fetched))
         metrics["mem/lr"] = memory_lr
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
     return new_state, metrics, rows_out
