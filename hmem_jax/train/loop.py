@@ -29,7 +29,7 @@ from hmem_jax.train.checkpoint import Checkpointer
 from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
-from hmem_jax.train.step import BANK_ROWS, StepFunctions, compile_train_step
+from hmem_jax.train.step import StepFunctions, compile_train_step
 from hmem_jax.train.streamed import StreamedRows, open_bank, restore_bank
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
@@ -161,11 +161,10 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             assert data_step == step, (data_step, step)
             batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
                                           replicate=replicated_inputs)
-            if streamed is not None:
-                batch[BANK_ROWS] = streamed.rows(local)
+            rows = streamed.rows(local) if streamed is not None else None
             data_wait += time.perf_counter() - fetch_start
-            state, step_metrics, rows_out = step_fn(state, batch)
-            del batch
+            state, step_metrics, rows_out = step_fn(state, batch, rows)
+            del batch, rows
             if streamed is not None:
                 streamed.finish(rows_out, ahead)
             del rows_out
@@ -210,7 +209,6 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     multihost_utils.sync_global_devices("hmem_jax.train.done")
     return TrainResult(state=state, losses=losses, workdir=workdir,
                        bank_store=bank.store.spec if bank is not None else None)
-
 
 
 def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) -> Any:

@@ -109,23 +109,23 @@ class StepFunctions:
     host_bank: bool = False  # the bank lives outside the state (streamed tier): rows in, rows out
 
 
-BANK_ROWS = "bank_rows"  # batch key of host-fetched rows: level key -> (ids, LevelBank rows)
+BankRows = Mapping[str, Any]  # level key -> (ids, LevelBank rows) fetched by a host bank
 
 
-def train_step(fns: StepFunctions, state: TrainState,
-               batch: Batch) -> tuple[TrainState, dict, dict | None]:
+def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
+               rows: BankRows | None = None) -> tuple[TrainState, dict, dict | None]:
     """One optimizer step -> (state, metrics, updated bank rows for a host bank or None).
 
     Metrics are device scalars (read them a step late). With a device-resident
     bank the updated rows are written into `state.bank`; with a host bank
-    (`fns.host_bank`) the step reads `batch[BANK_ROWS]` and returns the rows to
-    write back.
+    (`fns.host_bank`) the step takes the step's `rows` and returns them updated,
+    to be written back.
     """
     plan = fns.plan
     per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
     fetched, use_generic = {}, None
     if plan is not None:
-        fetched = batch[BANK_ROWS] if fns.host_bank else plan.fetch(state.bank, batch)
+        fetched = rows if fns.host_bank else plan.fetch(state.bank, batch)
         per_sequence.update({k: batch[k] for k in plan.batch_keys()})
         if plan.with_generic:
             use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
@@ -176,33 +176,31 @@ def train_step(fns: StepFunctions, state: TrainState,
 
 
 def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
-                       state_shardings: TrainState) -> Callable[[TrainState, Batch], tuple]:
-    """`train_step` under `jax.jit` with explicit shardings.
+                       state_shardings: TrainState) -> Callable[..., tuple]:
+    """`train_step` under `jax.jit` with explicit shardings: run(state, batch, rows=None).
 
-    The old state is donated, and so are a host bank's rows (`batch[BANK_ROWS]`):
-    the updated rows the step returns reuse their buffers, so a streamed step
-    holds one copy of its rows, not two.
+    The old state is donated, and so are a host bank's rows: the updated rows
+    the step returns reuse their buffers, so a streamed step holds one copy of
+    its rows, not two.
     """
     replicated = sharding.replicated(mesh)
 
-    def step(state: TrainState, batch: Batch, rows: Any) -> tuple:
-        return train_step(fns, state, batch if rows is None else {**batch, BANK_ROWS: rows})
+    def step(state: TrainState, batch: Batch, rows: BankRows | None) -> tuple:
+        return train_step(fns, state, batch, rows)
 
     jitted = jax.jit(step, in_shardings=(state_shardings, None, None),
                      out_shardings=(state_shardings, replicated, replicated),
                      donate_argnums=(0, 2))
 
-    def split(batch: Batch) -> tuple[Batch, Any]:
-        return {k: v for k, v in batch.items() if k != BANK_ROWS}, batch.get(BANK_ROWS)
-
-    def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict, dict | None]:
+    def run(state: TrainState, batch: Batch,
+            rows: BankRows | None = None) -> tuple[TrainState, dict, dict | None]:
         with sharding.activate(mesh, rules):
-            return jitted(state, *split(batch))
+            return jitted(state, batch, rows)
 
-    def compiled(state: TrainState, batch: Batch) -> Any:
+    def compiled(state: TrainState, batch: Batch, rows: BankRows | None = None) -> Any:
         """The compiled executable (for memory and cost analysis in benchmarks)."""
         with sharding.activate(mesh, rules):
-            return jitted.lower(state, *split(batch)).compile()
+            return jitted.lower(state, batch, rows).compile()
 
     run.compiled = compiled
     return run
