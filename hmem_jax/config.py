@@ -128,7 +128,11 @@ class MeshConfig:
     """Device mesh shape; -1 on one axis means "all remaining devices".
 
     `rules` maps logical axis names (used by the model's parameters and
-    activations) to mesh axes; it is the one place sharding is decided.
+    activations) to mesh axes; it is the one place sharding is decided. The
+    device tier's bank rows ('memory_blocks') are split over all mesh axes but
+    'tensor', so each device holds ~1/N of every level whose block count
+    divides by that; a level that does not (a small level 1 on a big mesh, the
+    generic block) is replicated.
     """
 
     data: int = 1
@@ -148,7 +152,7 @@ class MeshConfig:
         ("layers", None),
         ("length", None),
         ("norm", None),
-        ("memory_blocks", "memory"),
+        ("memory_blocks", ("data", "fsdp", "memory")),  # bank rows over every device
     )
 
     def __post_init__(self) -> None:

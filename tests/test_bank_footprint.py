@@ -31,6 +31,12 @@ def _config(mesh: MeshConfig, memory: MemoryConfig) -> TrainConfig:
 
 def _argument_bytes(cfg: TrainConfig) -> tuple[int, int]:
     """(argument bytes per device of the compiled step, of them the memory's batch keys)."""
+    analysis, extra = _compile(cfg)
+    return int(analysis.argument_size_in_bytes), extra
+
+
+def _compile(cfg: TrainConfig):
+    """The compiled step's memory analysis on 8 devices, and its memory batch keys' bytes."""
     mesh = sharding.build_mesh(cfg.mesh, jax.devices()[:8])
     rules = sharding.rules_of(cfg.mesh)
     plan = MemoryPlan.from_config(cfg)
@@ -64,11 +70,16 @@ def _argument_bytes(cfg: TrainConfig) -> tuple[int, int]:
     for ids, _ in (rows or {}).values():  # the rows' own ids; the step passes a buffer once
         if not any(ids is batch[k] for k in extra_keys):
             extra += ids.addressable_shards[0].data.nbytes
-    return int(analysis.argument_size_in_bytes), extra
+    return analysis, extra
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1)],
-                         ids=["data2-memory4", "data8"])
+_REPLICATED_BANK = tuple(r for r in MeshConfig().rules if r[0] != "memory_blocks") + (
+    ("memory_blocks", None),)
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1),
+                                  MeshConfig(data=8, fsdp=1, rules=_REPLICATED_BANK)],
+                         ids=["data2-memory4", "data8", "data8-replicated-bank"])
 def test_footprint_matches_the_compiled_steps_arguments(mesh):
     anchor, _ = _argument_bytes(_config(mesh, MemoryConfig()))
     device_cfg = _config(mesh, MEMORY)
@@ -80,14 +91,30 @@ def test_footprint_matches_the_compiled_steps_arguments(mesh):
     assert device.per_device_batch * device.batch_shards == 8
     # The device tier's extra arguments are its resident bank share (plus ids and slots).
     assert with_bank - anchor - device_keys == device.bank_bytes_per_device
-    if mesh.memory == 4:  # both levels divide over 4 row shards; the generic block does not
-        assert device.bank_bytes_per_device < device.bank_bytes / 2
-    else:
+    if mesh.rules == _REPLICATED_BANK:
         assert device.bank_bytes_per_device == device.bank_bytes
+    else:  # level 2 (16 blocks) splits 8 ways; level 1 (4) and the generic block do not
+        assert device.bank_bytes_per_device < device.bank_bytes / 2
     # A streamed step's extra arguments are the rows it fetched, on every device.
     streamed = memory_footprint(streamed_cfg, 8)
     assert streamed.bank_bytes_per_device == 0
     assert with_rows - anchor - streamed_keys == streamed.memory_step_bytes_per_device
+
+
+def test_a_sharded_bank_is_never_assembled_on_one_device():
+    """Gathering a step's rows from row-sharded levels must not all-gather the bank first."""
+    memory = MemoryConfig(kind="ffn", level_sizes=(8, 64))
+    hierarchy = HierarchyConfig(branching=16, depth=2)
+    runs = {}
+    for name, mesh in (("sharded", MeshConfig(data=8, fsdp=1)),
+                       ("replicated", MeshConfig(data=8, fsdp=1, rules=_REPLICATED_BANK))):
+        cfg = dataclasses.replace(_config(mesh, memory), hierarchy=hierarchy)
+        runs[name], _ = _compile(cfg)
+    bank_saved = (runs["replicated"].argument_size_in_bytes
+                  - runs["sharded"].argument_size_in_bytes)
+    assert bank_saved > 50e6  # level 2: 256 blocks, split 8 ways
+    extra_temp = runs["sharded"].temp_size_in_bytes - runs["replicated"].temp_size_in_bytes
+    assert extra_temp < 0.05 * bank_saved, (extra_temp, bank_saved)
 
 
 def _info(*flags):

@@ -141,7 +141,8 @@ def test_memory_training_on_8_devices_matches_one_device(tmp_path, small_prepare
     one, _ = _train(_config(params, steps=3), prepared, tmp_path / "one")
     cfg8 = _config(params, steps=3, mesh=MeshConfig(data=2, fsdp=1, tensor=2, memory=2))
     eight, _ = _train(cfg8, prepared, tmp_path / "eight", devices=jax.devices())
-    assert eight.state.bank["l2"].params["gate"].sharding.spec[0] == "memory"  # rows sharded
+    # rows over data x fsdp x memory (4 shards)
+    assert eight.state.bank["l2"].params["gate"].sharding.spec[0] == ("data", "fsdp", "memory")
     assert eight.state.bank["generic"].params["gate"].sharding.spec[0] is None  # 1 row: replicated
     np.testing.assert_allclose(_losses(one), _losses(eight), rtol=2e-5)
     # Adam divides by √v, so float summation-order differences in tiny gradients grow a little.

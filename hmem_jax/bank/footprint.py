@@ -4,8 +4,9 @@ Arithmetic only (no allocation), for any mesh size, so `hmem info --devices=256`
 pod would hold before a pod is rented. It follows the layout the code uses today:
 
 - device tier: every level's rows (params, both moments, the per-block count) are split over
-  the mesh axes of the 'memory_blocks' rule when the row count divides by them, otherwise
-  replicated (`bank.device.bank_logical_axes`); a streamed bank holds nothing on devices;
+  the mesh axes of the 'memory_blocks' rule (by default all but 'tensor') when the row count
+  divides by them, otherwise replicated (`bank.device.bank_logical_axes`); a streamed bank
+  holds nothing on devices;
 - each step gathers the unique blocks of the *global* batch, `min(global batch, clusters)` rows
   per level (the loader's static capacity) plus the generic block, and every device receives all
   of them with their moments (replicated rows, `bank.device.fetch` / the streamed rows).
