@@ -91,16 +91,39 @@ def init_bank(geometry: BankGeometry, seed: int, dtype: Any, moment_dtype: Any,
     return bank
 
 
-def bank_logical_axes(bank: Mapping[str, LevelBank], row_shards: int = 1) -> Any:
+def bank_logical_axes(bank: Mapping[str, LevelBank], row_shards: int = 1,
+                      rank_axes: Mapping[str, int] | None = None) -> Any:
     """Logical PartitionSpecs for a bank: rows over 'memory_blocks', the rest replicated.
 
-    A level with fewer rows than `row_shards` (or not a multiple of it: the
-    generic block, a small level 1 on a big mesh) is replicated instead.
+    A level whose block count does not divide by `row_shards` (a small level 1
+    on a big mesh, the generic block) is split along its blocks' rank axis
+    instead (`rank_axes`: matrix name -> the rank axis within one layer's
+    matrix), when the rank divides: the few huge shallow blocks are then held
+    1/N per device like the many small deep ones, not N times. Otherwise it is
+    replicated. Counts of such a level are replicated.
     """
-    def spec(x: Any) -> jax.sharding.PartitionSpec:
-        rows = "memory_blocks" if x.shape[0] % row_shards == 0 else None
-        return jax.sharding.PartitionSpec(rows, *([None] * (len(x.shape) - 1)))
-    return jax.tree.map(spec, bank)
+    def replicated(x: Any) -> jax.sharding.PartitionSpec:
+        return jax.sharding.PartitionSpec(*([None] * x.ndim))
+
+    def level_specs(level: LevelBank) -> LevelBank:
+        if level.count.shape[0] % row_shards == 0:
+            rows = lambda x: jax.sharding.PartitionSpec(  # noqa: E731
+                "memory_blocks", *([None] * (x.ndim - 1)))
+            return jax.tree.map(rows, level)
+
+        def matrix(name: str, x: Any) -> jax.sharding.PartitionSpec:
+            axis = 2 + rank_axes[name] if rank_axes and name in rank_axes else None
+            if axis is None or x.shape[axis] % row_shards:
+                return replicated(x)
+            spec = [None] * x.ndim
+            spec[axis] = "memory_blocks"
+            return jax.sharding.PartitionSpec(*spec)
+
+        split = lambda tree: {n: matrix(n, x) for n, x in tree.items()}  # noqa: E731
+        return LevelBank(params=split(level.params), mu=split(level.mu), nu=split(level.nu),
+                         count=replicated(level.count))
+
+    return {key: level_specs(level) for key, level in bank.items()}
 
 
 def fetch(level: LevelBank, ids: Array) -> LevelBank:

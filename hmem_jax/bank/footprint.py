@@ -5,7 +5,8 @@ pod would hold before a pod is rented. It follows the layout the code uses today
 
 - device tier: every level's rows (params, both moments, the per-block count) are split over
   the mesh axes of the 'memory_blocks' rule (by default all but 'tensor') when the row count
-  divides by them, otherwise replicated (`bank.device.bank_logical_axes`); a streamed bank
+  divides by them, else its matrices along the rank axis when the rank does (counts then
+  replicated), else the level is replicated (`bank.device.bank_logical_axes`); a streamed bank
   holds nothing on devices;
 - each step gathers the unique blocks of the *global* batch, `min(global batch, clusters)` rows
   per level (the loader's static capacity) plus the generic block, and every device receives all
@@ -76,15 +77,21 @@ def memory_footprint(cfg: TrainConfig, devices: int,
         per_device_batch = max(1, cfg.batch_size // shards)
     batch = per_device_batch * shards
     row_shards = split("memory_blocks")
-    levels: list[tuple[int | str, int]] = [(level, geometry.clusters(level))
-                                           for level in geometry.active_levels]
+    levels: list[tuple[int | str, int, int]] = [
+        (level, geometry.clusters(level), geometry.level_sizes[level - 1])
+        for level in geometry.active_levels]
     if memory.generic_probability > 0:
-        levels.append((GENERIC, 1))
+        levels.append((GENERIC, 1, geometry.fetched_rank))
     bank = resident = fetched = 0
-    for level, clusters in levels:
+    for level, clusters, rank in levels:
         size = row_bytes(geometry, level, memory.bank_dtype, memory.moment_dtype)
         bank += clusters * size
-        resident += clusters * size // (row_shards if clusters % row_shards == 0 else 1)
+        if clusters % row_shards == 0:
+            resident += clusters * size // row_shards
+        elif rank % row_shards == 0:  # split along the rank axis; counts replicated
+            resident += clusters * (size - _COUNT_BYTES) // row_shards + clusters * _COUNT_BYTES
+        else:
+            resident += clusters * size
         fetched += min(batch, clusters) * size
     if memory.bank_tier == "streaming":
         resident = 0

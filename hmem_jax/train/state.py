@@ -42,19 +42,21 @@ def _boxed_state(model: Transformer, tx: optax.GradientTransformation, plan: Mem
                       bank=plan.init_bank() if plan is not None else None)
 
 
-def _logical_specs(abstract: TrainState, mesh: Mesh, rules: Any) -> TrainState:
+def _logical_specs(abstract: TrainState, mesh: Mesh, rules: Any,
+                   plan: MemoryPlan | None) -> TrainState:
     specs = nn.get_partition_spec(abstract)
-    if abstract.bank is None:
+    if abstract.bank is None or plan is None:
         return specs
-    return specs.replace(bank=bank_logical_axes(abstract.bank,
-                                                sharding.axis_size(mesh, rules, "memory_blocks")))
+    rank_axes = {name: m.rank_axis for name, m in plan.geometry.matrices.items()}
+    return specs.replace(bank=bank_logical_axes(
+        abstract.bank, sharding.axis_size(mesh, rules, "memory_blocks"), rank_axes))
 
 
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Any, plan: MemoryPlan | None = None) -> TrainState:
     """NamedShardings for every leaf of the (unboxed) train state."""
     abstract = jax.eval_shape(lambda: _boxed_state(model, tx, plan, jax.random.key(0)))
-    return sharding.logical_to_sharding(_logical_specs(abstract, mesh, rules), mesh, rules)
+    return sharding.logical_to_sharding(_logical_specs(abstract, mesh, rules, plan), mesh, rules)
 
 
 def abstract_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
