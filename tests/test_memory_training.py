@@ -138,8 +138,8 @@ def test_other_memory_types_start_without_effect_and_train(tmp_path, small_prepa
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=1, tensor=2, memory=2),
                                   MeshConfig(data=8, fsdp=1)], ids=["d2-t2-m2", "d8"])
-def test_memory_training_on_8_devices_matches_one_device(tmp_path, small_prepared_tree_data,
-                                                        mesh):
+def test_memory_training_on_8_devices_matches_one_device(
+        tmp_path, small_prepared_tree_data, mesh):
     prepared, _, params = small_prepared_tree_data
     one, _ = _train(_config(params, steps=3), prepared, tmp_path / "one")
     cfg8 = _config(params, steps=3, mesh=mesh)
