@@ -219,12 +219,13 @@ def test_bf16_bank_trains_and_reports_the_share_of_entries_updates_change(
         result, _ = _train(cfg, prepared, tmp_path / name)
         losses[name] = _losses(result)
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-        changed[name] = np.mean([r["mem/changed_fraction"] for r in rows
-                                 if r["step"] > 1])  # step 1 has memory lr 0 (warm-up)
+        shares = [r.get("mem/changed_fraction") for r in rows if r["step"] > 1]  # 1: lr 0
+        changed[name] = np.mean(shares) if name != "float32" else None
+        assert (shares[0] is None) == (name == "float32")  # reported for narrow banks only
         assert result.state.bank["l1"].params["down"].dtype == jnp.dtype(
             memory.get("bank_dtype", "float32"))
     # At lr 1e-4 rounding to nearest loses the updates of every entry larger than ~0.05
     # (the gate and up matrices); the metric shows it, and stochastic rounding moves more.
-    assert changed["float32"] > 0.9 and changed["nearest"] < 0.6
+    assert changed["nearest"] < 0.6
     assert changed["stochastic"] > changed["nearest"]
     np.testing.assert_allclose(losses["stochastic"], losses["float32"], rtol=1e-3)

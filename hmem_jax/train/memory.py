@@ -153,11 +153,12 @@ class MemoryPlan:
 
     def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
                 updated: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, Array]:
-        """Per step: unique blocks per level, bytes fetched, and `mem/changed_fraction`, the
-        share of the fetched blocks' parameters whose stored value the update changed (near 0
-        means a narrow bank is losing its updates to rounding)."""
+        """Per step: unique blocks per level and bytes fetched; for a bank narrower than float32
+        also `mem/changed_fraction`, the share of the fetched blocks' parameters whose stored
+        value the update changed (near 0: the bank is losing its updates to rounding)."""
         out = {}
         fetch_bytes = jnp.zeros((), jnp.float32)
+        narrow = jnp.dtype(self.config.bank_dtype).itemsize < 4
         changed = total = jnp.zeros((), jnp.float32)
         for level in self.levels:
             key = bank_lib.level_key(level)
@@ -167,12 +168,12 @@ class MemoryPlan:
             out[f"mem/unique_blocks_l{level}"] = unique
             row_bytes = sum(x[0].size * x.dtype.itemsize for x in rows.params.values())
             fetch_bytes = fetch_bytes + unique * row_bytes
-            for name, before in rows.params.items():
+            for name, before in rows.params.items() if narrow else ():
                 moved = updated[key][1].params[name] != before
                 per_row = moved.reshape(moved.shape[0], -1).sum(axis=1)
                 changed = changed + jnp.sum(jnp.where(valid, per_row, 0))
                 total = total + unique * before[0].size
         out["mem/fetch_bytes"] = fetch_bytes
-        out["mem/changed_fraction"] = changed / jnp.maximum(total, 1.0)
+        if narrow:
+            out["mem/changed_fraction"] = changed / jnp.maximum(total, 1.0)
         return out
-
