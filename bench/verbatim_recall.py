@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 
-from hmem_jax.data.sources import read_documents
 from hmem_jax.infer import probe as probe_lib
 from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.engine import Engine
@@ -38,7 +37,7 @@ def main() -> None:
     mode = args.mode if engine.has_memory else "none"
     items = probe_lib.read_probe_file(args.probe_file
                                       or os.path.join(run.prepared_dir, "probes.jsonl"))
-    documents = {d.id: d.text for d in read_documents(run.cfg.data)}
+    documents = probe_lib.documents_by_id(run.cfg.data)
     chosen, routes = [], []
     for item in items:
         starts = [documents[d] for d in item.documents

@@ -129,10 +129,10 @@ class MeshConfig:
 
     `rules` maps logical axis names (used by the model's parameters and
     activations) to mesh axes; it is the one place sharding is decided. The
-    device tier's bank rows ('memory_blocks') are split over all mesh axes but
-    'tensor', so each device holds ~1/N of every level whose block count
-    divides by that; a level that does not (a small level 1 on a big mesh, the
-    generic block) is replicated.
+    device tier's bank ('memory_blocks') is split over all mesh axes but
+    'tensor': by rows where a level's block count divides by that, else along
+    its blocks' hidden units where those do (a small level 1 on a big mesh),
+    else replicated (`bank.device.bank_logical_axes`).
     """
 
     data: int = 1

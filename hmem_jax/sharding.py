@@ -83,11 +83,14 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
     return NamedSharding(mesh, spec)
 
 
-def axis_size(mesh: Mesh, rules: Sequence[tuple[str, Any]], logical: str) -> int:
-    """How many ways the logical axis `logical` is split on `mesh`."""
+def axis_size(mesh: Mesh | Mapping[str, int], rules: Sequence[tuple[str, Any]],
+              logical: str) -> int:
+    """How many ways the logical axis `logical` is split on `mesh` (or on a mesh of that shape:
+    mesh axis name -> size, for meshes larger than the devices present)."""
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
     axes = dict(rules).get(logical)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(shape[a] for a in axes)
 
 
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:

@@ -1,13 +1,12 @@
 """What the memory costs each device: the resident bank share and what one step brings in.
 
-Arithmetic only (no allocation), for any mesh size, so `hmem info --devices=256` can say what a
-pod would hold before a pod is rented. It follows the layout the code uses today:
+Arithmetic on shapes only (no allocation), for any mesh size, so `hmem info --devices=256` can
+say what a pod would hold before a pod is rented. It follows the layout the code uses:
 
-- device tier: every level's rows (params, both moments, the per-block count) are split over
-  the mesh axes of the 'memory_blocks' rule (by default all but 'tensor') when the row count
-  divides by them, else its matrices along the rank axis when the rank does (counts then
-  replicated), else the level is replicated (`bank.device.bank_logical_axes`); a streamed bank
-  holds nothing on devices;
+- device tier: the bank's leaves (params, both moments, the per-block counts) are laid out by
+  `bank.device.bank_logical_axes`, the function that lays out the train state; a leaf split
+  over 'memory_blocks' is held 1/N per device, any other leaf whole. A streamed bank holds
+  nothing on devices;
 - each step gathers the unique blocks of the *global* batch, `min(global batch, clusters)` rows
   per level (the loader's static capacity) plus the generic block, and every device receives all
   of them with their moments (replicated rows, `bank.device.fetch` / the streamed rows).
@@ -18,16 +17,14 @@ pod would hold before a pod is rented. It follows the layout the code uses today
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 
 from hmem_jax import sharding
-from hmem_jax.bank.device import GENERIC
+from hmem_jax.bank.device import bank_logical_axes, init_bank
 from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.config import TrainConfig
-
-_COUNT_BYTES = 4  # int32 update count per block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +42,6 @@ class MemoryFootprint:
         return dataclasses.asdict(self)
 
 
-def row_bytes(geometry: BankGeometry, level: int | str, bank_dtype: str,
-              moment_dtype: str) -> int:
-    """Bytes of one block of `level` with its two moments and its count."""
-    rank = geometry.fetched_rank if level == GENERIC else geometry.level_sizes[int(level) - 1]
-    params = sum(math.prod(spec.at_rank(rank)) for spec in geometry.matrices.values())
-    params *= len(geometry.layers)
-    return (params * np.dtype(bank_dtype).itemsize
-            + 2 * params * np.dtype(moment_dtype).itemsize + _COUNT_BYTES)
-
-
 def memory_footprint(cfg: TrainConfig, devices: int,
                      per_device_batch: int | None = None) -> MemoryFootprint:
     """The footprint of `cfg`'s memory on a mesh of `devices` (`MeshConfig` resolved for it).
@@ -64,38 +51,29 @@ def memory_footprint(cfg: TrainConfig, devices: int,
     """
     memory = cfg.memory
     geometry = BankGeometry.from_configs(cfg.model, memory, cfg.hierarchy)
-    axes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
-    rules = dict(sharding.rules_of(cfg.mesh))
-
-    def split(logical: str) -> int:
-        names = rules.get(logical)
-        names = (names,) if isinstance(names, str) else tuple(names or ())
-        return math.prod(axes[name] for name in names)
-
-    shards = split("batch")
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
+    rules = sharding.rules_of(cfg.mesh)
+    shards = sharding.axis_size(shape, rules, "batch")
     if per_device_batch is None:
         per_device_batch = max(1, cfg.batch_size // shards)
     batch = per_device_batch * shards
-    row_shards = split("memory_blocks")
-    levels: list[tuple[int | str, int, int]] = [
-        (level, geometry.clusters(level), geometry.level_sizes[level - 1])
-        for level in geometry.active_levels]
-    if memory.generic_probability > 0:
-        levels.append((GENERIC, 1, geometry.fetched_rank))
-    bank = resident = fetched = 0
-    for level, clusters, rank in levels:
-        size = row_bytes(geometry, level, memory.bank_dtype, memory.moment_dtype)
-        bank += clusters * size
-        if clusters % row_shards == 0:
-            resident += clusters * size // row_shards
-        elif rank % row_shards == 0:  # split along the rank axis; counts replicated
-            resident += clusters * (size - _COUNT_BYTES) // row_shards + clusters * _COUNT_BYTES
-        else:
-            resident += clusters * size
-        fetched += min(batch, clusters) * size
+    row_shards = sharding.axis_size(shape, rules, "memory_blocks")
+    bank = jax.eval_shape(lambda: init_bank(
+        geometry, 0, jnp.dtype(memory.bank_dtype), jnp.dtype(memory.moment_dtype),
+        memory.generic_probability > 0))
+    specs = bank_logical_axes(bank, row_shards, geometry.rank_axes)
+    total = resident = fetched = 0
+    for key, level in bank.items():
+        leaves = jax.tree.leaves(level)
+        level_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+        total += level_bytes
+        resident += sum(x.size * x.dtype.itemsize // (row_shards if "memory_blocks" in spec else 1)
+                        for x, spec in zip(leaves, jax.tree.leaves(specs[key])))
+        rows = level.count.shape[0]
+        fetched += level_bytes // rows * min(batch, rows)
     if memory.bank_tier == "streaming":
         resident = 0
     return MemoryFootprint(devices=devices, batch_shards=shards,
                            per_device_batch=per_device_batch, global_batch=batch,
-                           bank_bytes=bank, bank_bytes_per_device=resident,
+                           bank_bytes=total, bank_bytes_per_device=resident,
                            memory_step_bytes=fetched, memory_step_bytes_per_device=fetched)

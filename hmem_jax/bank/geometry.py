@@ -121,6 +121,11 @@ class BankGeometry:
     def fetched_params(self) -> int:
         return self.per_rank_params() * self.fetched_rank
 
+    @property
+    def rank_axes(self) -> dict[str, int]:
+        """Matrix name -> its rank axis within one layer's matrix."""
+        return {name: spec.rank_axis for name, spec in self.matrices.items()}
+
     def block_shape(self, name: str, level: int) -> tuple[int, ...]:
         """Shape of one block's matrix `name` at `level`: [layers, ...]."""
         return (len(self.layers),) + self.matrices[name].at_rank(self.level_sizes[level - 1])

@@ -97,10 +97,14 @@ def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
     return new_params, new_mu, new_nu, jnp.where(valid, count + 1, count)
 
 
+def is_narrow(dtype: Any) -> bool:
+    """Whether a bank stored in `dtype` rounds the float32 updates (bf16, fp16)."""
+    return jnp.dtype(dtype).itemsize < jnp.dtype(jnp.float32).itemsize
+
+
 def _store(x: Array, dtype: Any, cfg: MemoryConfig, keys: Array | None, index: int) -> Array:
     """Updated float32 rows in the bank's dtype: rounded stochastically or to nearest."""
-    if (keys is None or cfg.bank_rounding != "stochastic"
-            or jnp.dtype(dtype).itemsize >= jnp.dtype(jnp.float32).itemsize):
+    if keys is None or cfg.bank_rounding != "stochastic" or not is_narrow(dtype):
         return x.astype(dtype)
     return jax.vmap(lambda k, row: stochastic_round(row, dtype, jax.random.fold_in(k, index))
                     )(keys, x)

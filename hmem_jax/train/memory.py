@@ -21,7 +21,7 @@ import optax
 
 from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.geometry import BankGeometry
-from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw
+from hmem_jax.bank.sparse_adamw import is_narrow, row_rounding_keys, sparse_adamw
 from hmem_jax.config import MemoryConfig, TrainConfig
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.train.optimizer import warmup_cosine
@@ -158,7 +158,7 @@ class MemoryPlan:
         value the update changed (near 0: the bank is losing its updates to rounding)."""
         out = {}
         fetch_bytes = jnp.zeros((), jnp.float32)
-        narrow = jnp.dtype(self.config.bank_dtype).itemsize < 4
+        narrow = is_narrow(self.config.bank_dtype)
         changed = total = jnp.zeros((), jnp.float32)
         for level in self.levels:
             key = bank_lib.level_key(level)

@@ -47,9 +47,8 @@ def _logical_specs(abstract: TrainState, mesh: Mesh, rules: Any,
     specs = nn.get_partition_spec(abstract)
     if abstract.bank is None or plan is None:
         return specs
-    rank_axes = {name: m.rank_axis for name, m in plan.geometry.matrices.items()}
     return specs.replace(bank=bank_logical_axes(
-        abstract.bank, sharding.axis_size(mesh, rules, "memory_blocks"), rank_axes))
+        abstract.bank, sharding.axis_size(mesh, rules, "memory_blocks"), plan.geometry.rank_axes))
 
 
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
