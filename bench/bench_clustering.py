@@ -14,7 +14,8 @@
    on the embedded encyclopedia's documents.
 5. Routing quality on the embedded encyclopedia: how much of an entity's
    documents share the cluster its probe prompt ("The atomic number of X is")
-   is routed to, per level of a 16 x 2 tree, hashed vs MiniLM.
+   is routed to, per level of a 16 x 2 tree, hashed vs hashed_idf vs MiniLM
+   (and how much of the documents that state its answer do).
 
 Prints a JSON object (also written to `--out`); BENCHMARKS.md "## Clustering
 and routing" quotes it. CPU contention from other processes slows everything:
@@ -244,9 +245,22 @@ def probe_recall(tree: ClusterTree, embeddings: np.ndarray, texts: list[str], pr
     return [round(float(v), 3) for v in np.mean(shares, axis=0)]
 
 
+def stating_recall(tree: ClusterTree, embeddings: np.ndarray, document_index: dict, probes: list,
+                   embedder) -> list[float]:
+    """Per level: the mean share of the documents that state the probe's answer (its fact's
+    documents, `Probe.documents`) that sit in the probe prompt's cluster."""
+    document_ids = tree.block_ids(tree.route(embeddings))
+    probe_ids = tree.block_ids(tree.route_texts([p.prompt for p in probes], embedder))
+    shares = [(document_ids[[document_index[d] for d in probe.documents]] == ids).mean(axis=0)
+              for probe, ids in zip(probes, probe_ids) if probe.documents]
+    return [round(float(v), 3) for v in np.mean(shares, axis=0)]
+
+
 def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
-    """Do prompts about an entity land where that entity's documents are? (hashed vs MiniLM)"""
+    """Do prompts about an entity land where that entity's documents are? (hashed, hashed_idf,
+    MiniLM)"""
     from hmem_jax.data.encyclopedia import cached_corpus
+    from hmem_jax.hierarchy.embedders import fit_embedder
 
     config = HierarchyConfig(branching=16, depth=2)
     results = {"tree": "16x2, tree seeds 0-2", "metric": "mean share of the entity's documents in "
@@ -254,23 +268,30 @@ def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
     for entities in (small_entities, large_entities):
         corpus = cached_corpus(entities, 0)
         texts = [d.text for d in corpus.documents]
-        for name in ("hashed", "minilm"):
+        document_index = {d.id: i for i, d in enumerate(corpus.documents)}
+        for name in ("hashed", "hashed_idf", "minilm"):
             if name == "minilm" and entities != small_entities:
                 continue  # ~30 docs/s on this CPU: the small corpus only
             try:
                 embedder = get_embedder(name, **({"show_progress": False}
                                                  if name == "minilm" else {}))
+                fit_embedder(embedder, texts)
                 embeddings = embedder.embed(texts)
             except ImportError as error:
                 results[f"{name}_{entities}"] = {"skipped": str(error).splitlines()[0]}
                 continue
-            per_seed = [probe_recall(ClusterTree.fit(embeddings, dataclasses.replace(
-                config, seed=seed), name), embeddings, texts, corpus.probes, embedder)
-                for seed in range(3)]
+            trees = [ClusterTree.fit(embeddings, dataclasses.replace(config, seed=seed), embedder)
+                     for seed in range(3)]
+            per_seed = [probe_recall(tree, embeddings, texts, corpus.probes, embedder)
+                        for tree in trees]
+            stating = [stating_recall(tree, embeddings, document_index, corpus.probes, embedder)
+                       for tree in trees]
             results[f"{name}_{entities}_entities"] = {
                 "documents": len(texts), "probes": len(corpus.probes),
                 "recall_per_level_mean_of_3_seeds": np.round(np.mean(per_seed, 0), 3).tolist(),
-                "recall_per_level_per_seed": per_seed}
+                "recall_per_level_per_seed": per_seed,
+                "stating_recall_per_level_mean_of_3_seeds":
+                    np.round(np.mean(stating, 0), 3).tolist()}
             print(name, entities, results[f"{name}_{entities}_entities"], flush=True)
     return results
 

@@ -205,7 +205,9 @@ class HierarchyConfig:
     clustering could satisfy it. `seed` makes the tree deterministic.
     """
 
-    embedder: str = "hashed"  # 'hashed' (no torch) or 'minilm' (the paper's)
+    # 'hashed_idf' (no torch; document frequencies fitted on the corpus), 'hashed', or 'minilm'
+    # (the paper's; the `embed` extra).
+    embedder: str = "hashed_idf"
     branching: int = 16
     depth: int = 4
     em_steps: int = 20
@@ -214,7 +216,8 @@ class HierarchyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("HierarchyConfig", "embedder", self.embedder, ("hashed", "minilm"))
+        _check_choice("HierarchyConfig", "embedder", self.embedder,
+                      ("hashed", "hashed_idf", "minilm"))
         _require(self.branching >= 2, f"HierarchyConfig.branching = {self.branching} must be >= 2.")
         _require(self.depth >= 1, f"HierarchyConfig.depth = {self.depth} must be >= 1.")
         _require(self.branching ** self.depth < 2 ** 31,

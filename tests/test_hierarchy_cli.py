@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from hmem_jax.hierarchy import ClusterTree, get_embedder
+from hmem_jax.hierarchy import ClusterTree
 
 TOPICS = ["volcano lava eruption magma", "violin orchestra symphony concert",
           "galaxy telescope star orbit", "wheat harvest farm soil"]
@@ -48,11 +48,12 @@ def test_cli_writes_tree_paths_ids_and_report(cluster_run):
     ids = json.loads((out / "doc_ids.json").read_text())
     assert paths.shape == (160, 2) and paths.dtype == np.int32
     assert ids[:2] == ["doc-0", "doc-1"] and len(ids) == 160
-    tree = ClusterTree.load(out, embedder=get_embedder("hashed"))
+    tree = ClusterTree.load(out)
+    assert tree.embedder_name == "hashed_idf"  # the default: fitted on this corpus
     assert tree.num_clusters == (4, 16)
     lines = (folder / "corpus.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines]
-    np.testing.assert_array_equal(tree.route_texts(texts, get_embedder("hashed")), paths)
+    np.testing.assert_array_equal(tree.route_texts(texts, tree.make_embedder()), paths)
     report = json.loads((out / "report.json").read_text())
     assert report["documents"] == 160 and len(report["levels"]) == 2
     assert report["tree_hash"] == tree.content_hash

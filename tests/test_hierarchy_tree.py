@@ -121,6 +121,43 @@ def test_a_tree_remembers_the_embedder_version_and_rejects_another(tmp_path):
         loaded.route_texts(texts[:2], reweighted)
 
 
+def fitted_idf_tree(tmp_path):
+    embedder = get_embedder("hashed_idf")
+    texts = [f"Element Zor{chr(97 + i % 26)}ium {i} was found in the year {1700 + i}."
+             for i in range(64)]
+    embedder.fit(texts)
+    tree = ClusterTree.fit(embedder.embed(texts), HierarchyConfig(branching=4, depth=2,
+                                                                  samples_per_step=64), embedder)
+    tree.save(tmp_path)
+    return tree, embedder, texts
+
+
+def test_a_tree_keeps_its_embedders_statistics_and_routes_with_them(tmp_path):
+    tree, embedder, texts = fitted_idf_tree(tmp_path)
+    loaded = ClusterTree.load(tmp_path)
+    assert loaded.content_hash == tree.content_hash and loaded.embedder_name == "hashed_idf"
+    np.testing.assert_array_equal(loaded.route_texts(texts, loaded.make_embedder()),
+                                  tree.route_texts(texts, embedder))
+    refitted = get_embedder("hashed_idf")
+    refitted.fit(texts[:10])
+    with pytest.raises(ValueError, match="same name, different vectors"):
+        loaded.route_texts(texts[:2], refitted)
+
+
+def test_modified_or_missing_embedder_statistics_are_detected(tmp_path):
+    fitted_idf_tree(tmp_path)
+    path = tmp_path / "embedder_state.npz"
+    with np.load(path) as arrays:
+        state = {key: arrays[key] for key in arrays.files}
+    state["document_frequencies"][0] += 1
+    np.savez(path, **state)
+    with pytest.raises(ValueError, match="content hash"):
+        ClusterTree.load(tmp_path)
+    path.unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        ClusterTree.load(tmp_path)
+
+
 def test_modified_centroids_on_disk_are_detected(tree, tmp_path):
     tree.save(tmp_path / "tree")
     path = tmp_path / "tree" / "centroids_level2.npy"

@@ -95,7 +95,8 @@ class TreeRouter:
         if embedder is None:
             from hmem_jax.hierarchy.embedders import get_embedder
 
-            embedder = get_embedder(tree.embedder_name)
+            make = getattr(tree, "make_embedder", None)
+            embedder = make() if make is not None else get_embedder(tree.embedder_name)
         self.embedder = embedder
 
     @classmethod

@@ -28,7 +28,7 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
     from hmem_jax.data.sources import SourceStats, read_documents
     from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
     from hmem_jax.hierarchy.cache import corpus_hash
-    from hmem_jax.hierarchy.embedders import get_embedder
+    from hmem_jax.hierarchy.embedders import fit_embedder, get_embedder
 
     say = print if verbose else (lambda *_: None)
     timings: dict[str, float] = {}
@@ -46,6 +46,7 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
     embedder = get_embedder(hierarchy.embedder, **({"show_progress": verbose}
                                                    if hierarchy.embedder == "minilm" else {}))
     started = time.perf_counter()
+    fit_embedder(embedder, texts)  # corpus statistics first (hashed_idf): they key the cache
     embeddings = embed_cached(embedder, texts, cache_dir or None)
     timings["embed_s"] = time.perf_counter() - started
     say(f"embedded with {embedder.name} ({embedder.dim}-d) in {timings['embed_s']:.1f}s")

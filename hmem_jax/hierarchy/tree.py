@@ -11,6 +11,8 @@ for each level and a `tree.json` manifest: format version, embedder name and
 dimension, branching, depth, seed, a content hash over the manifest fields and
 every centroid byte, and provenance of the fit. Loading recomputes the hash, so
 a modified or truncated array is an error instead of silently different routes.
+An embedder fitted on the corpus ('hashed_idf') adds `embedder_state.npz`,
+covered by the same hash.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hmem_jax.hierarchy.embedders import Embedder
+from hmem_jax.hierarchy.embedders import Embedder, embedder_state
 from hmem_jax.config import HierarchyConfig
 from hmem_jax.hierarchy.kmeans import fit_hierarchical_kmeans
 from hmem_jax.hierarchy.routing import (
     block_ids_from_paths, greedy_paths, squared_norms, validate_embeddings)
 
 MANIFEST_NAME = "tree.json"
+EMBEDDER_STATE_NAME = "embedder_state.npz"
 FORMAT_VERSION = 1
 
 
@@ -43,7 +46,10 @@ class ClusterTree:
     embedder's `version`, empty when unknown) is checked against the caller's
     embedder too, since one name can change its vectors between releases.
     `fit_info` is provenance only (budget, timings, corpus hash); it is saved
-    but not part of `content_hash`.
+    but not part of `content_hash`. `embedder_state` holds the corpus
+    statistics of an embedder that has them (the document frequencies of
+    'hashed_idf'): routing a prompt needs the very statistics the tree's
+    documents were embedded with, so they live, and are hashed, with the tree.
     """
 
     levels: tuple[np.ndarray, ...]
@@ -52,6 +58,7 @@ class ClusterTree:
     seed: int = 0
     embedder_version: str = ""
     fit_info: dict = dataclasses.field(default_factory=dict)
+    embedder_state: dict = dataclasses.field(default_factory=dict)  # name -> array, see below
 
     def __post_init__(self) -> None:
         if not self.levels:
@@ -67,6 +74,10 @@ class ClusterTree:
                 raise ValueError(f"Level {index} centroids contain NaN or infinite values.")
             centroids.setflags(write=False)
         object.__setattr__(self, "levels", levels)
+        state = {key: np.ascontiguousarray(value) for key, value in self.embedder_state.items()}
+        for value in state.values():
+            value.setflags(write=False)
+        object.__setattr__(self, "embedder_state", state)
 
     # -- identity ---------------------------------------------------------------------
 
@@ -94,7 +105,19 @@ class ClusterTree:
         digest = hashlib.sha256(json.dumps(self._identity(), sort_keys=True).encode())
         for centroids in self.levels:
             digest.update(centroids.astype("<f4", copy=False).tobytes())
+        for key in sorted(self.embedder_state):
+            value = self.embedder_state[key]
+            digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+            digest.update(value.tobytes())
         return digest.hexdigest()
+
+    def make_embedder(self, **options: Any) -> Embedder:
+        """The embedder this tree routes with, carrying the statistics it was fitted with."""
+        from hmem_jax.hierarchy.embedders import get_embedder
+
+        embedder = get_embedder(self.embedder_name, state=self.embedder_state or None, **options)
+        self.check_embedder(embedder)
+        return embedder
 
     def check_embedder(self, embedder: Embedder | str, dim: int | None = None) -> None:
         """Raise ValueError unless `embedder` (or its name and `dim`) matches the tree's."""
@@ -130,13 +153,15 @@ class ClusterTree:
         """
         name = embedder if isinstance(embedder, str) else embedder.name
         version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
+        state = {} if isinstance(embedder, str) else embedder_state(embedder)
         levels, stats = fit_hierarchical_kmeans(embeddings, config, progress=progress)
         info = {"documents": int(len(embeddings)), "em_steps": config.em_steps,
                 "samples_per_step": config.samples_per_step,
                 "balance_threshold": config.effective_balance_threshold,
                 "levels": [dataclasses.asdict(s) for s in stats], **(fit_info or {})}
         return cls(tuple(levels), embedder_name=name, branching=config.branching,
-                   seed=config.seed, embedder_version=version, fit_info=info)
+                   seed=config.seed, embedder_version=version, fit_info=info,
+                   embedder_state=state)
 
     @functools.cached_property
     def _level_norms(self) -> tuple[np.ndarray, ...]:
@@ -193,6 +218,9 @@ class ClusterTree:
             files.append({"level": level, "clusters": len(centroids), "file": name})
         manifest = {**self._identity(), "content_hash": self.content_hash, "levels": files,
                     "fit": self.fit_info}
+        if self.embedder_state:
+            np.savez(directory / EMBEDDER_STATE_NAME, **self.embedder_state)
+            manifest["embedder_state"] = EMBEDDER_STATE_NAME
         temporary = directory / (MANIFEST_NAME + ".tmp")
         temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(temporary, directory / MANIFEST_NAME)  # the manifest appears last
@@ -213,9 +241,17 @@ class ClusterTree:
                              f" this code reads version {FORMAT_VERSION}. Re-fit the tree.")
         levels = tuple(np.load(directory / entry["file"], allow_pickle=False)
                        for entry in sorted(manifest["levels"], key=lambda e: e["level"]))
+        state: dict[str, np.ndarray] = {}
+        if manifest.get("embedder_state"):
+            if not (directory / manifest["embedder_state"]).is_file():
+                raise ValueError(f"{directory}: the tree's {manifest['embedder_state']} (its "
+                                 "embedder's corpus statistics) is missing; restore the folder "
+                                 "or re-fit the tree.")
+            with np.load(directory / manifest["embedder_state"], allow_pickle=False) as arrays:
+                state = {key: arrays[key] for key in arrays.files}
         tree = cls(levels, embedder_name=manifest["embedder"], branching=manifest["branching"],
                    seed=manifest["seed"], embedder_version=manifest.get("embedder_version", ""),
-                   fit_info=manifest.get("fit", {}))
+                   fit_info=manifest.get("fit", {}), embedder_state=state)
         if tree.dim != manifest["dim"] or tree.depth != manifest["depth"]:
             raise ValueError(f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
                              f"disagree with the manifest (dim {manifest['dim']}, depth "

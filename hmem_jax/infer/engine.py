@@ -44,8 +44,7 @@ class Engine:
     @functools.cached_property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from hmem_jax.hierarchy.embedders import get_embedder
-            self._embedder = get_embedder(self.run.tree.embedder_name)
+            self._embedder = self.run.tree.make_embedder()
         return self._embedder
 
     def block_ids(self, texts: Sequence[str],
