@@ -38,15 +38,17 @@ def _cpu_model() -> str:
 
 
 def _fit_tree(data: DataConfig, embedder_name: str, directory: str) -> float:
-    from hmem_jax.hierarchy.embedders import get_embedder
+    from hmem_jax.hierarchy.embedders import fit_embedder, get_embedder
     from hmem_jax.hierarchy.tree import ClusterTree
 
     started = time.perf_counter()
     texts = [d.text for d in read_documents(data)]
-    embeddings = get_embedder(embedder_name).embed(texts)
+    embedder = get_embedder(embedder_name)
+    fit_embedder(embedder, texts)
+    embeddings = embedder.embed(texts)
     tree = ClusterTree.fit(embeddings, HierarchyConfig(embedder=embedder_name, branching=16,
                                                        depth=2, em_steps=3,
-                                                       samples_per_step=2000), embedder_name)
+                                                       samples_per_step=2000), embedder)
     tree.save(directory)
     return time.perf_counter() - started
 

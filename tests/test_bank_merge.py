@@ -57,14 +57,13 @@ def test_merged_subtree_jobs_answer_like_the_job_of_each_prompts_subtree(
     from hmem_jax.infer.probe import read_probe_file, run_probe
     from hmem_jax.infer.run import load_run
 
-    from hmem_jax.hierarchy.embedders import get_embedder
     from hmem_jax.hierarchy.tree import ClusterTree
 
     prepared, tree_dir, params = small_prepared_tree_data
     items = read_probe_file(f"{prepared}/probes.jsonl")
     tree = ClusterTree.load(tree_dir)
     level1 = tree.route_texts([item.prompt for item in items],
-                              get_embedder(tree.embedder_name))[:, 0]
+                              tree.make_embedder())[:, 0]
     subtrees = tuple(int(s) for s in np.argsort(-np.bincount(level1, minlength=4))[:2])
     common = params + ("TrainConfig.batch_size = 8", "TrainConfig.steps = 6",
                        "TrainConfig.checkpoint_every = 6",

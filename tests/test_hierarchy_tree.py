@@ -138,6 +138,8 @@ def test_a_tree_keeps_its_embedders_statistics_and_routes_with_them(tmp_path):
     assert loaded.content_hash == tree.content_hash and loaded.embedder_name == "hashed_idf"
     np.testing.assert_array_equal(loaded.route_texts(texts, loaded.make_embedder()),
                                   tree.route_texts(texts, embedder))
+    with pytest.raises(ValueError, match="make_embedder"):
+        loaded.route_texts(texts[:2], get_embedder("hashed_idf"))  # no statistics
     refitted = get_embedder("hashed_idf")
     refitted.fit(texts[:10])
     with pytest.raises(ValueError, match="same name, different vectors"):

@@ -132,6 +132,11 @@ class ClusterTree:
                 f"(HierarchyConfig.embedder = '{self.embedder_name}'), or re-fit the tree with "
                 f"'{name}' (python -m hmem_jax.main.cluster).")
         version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
+        if self.embedder_state and not isinstance(embedder, str) and not embedder_state(embedder):
+            raise ValueError(
+                f"This cluster tree's '{self.embedder_name}' embedder carries the corpus "
+                "statistics it was fitted with, but the caller's has none: route with "
+                "tree.make_embedder(), not a fresh get_embedder().")
         if version and self.embedder_version and version != self.embedder_version:
             raise ValueError(
                 f"This cluster tree was fitted on '{self.embedder_name}' version "
