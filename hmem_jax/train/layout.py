@@ -41,7 +41,7 @@ def prepared_dir_of(cfg: TrainConfig, workdir: str) -> str:
 
 def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
     """The ClusterTree a memory run routes with: `TrainConfig.tree_dir`, or WORKDIR/tree fitted
-    on the corpus (hashed or MiniLM embeddings, HierarchyConfig) the first time."""
+    on the corpus (HierarchyConfig.embedder: hashed_idf, hashed or MiniLM) the first time."""
     tree_dir = tree_dir_of(cfg, workdir)
     if tree_dir is None:
         return None
