@@ -48,3 +48,23 @@ def test_recipe_needs_a_memory_run_that_starts_from_the_anchor(tmp_path):
     done = _recipe(tmp_path / "r", ["MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 1",
                                     "MemoryConfig.level_sizes = (4,)"])
     assert done.returncode == 2 and "cotrain" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_runs_own_tree_of_another_embedder_is_refused_with_the_fix(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from hmem_jax.config import ConfigError, HierarchyConfig, MemoryConfig, TrainConfig
+    from hmem_jax.hierarchy import ClusterTree
+    from hmem_jax.train.layout import ensure_tree
+
+    vectors = np.eye(8, dtype=np.float32)
+    ClusterTree.fit(vectors, HierarchyConfig(branching=2, depth=1, samples_per_step=8),
+                    "hashed").save(tmp_path / "tree")
+    cfg = TrainConfig(memory=MemoryConfig(kind="ffn", level_sizes=(4,)),
+                      hierarchy=HierarchyConfig(embedder="hashed_idf", branching=2, depth=1))
+    with pytest.raises(ConfigError, match="HierarchyConfig.embedder = 'hashed'\" to continue"):
+        ensure_tree(cfg, str(tmp_path))
+    same = dataclasses.replace(cfg, hierarchy=dataclasses.replace(cfg.hierarchy, embedder="hashed"))
+    assert ensure_tree(same, str(tmp_path)) == str(tmp_path / "tree")

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 
-from hmem_jax.config import TrainConfig
+from hmem_jax.config import ConfigError, TrainConfig
 from hmem_jax.data.loader import Loader
 
 
@@ -56,7 +56,22 @@ def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
         print(f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
               f"on the corpus into {tree_dir}", flush=True)
         cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
+    elif not cfg.tree_dir:
+        _check_own_tree_embedder(cfg, tree_dir, MANIFEST_NAME)
     return tree_dir
+
+
+def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str, manifest_name: str) -> None:
+    """A tree this run fitted earlier must be in the space the configuration now names; reusing a
+    tree of another embedder would silently train on routes the configuration does not describe."""
+    with open(os.path.join(tree_dir, manifest_name)) as handle:
+        fitted_with = json.load(handle).get("embedder", "")
+    if fitted_with != cfg.hierarchy.embedder:
+        raise ConfigError(
+            f"{tree_dir} was fitted with the '{fitted_with}' embedder, but the configuration names "
+            f"HierarchyConfig.embedder = '{cfg.hierarchy.embedder}'. Use a new --workdir for the "
+            f"new embedder, or add --gin_param=\"HierarchyConfig.embedder = '{fitted_with}'\" "
+            "to continue this run as it was.")
 
 
 def make_loader(cfg: TrainConfig, workdir: str) -> Loader:
