@@ -232,28 +232,25 @@ def bench_embedders(minilm_docs: int) -> dict:
 
 
 def probe_recall(tree: ClusterTree, embeddings: np.ndarray, texts: list[str], probes: list,
-                 embedder) -> list[float]:
-    """Per level: the mean, over probes, of the share of documents mentioning the probe's entity
-    that sit in the probe prompt's cluster (what a fetched memory block was trained on)."""
+                 embedder, document_index: dict) -> tuple[list[float], list[float]]:
+    """Per level, means over probes of the share of (a) the documents mentioning the probe's
+    entity and (b) the documents stating its answer (`Probe.documents`) that sit in the probe
+    prompt's cluster: what a fetched memory block was trained on."""
     document_ids = tree.block_ids(tree.route(embeddings))
     probe_ids = tree.block_ids(tree.route_texts([p.prompt for p in probes], embedder))
-    shares = []
+    mentioning, stating = [], []
     for probe, ids in zip(probes, probe_ids):
-        mentioning = [i for i, text in enumerate(texts) if probe.entity in text]
-        if mentioning:
-            shares.append((document_ids[mentioning] == ids).mean(axis=0))
-    return [round(float(v), 3) for v in np.mean(shares, axis=0)]
+        rows = [i for i, text in enumerate(texts) if probe.entity in text]
+        if rows:
+            mentioning.append((document_ids[rows] == ids).mean(axis=0))
+        if probe.documents:
+            rows = [document_index[d] for d in probe.documents]
+            stating.append((document_ids[rows] == ids).mean(axis=0))
 
+    def mean(shares: list) -> list[float]:
+        return [round(float(v), 3) for v in np.mean(shares, axis=0)]
 
-def stating_recall(tree: ClusterTree, embeddings: np.ndarray, document_index: dict, probes: list,
-                   embedder) -> list[float]:
-    """Per level: the mean share of the documents that state the probe's answer (its fact's
-    documents, `Probe.documents`) that sit in the probe prompt's cluster."""
-    document_ids = tree.block_ids(tree.route(embeddings))
-    probe_ids = tree.block_ids(tree.route_texts([p.prompt for p in probes], embedder))
-    shares = [(document_ids[[document_index[d] for d in probe.documents]] == ids).mean(axis=0)
-              for probe, ids in zip(probes, probe_ids) if probe.documents]
-    return [round(float(v), 3) for v in np.mean(shares, axis=0)]
+    return mean(mentioning), mean(stating)
 
 
 def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
@@ -282,10 +279,10 @@ def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
                 continue
             trees = [ClusterTree.fit(embeddings, dataclasses.replace(config, seed=seed), embedder)
                      for seed in range(3)]
-            per_seed = [probe_recall(tree, embeddings, texts, corpus.probes, embedder)
-                        for tree in trees]
-            stating = [stating_recall(tree, embeddings, document_index, corpus.probes, embedder)
-                       for tree in trees]
+            recalls = [probe_recall(tree, embeddings, texts, corpus.probes, embedder,
+                                    document_index) for tree in trees]
+            per_seed = [mentioning for mentioning, _ in recalls]
+            stating = [stating for _, stating in recalls]
             results[f"{name}_{entities}_entities"] = {
                 "documents": len(texts), "probes": len(corpus.probes),
                 "recall_per_level_mean_of_3_seeds": np.round(np.mean(per_seed, 0), 3).tolist(),

@@ -38,6 +38,19 @@ EMBEDDER_STATE_NAME = "embedder_state.npz"
 FORMAT_VERSION = 1
 
 
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """A saved tree's `tree.json` (identity, files, provenance), without loading its arrays."""
+    manifest_path = Path(directory) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"No {MANIFEST_NAME} in {directory}; expected a folder written "
+                                "by ClusterTree.save or python -m hmem_jax.main.cluster.")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{manifest_path} has format_version {manifest.get('format_version')};"
+                         f" this code reads version {FORMAT_VERSION}. Re-fit the tree.")
+    return manifest
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClusterTree:
     """Centroids per level plus the identity of the embedding space they live in.
@@ -236,14 +249,7 @@ class ClusterTree:
              dim: int | None = None) -> "ClusterTree":
         """Read a saved tree; if `embedder` (and `dim`) is given, it must match the tree's."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_NAME
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"No {MANIFEST_NAME} in {directory}; expected a folder written "
-                                    "by ClusterTree.save or python -m hmem_jax.main.cluster.")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{manifest_path} has format_version {manifest.get('format_version')};"
-                             f" this code reads version {FORMAT_VERSION}. Re-fit the tree.")
+        manifest = read_manifest(directory)
         levels = tuple(np.load(directory / entry["file"], allow_pickle=False)
                        for entry in sorted(manifest["levels"], key=lambda e: e["level"]))
         state: dict[str, np.ndarray] = {}

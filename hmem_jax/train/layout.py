@@ -57,15 +57,16 @@ def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
               f"on the corpus into {tree_dir}", flush=True)
         cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
     elif not cfg.tree_dir:
-        _check_own_tree_embedder(cfg, tree_dir, MANIFEST_NAME)
+        _check_own_tree_embedder(cfg, tree_dir)
     return tree_dir
 
 
-def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str, manifest_name: str) -> None:
+def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str) -> None:
     """A tree this run fitted earlier must be in the space the configuration now names; reusing a
     tree of another embedder would silently train on routes the configuration does not describe."""
-    with open(os.path.join(tree_dir, manifest_name)) as handle:
-        fitted_with = json.load(handle).get("embedder", "")
+    from hmem_jax.hierarchy.tree import read_manifest
+
+    fitted_with = read_manifest(tree_dir)["embedder"]
     if fitted_with != cfg.hierarchy.embedder:
         raise ConfigError(
             f"{tree_dir} was fitted with the '{fitted_with}' embedder, but the configuration names "
