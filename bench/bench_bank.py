@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from hmem_jax.data.loader import shard_blocks
 from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, TrainConfig,
                              model_preset)
 
@@ -50,11 +51,9 @@ class SyntheticBatches:
             if level not in self.levels:
                 continue
             clusters = branching ** level
-            unique = np.unique(block)
-            ids = np.full(min(b, clusters), clusters, np.int32)
-            ids[:len(unique)] = unique
-            out[f"block_ids_l{level}"] = ids
-            out[f"block_slots_l{level}"] = np.searchsorted(unique, block).astype(np.int32)
+            ids, slots, union = shard_blocks(block, 1, min(b, clusters), clusters, level)
+            out[f"block_ids_l{level}"], out[f"block_slots_l{level}"] = ids, slots
+            out[f"block_union_l{level}"] = union
         return out
 
     def iterate(self, start_step: int):

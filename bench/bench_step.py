@@ -21,6 +21,8 @@ import numpy as np
 from hmem_jax import sharding
 from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, OptimConfig,
                              TrainConfig, model_preset)
+from hmem_jax.bank.exchange import BlockExchange
+from hmem_jax.data.loader import shard_blocks
 from hmem_jax.model import Transformer
 from hmem_jax.train.memory import MemoryPlan, ids_key, memory_schedule, slots_key
 from hmem_jax.train.metrics import measure_matmul_peak, train_flops_per_token
@@ -38,10 +40,14 @@ class Case:
     batch: dict = None
     times: list = dataclasses.field(default_factory=list)
     temp_bytes: int = 0
+    argument_bytes: int = 0
+    metrics: dict = None
 
 
-def build(name: str, cfg: TrainConfig, seed: int = 0) -> Case:
-    mesh = sharding.build_mesh(cfg.mesh, jax.devices()[:1])
+def build(name: str, cfg: TrainConfig, seed: int = 0, devices: int = 1) -> Case:
+    """A compiled, warmed-up step of `cfg` on the first `devices` devices; with memory, every
+    sequence on its own leaf path (the most blocks a batch can use)."""
+    mesh = sharding.build_mesh(cfg.mesh, jax.devices()[:devices])
     rules = sharding.rules_of(cfg.mesh)
     plan = MemoryPlan.from_config(cfg)
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
@@ -49,35 +55,32 @@ def build(name: str, cfg: TrainConfig, seed: int = 0) -> Case:
     shards = state_shardings(model, tx, mesh, rules, plan)
     fns = StepFunctions(model=model, tx=tx, schedule=learning_rate_schedule(cfg.optim, cfg.steps),
                         micro_batches=1, grad_clip=1.0, plan=plan,
-                        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
+                        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
+                        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None)
     state = create_state(model, tx, mesh, rules, seed, plan)
     rng = np.random.default_rng(seed)
     b, t = cfg.batch_size, cfg.seq_len
     local = {"tokens": rng.integers(1, cfg.model.vocab_size, (b, t)).astype(np.int32),
              "segment_ids": np.ones((b, t), np.int32),
              "positions": np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)}
-    replicate = []
     if plan is not None:
-        # Every sequence on its own leaf path: the worst case for unique blocks.
         leaves = rng.choice(plan.geometry.clusters(plan.geometry.depth), b, replace=False)
+        shards = sharding.batch_shards(mesh, rules)
         for level in plan.levels:
             clusters = plan.geometry.clusters(level)
             ids_per_seq = leaves // plan.geometry.branching ** (plan.geometry.depth - level)
-            unique, slots = np.unique(ids_per_seq, return_inverse=True)
-            capacity = min(b, clusters)
-            padded = np.full(capacity, clusters, np.int32)
-            padded[:len(unique)] = unique
-            local[ids_key(level)] = padded
-            local[slots_key(level)] = slots.astype(np.int32)
-            replicate.append(ids_key(level))
-    batch = sharding.global_batch(local, mesh, rules, replicate=replicate)
+            ids, slots, _ = shard_blocks(ids_per_seq, shards, min(b // shards, clusters),
+                                         clusters)
+            local[ids_key(level)], local[slots_key(level)] = ids, slots
+    batch = sharding.global_batch(local, mesh, rules)
     run = compile_train_step(fns, mesh, rules, shards)
     case = Case(name, cfg, run, state, batch)
     analysis = run.compiled(state, batch).memory_analysis()
     if analysis is not None:
         case.temp_bytes = int(analysis.temp_size_in_bytes)
+        case.argument_bytes = int(analysis.argument_size_in_bytes)
     case.state, metrics, _ = run(case.state, batch)  # compile + warm up
-    jax.block_until_ready(metrics)
+    case.metrics = jax.device_get(metrics)
     return case
 
 

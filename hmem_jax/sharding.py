@@ -98,6 +98,12 @@ def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
     return axis_size(mesh, rules, "batch")
 
 
+def batch_shards_for(cfg: MeshConfig, num_devices: int) -> int:
+    """How many ways the batch is split on the mesh `cfg` makes of `num_devices` devices."""
+    shape = dict(zip(MESH_AXES, mesh_shape(cfg, num_devices)))
+    return axis_size(shape, rules_of(cfg), "batch")
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
                  rules: Sequence[tuple[str, Any]], replicate: Sequence[str] = ()) -> dict:
     """Assemble this process's rows into global arrays sharded over the 'batch' axes.

@@ -199,32 +199,41 @@ def test_resume_is_a_jump_with_prefetch(routed_dir):
 
 
 def test_two_process_slices_union_to_the_one_process_batch(routed_dir):
-    whole = Loader(routed_dir, 8, SEQ_LEN, seed=2).batch(7)
+    whole = Loader(routed_dir, 8, SEQ_LEN, seed=2, batch_shards=2).batch(7)
     halves = [Loader(routed_dir, 8, SEQ_LEN, seed=2, process_index=p, process_count=2).batch(7)
               for p in range(2)]
     for key in whole:
-        if key.startswith("block_ids"):  # the global batch's unique ids: identical everywhere
+        if key.startswith("block_union"):  # the global batch's distinct ids: the same everywhere
             for half in halves:
                 np.testing.assert_array_equal(half[key], whole[key])
-        else:
+        else:  # rows, and the per-shard block lists, split by process
             np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
 
 
-def test_unique_ids_and_slots_reconstruct_every_path(routed_dir, tree_dir):
+@pytest.mark.parametrize("shards", [1, 4])
+def test_per_shard_ids_and_slots_reconstruct_every_path(routed_dir, tree_dir, shards):
     tree = ClusterTree.load(tree_dir)
-    loader = Loader(routed_dir, 8, SEQ_LEN, seed=9)
-    assert loader.block_capacity == [3, 8]  # min(batch, clusters at level)
+    loader = Loader(routed_dir, 8, SEQ_LEN, seed=9, batch_shards=shards)
+    per_shard = 8 // shards
+    assert loader.block_capacity == [min(3, per_shard), per_shard]  # min(shard batch, clusters)
     for step in range(6):
         batch = loader.batch(step)
         expected_ids = tree.block_ids(batch["paths"])
         for level in (1, 2):
             ids, slots = batch[f"block_ids_l{level}"], batch[f"block_slots_l{level}"]
-            np.testing.assert_array_equal(ids[slots], expected_ids[:, level - 1])
+            union = batch[f"block_union_l{level}"]
             padding = tree.num_clusters[level - 1]
-            valid = ids[ids != padding]
-            assert np.all(np.diff(valid) > 0)  # sorted, unique
-            assert set(valid) == set(expected_ids[:, level - 1])
-            assert np.all(ids[len(valid):] == padding)
+            assert ids.shape == (shards, loader.block_capacity[level - 1])
+            for s in range(shards):
+                rows = slice(s * per_shard, (s + 1) * per_shard)
+                np.testing.assert_array_equal(ids[s][slots[rows]], expected_ids[rows, level - 1])
+                valid = ids[s][ids[s] != padding]
+                assert np.all(np.diff(valid) > 0)  # sorted, unique
+                assert set(valid) == set(expected_ids[rows, level - 1])
+                assert np.all(ids[s][len(valid):] == padding)
+            distinct = np.unique(expected_ids[:, level - 1])
+            np.testing.assert_array_equal(union[:len(distinct)], distinct)
+            assert np.all(union[len(distinct):] == padding)
 
 
 def test_plain_data_has_no_paths(plain_dir):

@@ -96,7 +96,7 @@ def test_posthoc_memories_lower_the_loss_while_the_anchor_stays_bitwise_frozen(t
     cfg = _posthoc_config(tree_params, anchor_dir, tokenizer_path)
     assert cfg.memory.mode == "frozen_anchor" and cfg.model == cfg_model
     workdir = str(tmp_path / "posthoc")
-    loader = make_loader(cfg, workdir)
+    loader = make_loader(cfg, workdir, devices=1)
     result = train(cfg, workdir, loader, fingerprint(loader.fingerprint),
                    devices=jax.devices()[:1])
     losses = np.array([result.losses[k] for k in sorted(result.losses)])

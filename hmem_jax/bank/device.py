@@ -2,12 +2,12 @@
 
 For banks that fit in aggregate accelerator memory. A level is a `LevelBank`:
 matrices `[clusters, layers, ...]` with their AdamW moments and per-block
-update counts; the leading `clusters` axis carries the logical name
-`memory_blocks` (mapped to the mesh's `memory` axis by the rules table), the
-way embedding tables are sharded by rows. `fetch` gathers the step's unique
-blocks on device; `commit` scatters the updated rows back. Block ids equal to
-the level's cluster count are padding (see hmem_jax/data/loader.py): gathers
-clamp them, scatters drop them.
+update counts. In training every block is split over the devices
+(`bank.exchange`: each device holds a slice of every block) and each batch
+shard fetches its own blocks; `fetch` and `commit` here are the plain
+gathers and scatters that inference and tools use on a bank of any layout.
+Block ids equal to the level's cluster count are padding (see
+hmem_jax/data/loader.py): gathers clamp them, scatters drop them.
 
 Initialisation is per block, from (seed, level, block id) only, so a bank
 tier that materialises blocks lazily (the streamed tier) creates exactly the
@@ -17,7 +17,6 @@ same values, and both tiers train identically.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -89,41 +88,6 @@ def init_bank(geometry: BankGeometry, seed: int, dtype: Any, moment_dtype: Any,
     if with_generic:
         bank[GENERIC] = init_level(geometry, GENERIC, seed, dtype, moment_dtype)
     return bank
-
-
-def bank_logical_axes(bank: Mapping[str, LevelBank], row_shards: int = 1,
-                      rank_axes: Mapping[str, int] | None = None) -> Any:
-    """Logical PartitionSpecs for a bank: rows over 'memory_blocks', the rest replicated.
-
-    A level whose block count does not divide by `row_shards` (a small level 1
-    on a big mesh, the generic block) is split along its blocks' rank axis
-    instead (`rank_axes`: matrix name -> the rank axis within one layer's
-    matrix), when the rank divides: the few huge shallow blocks are then held
-    1/N per device like the many small deep ones, not N times. Otherwise it is
-    replicated. Counts of such a level are replicated.
-    """
-    def replicated(x: Any) -> jax.sharding.PartitionSpec:
-        return jax.sharding.PartitionSpec(*([None] * x.ndim))
-
-    def level_specs(level: LevelBank) -> LevelBank:
-        if level.count.shape[0] % row_shards == 0:
-            rows = lambda x: jax.sharding.PartitionSpec(  # noqa: E731
-                "memory_blocks", *([None] * (x.ndim - 1)))
-            return jax.tree.map(rows, level)
-
-        def matrix(name: str, x: Any) -> jax.sharding.PartitionSpec:
-            axis = 2 + rank_axes[name] if rank_axes and name in rank_axes else None
-            if axis is None or x.shape[axis] % row_shards:
-                return replicated(x)
-            spec = [None] * x.ndim
-            spec[axis] = "memory_blocks"
-            return jax.sharding.PartitionSpec(*spec)
-
-        split = lambda tree: {n: matrix(n, x) for n, x in tree.items()}  # noqa: E731
-        return LevelBank(params=split(level.params), mu=split(level.mu), nu=split(level.nu),
-                         count=replicated(level.count))
-
-    return {key: level_specs(level) for key, level in bank.items()}
 
 
 def fetch(level: LevelBank, ids: Array) -> LevelBank:

@@ -1,15 +1,18 @@
 """What the memory costs each device: the resident bank share and what one step brings in.
 
 Arithmetic on shapes only (no allocation), for any mesh size, so `hmem info --devices=256` can
-say what a pod would hold before a pod is rented. It follows the layout the code uses:
+say what a pod would hold before a pod is rented. It follows the layout the code uses
+(`bank.exchange`):
 
-- device tier: the bank's leaves (params, both moments, the per-block counts) are laid out by
-  `bank.device.bank_logical_axes`, the function that lays out the train state; a leaf split
-  over 'memory_blocks' is held 1/N per device, any other leaf whole. A streamed bank holds
-  nothing on devices;
-- each step gathers the unique blocks of the *global* batch, `min(global batch, clusters)` rows
-  per level (the loader's static capacity) plus the generic block, and every device receives all
-  of them with their moments (replicated rows, `bank.device.fetch` / the streamed rows).
+- device tier: each bank leaf (params, both moments) is split over the P devices of the
+  'batch' and 'memory_blocks' axes along `exchange.slice_axis`, so a device holds 1/P of it;
+  a leaf with no axis that divides by P, and the per-block counts, are held whole. A streamed
+  bank holds nothing on devices between steps;
+- per step, a device receives its batch shard's blocks: `min(per-shard batch, clusters)` rows
+  per level (the loader's static capacity) plus the generic block, parameters only (moments
+  stay with the slices), and sends as many gradients back. This does not depend on the
+  number of devices. A streamed step instead places the global batch's distinct blocks with
+  their moments and counts on every device (its rows are replicated).
 
 `tests/test_bank_footprint.py` checks these figures against the compiled step's argument sizes.
 """
@@ -17,12 +20,14 @@ say what a pod would hold before a pod is rented. It follows the layout the code
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from hmem_jax import sharding
-from hmem_jax.bank.device import bank_logical_axes, init_bank
+from hmem_jax.bank.device import init_bank
+from hmem_jax.bank.exchange import slice_axis, slice_mesh_axes
 from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.config import TrainConfig
 
@@ -35,8 +40,8 @@ class MemoryFootprint:
     global_batch: int
     bank_bytes: int  # the whole bank: params, moments, counts
     bank_bytes_per_device: int  # resident on one device (0 for a streamed bank)
-    memory_step_bytes: int  # the rows one step fetches, with their moments
-    memory_step_bytes_per_device: int  # what of them one device receives
+    memory_step_bytes: int  # the distinct blocks of one step's global batch (parameters)
+    memory_step_bytes_per_device: int  # what one device receives for memory in one step
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,23 +62,30 @@ def memory_footprint(cfg: TrainConfig, devices: int,
     if per_device_batch is None:
         per_device_batch = max(1, cfg.batch_size // shards)
     batch = per_device_batch * shards
-    row_shards = sharding.axis_size(shape, rules, "memory_blocks")
+    slices = math.prod(shape[a] for a in slice_mesh_axes(rules, sharding.MESH_AXES))
     bank = jax.eval_shape(lambda: init_bank(
         geometry, 0, jnp.dtype(memory.bank_dtype), jnp.dtype(memory.moment_dtype),
         memory.generic_probability > 0))
-    specs = bank_logical_axes(bank, row_shards, geometry.rank_axes)
-    total = resident = fetched = 0
-    for key, level in bank.items():
-        leaves = jax.tree.leaves(level)
-        level_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-        total += level_bytes
-        resident += sum(x.size * x.dtype.itemsize // (row_shards if "memory_blocks" in spec else 1)
-                        for x, spec in zip(leaves, jax.tree.leaves(specs[key])))
+    streamed = memory.bank_tier == "streaming"
+    total = resident = union_bytes = shard_bytes = replicated_rows = 0
+    for level in bank.values():
         rows = level.count.shape[0]
-        fetched += level_bytes // rows * min(batch, rows)
-    if memory.bank_tier == "streaming":
-        resident = 0
+        leaves = jax.tree.leaves(level)
+        total += sum(_bytes(x) for x in leaves)
+        resident += sum(_bytes(x) // (1 if slice_axis(x.shape, slices) is None else slices)
+                        for x in leaves)
+        row_params = sum(_bytes(x) // rows for x in level.params.values())
+        union = rows if rows == 1 else min(batch, rows)
+        union_bytes += union * row_params
+        shard_bytes += (rows if rows == 1 else min(per_device_batch, rows)) * row_params
+        replicated_rows += union * sum(_bytes(x) // rows for x in leaves)
+    if streamed:
+        resident, shard_bytes = 0, replicated_rows
     return MemoryFootprint(devices=devices, batch_shards=shards,
                            per_device_batch=per_device_batch, global_batch=batch,
                            bank_bytes=total, bank_bytes_per_device=resident,
-                           memory_step_bytes=fetched, memory_step_bytes_per_device=fetched)
+                           memory_step_bytes=union_bytes, memory_step_bytes_per_device=shard_bytes)
+
+
+def _bytes(x: jax.ShapeDtypeStruct) -> int:
+    return x.size * x.dtype.itemsize

@@ -8,14 +8,20 @@ rows [s*B, (s+1)*B). Nothing depends on what was read before, so resuming at
 step s is a jump, and any number of processes see the same global batches:
 process p of P reads only rows [p*B/P, (p+1)*B/P) of each step's batch.
 
-Per-step memory blocks (DESIGN.md 2): every process computes, from the small
-per-record leaf table (no record reads), the cluster path of ALL B sequences
-of the global batch, and for each level l = 1..depth:
-- `block_ids_l{l}`: int32[capacity_l], the sorted unique global block ids of the
-  global batch at that level, then padding up to the static `capacity_l`
-  (default min(B, clusters at level l), so shapes never change and the step
-  never recompiles);
-- `block_slots_l{l}`: int32[b], each local sequence's index into `block_ids_l{l}`.
+Per-step memory blocks (DESIGN.md 2). The global batch is split into S batch
+shards (shard s = global rows [s*B/S, (s+1)*B/S), the rows of one position of
+the mesh's batch axes; a process holds whole shards). Every process computes,
+from the small per-record leaf table (no record reads), the cluster path of
+the sequences, and for each level l = 1..depth:
+- `block_ids_l{l}`: int32[S_local, capacity_l], for each of this process's
+  shards the sorted unique global block ids its own sequences use, then padding
+  up to the static `capacity_l` (default min(B/S, clusters at level l), so
+  shapes never change and the step never recompiles);
+- `block_slots_l{l}`: int32[b], each local sequence's index into its own
+  shard's `block_ids_l{l}` row;
+- `block_union_l{l}`: int32[union_l], the sorted unique ids of the whole global
+  batch (the same on every process), padded to min(S*capacity_l, clusters):
+  what a host-side bank tier reads for the step.
 PADDING is the level's block count, i.e. one past the largest valid id
 (`loader.block_id_padding[l-1]`). It is out of range on purpose: JAX scatters
 (`.at[ids].add/set`) drop out-of-range indices by default, so an update can
@@ -70,6 +76,32 @@ def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
     return np.where(segment_ids > 0, index - starts, 0).astype(np.int32)
 
 
+def shard_blocks(block_ids: np.ndarray, shards: int, capacity: int, padding: int,
+                 level: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level's blocks of a global batch, per batch shard (see the module doc).
+
+    block_ids: int[B], each sequence's block at the level; shards: S, dividing B;
+    capacity: the static length of a shard's list; padding: the level's block
+    count. Returns (ids int32[S, capacity], slots int32[B] into their own shard's
+    row, union int32[min(S * capacity, padding)] the batch's distinct ids).
+    """
+    per_shard = len(block_ids) // shards
+    ids = np.full((shards, capacity), padding, dtype=np.int32)
+    slots = np.empty(len(block_ids), dtype=np.int32)
+    for shard in range(shards):
+        rows = slice(shard * per_shard, (shard + 1) * per_shard)
+        unique, slots[rows] = np.unique(block_ids[rows], return_inverse=True)
+        if len(unique) > capacity:
+            raise ValueError(
+                f"Batch shard {shard} of the step has {len(unique)} distinct level-{level} blocks "
+                f"but block_capacity is {capacity}; raise block_capacity (or leave it None).")
+        ids[shard, :len(unique)] = unique
+    distinct = np.unique(block_ids)
+    union = np.full(min(shards * capacity, padding), padding, dtype=np.int32)
+    union[:len(distinct)] = distinct
+    return ids, slots, union
+
+
 class Loader:
     """Deterministic, resumable, per-process batches of a prepared directory.
 
@@ -79,8 +111,11 @@ class Loader:
       seq_len: must equal the prepared seq_len (checked).
       seed: the shuffle seed.
       process_index, process_count: this process reads rows [p*B/P, (p+1)*B/P).
-      block_capacity: static length of `block_ids_l{l}`; an int for every level,
-        a sequence per level, or None for min(B, clusters at that level).
+      batch_shards: S, how many ways the step's batch is split over the mesh (a
+        multiple of process_count, dividing B; default one per process); blocks are
+        listed per shard.
+      block_capacity: static length of a shard's `block_ids_l{l}` row; an int for
+        every level, a sequence per level, or None for min(B/S, clusters there).
       expect: a `fingerprint` saved by an earlier run (e.g. in its checkpoint);
         any difference (tokenizer, tree, records, seq_len, source) is an error.
       tree_hash: the content hash of the tree the run's memory bank follows;
@@ -91,7 +126,7 @@ class Loader:
     """
 
     def __init__(self, prepared_dir: str, global_batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1,
+                 process_index: int = 0, process_count: int = 1, batch_shards: int | None = None,
                  block_capacity: int | Sequence[int] | None = None,
                  expect: Mapping[str, Any] | None = None, tree_hash: str | None = None,
                  worker_count: int = 1, prefetch: int = 2, subtree: int | None = None) -> None:
@@ -99,6 +134,10 @@ class Loader:
         self.subtree = subtree
         self.manifest = prepare_lib.read_manifest(prepared_dir)
         self._check_arguments(global_batch_size, seq_len, process_index, process_count)
+        batch_shards = process_count if batch_shards is None else batch_shards
+        self._check_shards(global_batch_size, process_count, batch_shards)
+        self.batch_shards = batch_shards
+        self.shard_size = global_batch_size // batch_shards
         self.global_batch_size = global_batch_size
         self.seq_len = seq_len
         self.seed = seed
@@ -152,6 +191,14 @@ class Loader:
             raise ValueError(f"The global batch size {batch} must be a positive multiple of the "
                              f"process count {count}; change TrainConfig.batch_size.")
 
+    @staticmethod
+    def _check_shards(batch: int, processes: int, shards: int) -> None:
+        if shards < 1 or shards % processes or batch % shards:
+            raise ValueError(
+                f"The batch is split into {shards} shards over {processes} process(es): the "
+                f"shard count must be a multiple of the process count and divide the global "
+                f"batch size {batch}; change TrainConfig.batch_size or MeshConfig.")
+
     def _subtree_records(self, subtree: int | None) -> np.ndarray | None:
         if subtree is None:
             return None
@@ -204,7 +251,7 @@ class Loader:
                 "(`python -m hmem_jax.main.prepare --tree=DIR`), or use the tree it was made with.")
 
     def _capacities(self, block_capacity: int | Sequence[int] | None) -> list[int]:
-        natural = [min(self.global_batch_size, n) for n in self.block_id_padding]
+        natural = [min(self.shard_size, n) for n in self.block_id_padding]
         if block_capacity is None:
             return natural
         given = ([int(block_capacity)] * self.depth if isinstance(block_capacity, int)
@@ -247,18 +294,14 @@ class Loader:
         leaves = self._record_leaves[records]
         block_ids = self._leaf_block_ids[leaves]  # [B, depth], global batch
         arrays = {"paths": self._leaf_paths[leaves[local]].astype(np.int32)}
+        shards = slice(local.start // self.shard_size, local.stop // self.shard_size)
         for level in range(1, self.depth + 1):
-            unique = np.unique(block_ids[:, level - 1])
-            capacity = self.block_capacity[level - 1]
-            if len(unique) > capacity:
-                raise ValueError(
-                    f"Step batch has {len(unique)} distinct level-{level} blocks but "
-                    f"block_capacity is {capacity}; raise block_capacity (or leave it None).")
-            padded = np.full(capacity, self.block_id_padding[level - 1], dtype=np.int32)
-            padded[:len(unique)] = unique
-            arrays[f"block_ids_l{level}"] = padded
-            arrays[f"block_slots_l{level}"] = np.searchsorted(
-                unique, block_ids[local, level - 1]).astype(np.int32)
+            ids, slots, union = shard_blocks(block_ids[:, level - 1], self.batch_shards,
+                                             self.block_capacity[level - 1],
+                                             self.block_id_padding[level - 1], level)
+            arrays[f"block_ids_l{level}"] = ids[shards]
+            arrays[f"block_slots_l{level}"] = slots[local]
+            arrays[f"block_union_l{level}"] = union
         return arrays
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

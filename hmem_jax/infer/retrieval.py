@@ -118,7 +118,8 @@ def build_memory(plan: MemoryPlan | None, blocks: BlockSource | None, block_ids:
     if mode == "generic":
         params[bank_lib.GENERIC] = blocks.fetch(bank_lib.GENERIC, np.zeros((1,), np.int32))
         use_generic = jnp.ones((len(block_ids),), bool)
-    return plan.model_memory(params, batch, use_generic)
+    one_shard = {key: {name: x[None] for name, x in rows.items()} for key, rows in params.items()}
+    return plan.model_memory(one_shard, batch, use_generic)
 
 
 def select_rows(memory: Any, rows: np.ndarray) -> Any:

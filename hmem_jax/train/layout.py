@@ -75,8 +75,9 @@ def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str) -> None:
             "to continue this run as it was.")
 
 
-def make_loader(cfg: TrainConfig, workdir: str) -> Loader:
-    """Fit the tree and prepare the data if needed (process 0), then open this process's loader."""
+def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> Loader:
+    """Fit the tree and prepare the data if needed (process 0), then open this process's loader
+    for a mesh over `devices` devices (default: all of them; `train(devices=...)` may use fewer)."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -88,8 +89,11 @@ def make_loader(cfg: TrainConfig, workdir: str) -> Loader:
         ensure_tree(cfg, workdir)
         ensure_prepared(cfg, prepared, tree_dir)
     multihost_utils.sync_global_devices("hmem_jax.data.prepared")
+    from hmem_jax import sharding
+
     tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
     return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
                   process_index=jax.process_index(), process_count=jax.process_count(),
+                  batch_shards=sharding.batch_shards_for(cfg.mesh, devices or jax.device_count()),
                   tree_hash=tree_hash, worker_count=cfg.data.worker_count,
                   prefetch=cfg.data.prefetch, subtree=cfg.subtree if cfg.subtree >= 0 else None)

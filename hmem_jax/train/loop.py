@@ -22,6 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from hmem_jax import sharding
+from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.config import TrainConfig
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
@@ -102,6 +103,10 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             f"batch_size, grad_accum_steps or MeshConfig.")
 
     plan = MemoryPlan.from_config(cfg)
+    if plan is not None and getattr(loader, "batch_shards", shards) != shards:
+        raise ValueError(f"The loader lists blocks for {loader.batch_shards} batch shards but "
+                         f"the mesh {dict(mesh.shape)} splits the batch {shards} ways; open the "
+                         "loader with batch_shards = sharding.batch_shards_for(...).")
     frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
@@ -136,10 +141,10 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     fns = StepFunctions(model=model, tx=tx, schedule=schedule,
                         micro_batches=cfg.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
                         plan=plan, freeze_anchor=frozen, host_bank=bank is not None,
+                        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
                         memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
     step_fn = compile_train_step(fns, mesh, rules, shardings)
-    inputs = MODEL_INPUTS + (plan.batch_keys() + plan.replicated_keys() if plan else ())
-    replicated_inputs = plan.replicated_keys() if plan else ()
+    inputs = MODEL_INPUTS + (plan.batch_keys() if plan else ())
     fetched_params = plan.geometry.fetched_params if plan else 0
     flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len, fetched_params) * (
         cfg.batch_size * cfg.seq_len)
@@ -152,15 +157,14 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     run_start, timed_steps = None, 0
     batches = loader.iterate(start_step)
-    streamed = StreamedRows(bank, plan, mesh) if bank is not None else None
+    streamed = StreamedRows(bank, plan, mesh, rules) if bank is not None else None
     stream = _lookahead(batches, streamed.lookahead if streamed is not None else 0)
     try:
         for step in range(start_step, end_step):
             fetch_start = time.perf_counter()
             data_step, local, ahead = next(stream)
             assert data_step == step, (data_step, step)
-            batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules,
-                                          replicate=replicated_inputs)
+            batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules)
             rows = streamed.rows(local) if streamed is not None else None
             data_wait += time.perf_counter() - fetch_start
             state, step_metrics, rows_out = step_fn(state, batch, rows)

@@ -1,11 +1,15 @@
-"""The memory side of a training step: fetch the step's blocks, build each sequence's memory,
-update the fetched blocks with sparse AdamW and write them back (DESIGN.md decisions 1-4).
+"""The memory side of a training step: fetch each batch shard's blocks, build each sequence's
+memory, sum the gradients of blocks several shards share, update them with sparse AdamW where
+they live (DESIGN.md decisions 1-4).
 
-The loader hands each step, per level l, the unique block ids of the global
-batch (`block_ids_l{l}`, static capacity, padded) and every sequence's slot
-in them (`block_slots_l{l}`). Gradients flow from each sequence's memory,
-through the gather, to the unique blocks only; blocks not fetched are not
-read, not written, and their moments and counts stay as they were.
+The loader hands each step, per level l, every batch shard's unique block ids
+(`block_ids_l{l}`, [S, C], static capacity, padded) and every sequence's slot
+in its own shard's row (`block_slots_l{l}`). A bank tier gives the step a
+*view* per level: the blocks it can read (the device tier's whole bank, or a
+host tier's rows of the step) and, per shard, the ids of its blocks in that
+view. The movement between the view's slices and the shards is
+`bank.exchange.BlockExchange`. Blocks not fetched are not read, not written,
+and their moments and counts stay as they were.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import optax
 
 from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.geometry import BankGeometry
-from hmem_jax.bank.sparse_adamw import is_narrow, row_rounding_keys, sparse_adamw
+from hmem_jax.bank.exchange import BlockExchange, Reduced
+from hmem_jax.bank.sparse_adamw import (element_counters, is_narrow, row_rounding_keys,
+                                        sparse_adamw)
 from hmem_jax.config import MemoryConfig, TrainConfig
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.train.optimizer import warmup_cosine
@@ -35,6 +41,15 @@ def ids_key(level: int) -> str:
 
 def slots_key(level: int) -> str:
     return f"block_slots_l{level}"
+
+
+def union_key(level: int) -> str:
+    return f"block_union_l{level}"
+
+
+# (ids int32[S, C] into the view, the view's blocks, the block id of each view row or None when
+# row i is block i)
+View = tuple[Any, bank_lib.LevelBank, Any]
 
 
 def memory_schedule(cfg: MemoryConfig, total_steps: int) -> optax.Schedule:
@@ -70,13 +85,22 @@ class MemoryPlan:
     def lora_scale(self) -> float:
         return self.config.lora_alpha / self.geometry.fetched_rank
 
-    def batch_keys(self) -> tuple[str, ...]:
-        """The loader's per-sequence keys this plan reads (sliced with the batch)."""
+    def sequence_keys(self) -> tuple[str, ...]:
+        """The loader's per-sequence keys the step reads (sliced with the batch)."""
         return tuple(slots_key(l) for l in self.levels)
 
-    def replicated_keys(self) -> tuple[str, ...]:
-        """The loader's per-step keys (the same on every process)."""
-        return tuple(ids_key(l) for l in self.levels)
+    def batch_keys(self) -> tuple[str, ...]:
+        """Every loader key the step reads, all split over the batch shards: the per-sequence
+        slots and the per-shard block ids."""
+        return self.sequence_keys() + tuple(ids_key(l) for l in self.levels)
+
+    def host_ids(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """level key -> the step's distinct block ids over the global batch (what a host tier
+        reads; the generic block is id 0 of its own bank)."""
+        ids = {bank_lib.level_key(l): np.asarray(batch[union_key(l)]) for l in self.levels}
+        if self.with_generic:
+            ids[bank_lib.GENERIC] = np.zeros((1,), np.int32)
+        return ids
 
     def init_bank(self) -> dict[str, bank_lib.LevelBank]:
         return bank_lib.init_bank(self.geometry, self.config.init_seed,
@@ -85,18 +109,22 @@ class MemoryPlan:
 
     # ----- inside the step ----------------------------------------------------------------
 
-    def step_ids(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """level key -> the block ids a step fetches (the generic block is id 0 of its own bank)."""
-        ids = {bank_lib.level_key(l): batch[ids_key(l)] for l in self.levels}
-        if self.with_generic:
-            ids[bank_lib.GENERIC] = np.zeros((1,), np.int32)
-        return ids
+    def _shards(self, batch: Mapping[str, Any]) -> int:
+        return batch[ids_key(self.levels[0])].shape[0]
 
-    def fetch(self, bank: Mapping[str, bank_lib.LevelBank], batch: Mapping[str, Array]
-              ) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
-        """level key -> (ids, fetched rows) from a device-resident bank."""
-        return {key: (jnp.asarray(ids), bank_lib.fetch(bank[key], jnp.asarray(ids)))
-                for key, ids in self.step_ids(batch).items()}
+    def device_views(self, bank: Mapping[str, bank_lib.LevelBank],
+                     batch: Mapping[str, Array]) -> dict[str, View]:
+        """The device tier's views: the whole bank, addressed by global block ids."""
+        views = {bank_lib.level_key(l): (batch[ids_key(l)], bank[bank_lib.level_key(l)], None)
+                 for l in self.levels}
+        if self.with_generic:
+            generic = jnp.zeros((self._shards(batch), 1), jnp.int32)
+            views[bank_lib.GENERIC] = (generic, bank[bank_lib.GENERIC], None)
+        return views
+
+    def fetch(self, exchange: BlockExchange, views: Mapping[str, View]) -> dict[str, Any]:
+        """level key -> each shard's blocks {name: [S, C, layers, ...]}."""
+        return {key: exchange.fetch(view.params, ids) for key, (ids, view, _) in views.items()}
 
     def generic_mask(self, step: Array, batch_size: int) -> Array:
         """bool[B]: sequences that use the generic memory this step (a function of seed, step)."""
@@ -105,75 +133,117 @@ class MemoryPlan:
 
     def model_memory(self, params: Mapping[str, Mapping[str, Array]], batch: Mapping[str, Array],
                      use_generic: Array | None) -> Any:
-        """The `memory` input of the model for these sequences (leading axis: all layers)."""
+        """The `memory` input of the model for these sequences (leading axis: all layers).
+
+        params[key][name]: [S, C, layers, ...], shard s's blocks; the batch's rows are the
+        shards' rows in order, so sequence i belongs to shard i // (b / S).
+        """
         fetched = {level: params[bank_lib.level_key(level)] for level in self.levels}
         slots = {level: batch[slots_key(level)] for level in self.levels}
         generic = params.get(bank_lib.GENERIC) if use_generic is not None else None
+        shards = jax.tree.leaves(fetched)[0].shape[0]
+        rows = next(iter(slots.values())).shape[0]
         if self.config.application == "grouped":
-            memory = memory_lib.grouped_memory(fetched, slots, generic, use_generic)
+            owner = jnp.arange(rows) // (rows // shards)
+            capacity = {l: jax.tree.leaves(f)[0].shape[1] for l, f in fetched.items()}
+            flat = {l: {n: x.reshape((-1,) + x.shape[2:]) for n, x in f.items()}
+                    for l, f in fetched.items()}
+            global_slots = {l: s + owner * capacity[l] for l, s in slots.items()}
+            shared = None if generic is None else {n: x[0] for n, x in generic.items()}
+            memory = memory_lib.grouped_memory(flat, global_slots, shared, use_generic)
         else:
             rank_axes = {n: m.rank_axis for n, m in self.geometry.matrices.items()}
-            memory = memory_lib.sequence_memory(fetched, slots, rank_axes)
-            if generic is not None:
-                memory = memory_lib.select_generic(memory, generic, use_generic)
+
+            def one_shard(blocks: dict, shard_slots: dict, shard_generic: Any,
+                          shard_use: Any) -> dict:
+                memory = memory_lib.sequence_memory(blocks, shard_slots, rank_axes)
+                if shard_generic is not None:
+                    memory = memory_lib.select_generic(memory, shard_generic, shard_use)
+                return memory
+
+            split = lambda x: x.reshape((shards, -1) + x.shape[1:])  # noqa: E731
+            use = None if generic is None else split(use_generic)
+            per_shard = jax.vmap(one_shard)(fetched, {l: split(s) for l, s in slots.items()},
+                                            generic, use)  # [S, layers, b/S, ...]
+            memory = jax.tree.map(
+                lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], rows) + x.shape[3:]),
+                per_shard)
         return memory_lib.place_layers(memory, self.geometry.layers, self.num_layers)
 
-    def updated_rows(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
-                     grads: Mapping[str, Mapping[str, Array]], lr: Array,
-                     use_generic: Array | None, step: Array
-                     ) -> dict[str, tuple[Array, bank_lib.LevelBank]]:
-        """Sparse AdamW on the fetched rows: level key -> (ids, rows to write back).
+    def reduce(self, exchange: BlockExchange, views: Mapping[str, View],
+               grads: Mapping[str, Mapping[str, Array]]) -> dict[str, Reduced]:
+        """level key -> the fetched blocks' gradients summed over the shards that used them."""
+        return {key: exchange.reduce(grads[key], ids, view.count.shape[0], view.params)
+                for key, (ids, view, _) in views.items()}
 
-        Padding rows (ids >= clusters) and an unused generic block are returned
-        unchanged; writing them back is a no-op. `step` seeds the stochastic
-        rounding of a narrow bank.
+    def update(self, exchange: BlockExchange, views: Mapping[str, View],
+               reduced: Mapping[str, Reduced], lr: Array, scale: Array,
+               use_generic: Array | None, step: Array
+               ) -> tuple[dict[str, bank_lib.LevelBank], dict[str, Array]]:
+        """Sparse AdamW (gradients times `scale`, the clip factor) on every view's blocks of
+        the step -> (new views, the level's update metrics).
+
+        Padding ids and an unused generic block are left as they were. `step`
+        seeds the stochastic rounding of a narrow bank.
         """
-        out = {}
-        for key, (ids, rows) in fetched.items():
-            if key == bank_lib.GENERIC:
-                level = 0
-                valid = jnp.broadcast_to(jnp.any(use_generic), ids.shape)
-            else:
-                level = int(key[1:])
-                valid = ids < self.geometry.clusters(level)
-            keys = row_rounding_keys(self.seed + 104729, step, level, ids)
-            params, mu, nu, count = sparse_adamw(rows.params, grads[key], rows.mu, rows.nu,
-                                                 rows.count, valid, lr, self.config, keys)
-            out[key] = (ids, bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count))
-        return out
-
-    @staticmethod
-    def commit(bank: Mapping[str, bank_lib.LevelBank],
-               rows: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, bank_lib.LevelBank]:
-        """Write updated rows into a device-resident bank."""
-        new_bank = dict(bank)
-        for key, (ids, updated) in rows.items():
-            new_bank[key] = bank_lib.commit(bank[key], ids, updated)
-        return new_bank
-
-    def metrics(self, fetched: Mapping[str, tuple[Array, bank_lib.LevelBank]],
-                updated: Mapping[str, tuple[Array, bank_lib.LevelBank]]) -> dict[str, Array]:
-        """Per step: unique blocks per level and bytes fetched; for a bank narrower than float32
-        also `mem/changed_fraction`, the share of the fetched blocks' parameters whose stored
-        value the update changed (near 0: the bank is losing its updates to rounding)."""
-        out = {}
-        fetch_bytes = jnp.zeros((), jnp.float32)
+        new_views, metrics = {}, {}
         narrow = is_narrow(self.config.bank_dtype)
-        changed = total = jnp.zeros((), jnp.float32)
-        for level in self.levels:
-            key = bank_lib.level_key(level)
-            ids, rows = fetched[key]
-            valid = ids < self.geometry.clusters(level)
-            unique = jnp.sum(valid)
-            out[f"mem/unique_blocks_l{level}"] = unique
-            row_bytes = sum(x[0].size * x.dtype.itemsize for x in rows.params.values())
-            fetch_bytes = fetch_bytes + unique * row_bytes
-            for name, before in rows.params.items() if narrow else ():
-                moved = updated[key][1].params[name] != before
-                per_row = moved.reshape(moved.shape[0], -1).sum(axis=1)
-                changed = changed + jnp.sum(jnp.where(valid, per_row, 0))
-                total = total + unique * before[0].size
+        for key, (_, view, row_ids) in views.items():
+            generic = key == bank_lib.GENERIC
+            level = 0 if generic else int(key[1:])
+            blocks = view.count.shape[0]
+            active = jnp.any(use_generic) if generic else jnp.ones((), bool)
+            # Rounding follows block ids, not view rows: a host tier's view holds the step's
+            # blocks at other positions than the device bank does.
+            values = (lr, scale, active, step, row_ids)
+
+            def rule(rows: bank_lib.LevelBank, grads: dict, union: Array, places: dict,
+                     values: tuple, level: int = level, blocks: int = blocks) -> tuple:
+                lr, scale, active, step, row_ids = values
+                valid = (union < blocks) & active
+                block_ids = union if row_ids is None else jnp.take(row_ids, union, mode="clip")
+                keys = row_rounding_keys(self.seed + 104729, step, level, block_ids)
+                counters = {name: element_counters(rows.params[name].shape[1:], whole, axis, at)
+                            for name, (axis, at, whole) in places.items()}
+                scaled = {n: (g * scale).astype(g.dtype) for n, g in grads.items()}
+                params, mu, nu, count = sparse_adamw(rows.params, scaled, rows.mu, rows.nu,
+                                                     rows.count, valid, lr, self.config, keys,
+                                                     counters)
+                new = bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count)
+                zero = jnp.zeros((), jnp.float32)
+                split, whole = [zero, zero, zero], [zero, zero, jnp.sum(valid).astype(zero.dtype)]
+                for name, before in rows.params.items() if narrow else ():
+                    moved = (params[name] != before).reshape(before.shape[0], -1)
+                    into = whole if places[name][2] == before.shape[1:] else split
+                    into[0] += jnp.sum(jnp.where(valid, moved.sum(axis=1), 0))
+                    into[1] += jnp.sum(valid) * before[0].size
+                return new, (tuple(split), tuple(whole))
+
+            new_views[key], (changed, total, unique) = exchange.update(
+                view, reduced[key], rule, values)
+            if not generic:
+                metrics[f"mem/unique_blocks_l{level}"] = unique
+            if narrow:
+                metrics.setdefault("changed", []).append((changed, total))
+        return new_views, metrics
+
+    def metrics(self, views: Mapping[str, View], update_metrics: Mapping[str, Any]
+                ) -> dict[str, Array]:
+        """Per step: distinct blocks per level, and `mem/fetch_bytes`, the bytes of blocks one
+        batch shard fetched (mean over shards); for a bank narrower than float32 also
+        `mem/changed_fraction`, the share of the updated blocks' parameters whose stored value
+        the update changed (near 0: the bank is losing its updates to rounding)."""
+        out = {k: v for k, v in update_metrics.items() if k != "changed"}
+        fetch_bytes = jnp.zeros((), jnp.float32)
+        for key, (ids, view, _) in views.items():
+            if key == bank_lib.GENERIC:
+                continue
+            row_bytes = sum(x[0].size * x.dtype.itemsize for x in view.params.values())
+            fetched = jnp.sum(ids < view.count.shape[0]) / ids.shape[0]
+            fetch_bytes = fetch_bytes + fetched * row_bytes
         out["mem/fetch_bytes"] = fetch_bytes
-        if narrow:
+        if "changed" in update_metrics:
+            changed = sum(c for c, _ in update_metrics["changed"])
+            total = sum(t for _, t in update_metrics["changed"])
             out["mem/changed_fraction"] = changed / jnp.maximum(total, 1.0)
         return out

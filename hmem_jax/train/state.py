@@ -17,10 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from hmem_jax import sharding
-from hmem_jax.bank.device import bank_logical_axes
+from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.model import Transformer
 from hmem_jax.train.memory import MemoryPlan
 
@@ -42,20 +42,19 @@ def _boxed_state(model: Transformer, tx: optax.GradientTransformation, plan: Mem
                       bank=plan.init_bank() if plan is not None else None)
 
 
-def _logical_specs(abstract: TrainState, mesh: Mesh, rules: Any,
-                   plan: MemoryPlan | None) -> TrainState:
-    specs = nn.get_partition_spec(abstract)
-    if abstract.bank is None or plan is None:
-        return specs
-    return specs.replace(bank=bank_logical_axes(
-        abstract.bank, sharding.axis_size(mesh, rules, "memory_blocks"), plan.geometry.rank_axes))
-
-
 def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: Any, plan: MemoryPlan | None = None) -> TrainState:
-    """NamedShardings for every leaf of the (unboxed) train state."""
+    """NamedShardings for every leaf of the (unboxed) train state; the bank's leaves are laid
+    out as the step's block exchange reads them (`BlockExchange.spec`)."""
     abstract = jax.eval_shape(lambda: _boxed_state(model, tx, plan, jax.random.key(0)))
-    return sharding.logical_to_sharding(_logical_specs(abstract, mesh, rules, plan), mesh, rules)
+    specs = nn.get_partition_spec(abstract)
+    shards = sharding.logical_to_sharding(specs.replace(bank=None), mesh, rules)
+    if abstract.bank is None:
+        return shards
+    exchange = BlockExchange.for_mesh(mesh, rules)
+    bank = jax.tree.map(lambda x: NamedSharding(mesh, exchange.spec(tuple(x.shape))),
+                        abstract.bank)
+    return shards.replace(bank=bank)
 
 
 def abstract_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from hmem_jax import sharding
+from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.model import Transformer
 from hmem_jax.train.memory import MemoryPlan
 from hmem_jax.train.state import TrainState
@@ -107,9 +108,10 @@ class StepFunctions:
     memory_schedule: optax.Schedule | None = None
     freeze_anchor: bool = False
     host_bank: bool = False  # the bank lives outside the state (streamed tier): rows in, rows out
+    exchange: BlockExchange | None = None  # how blocks move between bank slices and shards
 
 
-BankRows = Mapping[str, Any]  # level key -> (ids, LevelBank rows) fetched by a host bank
+BankRows = Mapping[str, Any]  # level key -> a host tier's view (ids, LevelBank rows, block ids)
 
 
 def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
@@ -117,20 +119,20 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
     """One optimizer step -> (state, metrics, updated bank rows for a host bank or None).
 
     Metrics are device scalars (read them a step late). With a device-resident
-    bank the updated rows are written into `state.bank`; with a host bank
-    (`fns.host_bank`) the step takes the step's `rows` and returns them updated,
-    to be written back.
+    bank the step reads and updates `state.bank`; with a host bank
+    (`fns.host_bank`) it reads the step's `rows` and returns them updated, to be
+    written back. The loss, the clip and the update are the same either way.
     """
     plan = fns.plan
     per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
-    fetched, use_generic = {}, None
+    views, memory_params, use_generic = {}, {}, None
     if plan is not None:
-        fetched = rows if fns.host_bank else plan.fetch(state.bank, batch)
-        per_sequence.update({k: batch[k] for k in plan.batch_keys()})
+        views = rows if fns.host_bank else plan.device_views(state.bank, batch)
+        memory_params = plan.fetch(fns.exchange, views)
+        per_sequence.update({k: batch[k] for k in plan.sequence_keys()})
         if plan.with_generic:
             use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
             per_sequence["use_generic"] = use_generic
-    memory_params = {key: rows.params for key, (_, rows) in fetched.items()}
 
     def loss_fn(trainable: tuple[Any, Any], micro: Batch) -> tuple[jax.Array, jax.Array]:
         anchor, memory = trainable
@@ -150,12 +152,15 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
             loss_fn, (state.params, memory_params), per_sequence, fns.micro_batches)
 
     count = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), (anchor_grads, memory_grads))
-    grad_norm = optax.tree.norm(grads)
+    anchor_grads, memory_grads = jax.tree.map(lambda g: (g / count).astype(g.dtype),
+                                              (anchor_grads, memory_grads))
+    reduced = plan.reduce(fns.exchange, views, memory_grads) if plan is not None else {}
+    square_sum = sum((r.square_sum for r in reduced.values()), jnp.zeros((), jnp.float32))
+    grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(anchor_grads)) + square_sum)
+    factor = jnp.ones((), jnp.float32)
     if fns.grad_clip > 0:
         factor = jnp.minimum(1.0, fns.grad_clip / (grad_norm + 1e-6))
-        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads)
-    anchor_grads, memory_grads = grads
+    anchor_grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), anchor_grads)
 
     params, opt_state = state.params, state.opt_state
     if not fns.freeze_anchor:
@@ -166,10 +171,13 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
     bank, rows_out = state.bank, None
     if plan is not None:
         memory_lr = fns.memory_schedule(state.step)
-        rows_out = plan.updated_rows(fetched, memory_grads, memory_lr, use_generic, state.step)
-        metrics.update(plan.metrics(fetched, rows_out))
-        if not fns.host_bank:
-            bank, rows_out = plan.commit(state.bank, rows_out), None
+        new_views, update_metrics = plan.update(fns.exchange, views, reduced, memory_lr, factor,
+                                                use_generic, state.step)
+        metrics.update(plan.metrics(views, update_metrics))
+        if fns.host_bank:
+            rows_out = new_views
+        else:
+            bank = {**state.bank, **new_views}
         metrics["mem/lr"] = memory_lr
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, bank=bank)
     return new_state, metrics, rows_out

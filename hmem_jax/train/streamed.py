@@ -22,7 +22,8 @@ from hmem_jax import sharding
 from hmem_jax.bank.layout import kvstore_spec
 from hmem_jax.bank.streaming import StreamedBank, open_streamed_bank
 from hmem_jax.config import TrainConfig
-from hmem_jax.train.memory import MemoryPlan
+from hmem_jax.bank.device import GENERIC
+from hmem_jax.train.memory import MemoryPlan, ids_key
 
 
 class BankMismatch(RuntimeError):
@@ -63,23 +64,44 @@ def _local_replica(x: jax.Array) -> np.ndarray:
 class StreamedRows:
     """rows(batch) before the step, finish(rows out, next batches) after it."""
 
-    def __init__(self, bank: StreamedBank, plan: MemoryPlan, mesh: jax.sharding.Mesh) -> None:
+    def __init__(self, bank: StreamedBank, plan: MemoryPlan, mesh: jax.sharding.Mesh,
+                 rules: Any) -> None:
         self.bank, self.plan = bank, plan
+        self._mesh, self._rules = mesh, rules
         self._replicated = sharding.replicated(mesh)
         self._counts: dict[str, np.ndarray] = {}
+        self._ids: dict[str, np.ndarray] = {}
 
     @property
     def lookahead(self) -> int:
         """How many future batches the loop must show `finish` (prefetch and write-back)."""
         return max(self.bank.prefetch_steps, 1)
 
+    def _positions(self, local_batch: Mapping[str, Any], key: str, union: np.ndarray
+                   ) -> np.ndarray:
+        """This process's shards' block ids as positions in the step's rows (padding: len)."""
+        if key == GENERIC:
+            shards = local_batch[ids_key(self.plan.levels[0])].shape[0]
+            return np.zeros((shards, 1), np.int32)
+        ids = np.asarray(local_batch[ids_key(int(key[1:]))])
+        positions = np.searchsorted(union, ids).astype(np.int32)
+        return np.where(ids < self.bank.store.layouts[key].clusters, positions,
+                        len(union)).astype(np.int32)
+
     def rows(self, local_batch: Mapping[str, Any]) -> Any:
-        """The step's rows on the mesh (replicated), to be donated to the step."""
-        fetched = self.bank.fetch(self.plan.step_ids(local_batch))
+        """The step's views: (each shard's positions in the rows, the rows (replicated), their
+        block ids), to be donated to the step."""
+        fetched = self.bank.fetch(self.plan.host_ids(local_batch))
         self._counts = {key: np.array(rows.count) for key, (_, rows) in fetched.items()}
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape),
-            fetched)
+        self._ids = {key: np.asarray(ids) for key, (ids, _) in fetched.items()}
+        views = {}
+        for key, (union, rows) in fetched.items():
+            place = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
+                self._replicated, x, x.shape)
+            positions = sharding.global_batch({"p": self._positions(local_batch, key, union)},
+                                              self._mesh, self._rules)["p"]
+            views[key] = (positions, jax.tree.map(place, rows), place(np.asarray(union)))
+        return views
 
     def finish(self, rows_out: Any, ahead: Sequence[Mapping[str, Any]]) -> None:
         """Start reading the next steps' blocks, then hand the updated rows to the bank.
@@ -87,11 +109,13 @@ class StreamedRows:
         Called right after the step is dispatched: the prefetch overlaps the
         step's compute, and reading `rows_out` waits for the step.
         """
-        upcoming = [self.plan.step_ids(b) for b in ahead]
+        upcoming = [self.plan.host_ids(b) for b in ahead]
         if self.bank.prefetch_steps:
             self.bank.prefetch(upcoming)
-        self.bank.commit(jax.tree.map(_local_replica, rows_out), self._counts, upcoming)
-        self._counts = {}
+        updated = {key: (self._ids[key], jax.tree.map(_local_replica, rows))
+                   for key, rows in rows_out.items()}
+        self.bank.commit(updated, self._counts, upcoming)
+        self._counts, self._ids = {}, {}
 
     def metrics(self, steps: int) -> dict[str, float]:
         """Cache and store counters since the last call; fetch wait per step."""
