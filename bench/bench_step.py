@@ -65,12 +65,12 @@ def build(name: str, cfg: TrainConfig, seed: int = 0, devices: int = 1) -> Case:
              "positions": np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)}
     if plan is not None:
         leaves = rng.choice(plan.geometry.clusters(plan.geometry.depth), b, replace=False)
-        shards = sharding.batch_shards(mesh, rules)
+        batch_shards = sharding.batch_shards(mesh, rules)
         for level in plan.levels:
             clusters = plan.geometry.clusters(level)
             ids_per_seq = leaves // plan.geometry.branching ** (plan.geometry.depth - level)
-            ids, slots, _ = shard_blocks(ids_per_seq, shards, min(b // shards, clusters),
-                                         clusters)
+            ids, slots, _ = shard_blocks(ids_per_seq, batch_shards,
+                                         min(b // batch_shards, clusters), clusters)
             local[ids_key(level)], local[slots_key(level)] = ids, slots
     batch = sharding.global_batch(local, mesh, rules)
     run = compile_train_step(fns, mesh, rules, shards)
