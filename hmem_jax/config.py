@@ -7,7 +7,7 @@ binding on `ModelConfig` reaches the `TrainConfig.model` field without any
 indirection. Values are checked in `__post_init__`: a bad value fails when the
 config is built, with a message naming the field and the fix.
 
-The paper's anchors (PAPER.md §3) are `MODEL_PRESETS`; an experiment picks one
+The paper's anchors (docs/method.md) are `MODEL_PRESETS`; an experiment picks one
 with `TrainConfig.model = @model_preset()` and `model_preset.name = '160m'`.
 """
 
@@ -42,7 +42,7 @@ def _check_positive(owner: str, **values: float) -> None:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The anchor transformer (PAPER.md §3: OpenLM-style decoder).
+    """The anchor transformer (docs/method.md: OpenLM-style decoder).
 
     `qk_norm`: 'full' normalises the whole query/key vector (gains of width
     heads*head_dim, the paper's parameter count); 'per_head' normalises each
@@ -103,7 +103,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized anchor for tests and the embedded default run.
     "tiny": dict(vocab_size=2048, num_layers=4, d_model=128, num_heads=4, head_dim=32,
                  d_ff=512, tie_embeddings=True),
-    # PAPER.md §3, vocabulary of the GPT-NeoX tokenizer padded to 50,432.
+    # docs/method.md, vocabulary of the GPT-NeoX tokenizer padded to 50,432.
     "160m": dict(vocab_size=50_432, num_layers=35, d_model=512, num_heads=12, head_dim=32,
                  d_ff=2048, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),
     "410m": dict(vocab_size=50_432, num_layers=24, d_model=1024, num_heads=16, head_dim=64,
@@ -166,7 +166,7 @@ class MeshConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with global-norm clipping and a linear-warmup cosine schedule (PAPER.md §3)."""
+    """AdamW with global-norm clipping and a linear-warmup cosine schedule (docs/method.md)."""
 
     peak_lr: float = 3e-3
     end_lr: float = 3e-5
@@ -192,7 +192,7 @@ class OptimConfig:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class HierarchyConfig:
-    """Embedder and balanced hierarchical k-means (PAPER.md §2; see hmem_jax/hierarchy/kmeans.py).
+    """Embedder and balanced hierarchical k-means (docs/method.md; hmem_jax/hierarchy/kmeans.py).
 
     Level l of the tree has branching**l clusters (16 x 4: 16 / 256 / 4,096 /
     65,536). Each node is fitted with k-means++ and `em_steps` minibatch EM
@@ -305,7 +305,7 @@ TRAINING_MODES = ("scratch", "cotrain", "frozen_anchor")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-    """The hierarchical memory bank and how the anchor uses it (PAPER.md §1-§4).
+    """The hierarchical memory bank and how the anchor uses it (docs/method.md).
 
     `level_sizes` = (r1, ..., r_depth): hidden units (FFN), rank (LoRA) or
     slots (KV) that one cluster at each level contributes per layer; 0 = no
@@ -327,7 +327,7 @@ class MemoryConfig:
     float32: 'stochastic' (unbiased, so updates below bf16's resolution still
     add up) or 'nearest' (most small updates are lost).
 
-    Bank tier (DESIGN.md decision 3, docs/bank.md): `bank_tier` 'device' keeps
+    Bank tier (docs/bank.md): `bank_tier` 'device' keeps
     the whole bank in the train state on the accelerators; 'streaming' keeps
     it in a tensorstore store (`bank_store`: a local path, a kvstore URL such
     as 'gs://bucket/bank/' or 'memory://bank/', or a JSON kvstore spec;

@@ -1,4 +1,4 @@
-"""The streamed bank tier trains exactly like the device-resident one (DESIGN.md decision 3)."""
+"""The streamed bank tier trains exactly like the device-resident one (docs/bank.md)."""
 
 import json
 import os

@@ -23,7 +23,7 @@ def test_paper_bank_and_fetched_sizes(name, sizes, bank, fetched):
                                          HierarchyConfig())
     assert geometry.bank_params == pytest.approx(bank, rel=5e-3)
     assert geometry.fetched_params == pytest.approx(fetched, rel=5e-3)
-    # Bank = 3·l·d·Σ 16^l·r_l, fetched = 3·l·d·Σ r_l (PAPER.md §2).
+    # Bank = 3·l·d·Σ 16^l·r_l, fetched = 3·l·d·Σ r_l (docs/method.md).
     model = model_preset(name)
     assert geometry.fetched_params == 3 * model.num_layers * model.d_model * sum(sizes)
 

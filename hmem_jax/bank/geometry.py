@@ -1,4 +1,4 @@
-"""Bank geometry: which blocks exist, their shapes, and what a path fetches (PAPER.md §2, §4).
+"""Bank geometry: which blocks exist, their shapes, and what a path fetches (docs/method.md).
 
 Level l (1-based) of a tree with branching b has b**l clusters; each cluster
 owns one block per memory layer. A block of size r at one layer is, by kind:

@@ -2,7 +2,7 @@
 
 A level's block is a set of fields, each an array of fixed shape and dtype:
 `params/<matrix>` (bank dtype), `mu/<matrix>` and `nu/<matrix>` (moment dtype,
-the sparse AdamW moments beside the block, DESIGN.md decision 4) and `count`
+the sparse AdamW moments beside the block, docs/design.md decision 4) and `count`
 (int32 scalar: updates the block has received). The generic block is a level
 of its own with one block of rank R = Σ r_l, like in the device tier.
 """

@@ -1,4 +1,4 @@
-"""Merging the banks of subtree-parallel frozen-anchor jobs into one run (PAPER.md §3 variants).
+"""Merging the banks of subtree-parallel frozen-anchor jobs into one run (docs/method.md).
 
 The paper trains the memory beside a frozen anchor as 16 independent jobs,
 one per level-1 subtree, and merges them. Every block at every level has

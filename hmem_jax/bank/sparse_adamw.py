@@ -1,4 +1,4 @@
-"""Sparse (lazy) AdamW for memory blocks (DESIGN.md decision 4).
+"""Sparse (lazy) AdamW for memory blocks (docs/design.md decision 4).
 
 Why lazy: a step touches a few hundred of the bank's 70k blocks. Dense AdamW
 would decay every block's moments and apply weight decay to every block each

@@ -1,6 +1,6 @@
 """A synthetic long-tail "encyclopedia": the embedded default data of hmem_jax.
 
-Why synthetic: the paper's central claim (PAPER.md §5, the atomic-number probe)
+Why synthetic: the paper's central claim (docs/method.md, the atomic-number probe)
 is that memories help most on facts about *rare* entities. To see that on a
 laptop we need a corpus where (a) every fact is stated somewhere, (b) how often
 an entity is mentioned follows a long (Zipf-like) tail, and (c) we know each

@@ -1,4 +1,6 @@
-"""The training data loader: batch(step) is a pure function of (seed, step) (DESIGN.md 5).
+"""The training data loader: batch(step) is a pure function of (seed, step).
+
+Why (docs/design.md decision 8): resume is a jump and every process agrees on every batch.
 
 Order: the records of a prepared directory are globally shuffled by grain's
 index shuffle (`grain.MapDataset.range(N).shuffle(seed)`, a Feistel
@@ -8,7 +10,7 @@ rows [s*B, (s+1)*B). Nothing depends on what was read before, so resuming at
 step s is a jump, and any number of processes see the same global batches:
 process p of P reads only rows [p*B/P, (p+1)*B/P) of each step's batch.
 
-Per-step memory blocks (DESIGN.md 2). The global batch is split into S batch
+Per-step memory blocks (docs/design.md decision 3). The global batch is split into S batch
 shards (shard s = global rows [s*B/S, (s+1)*B/S), the rows of one position of
 the mesh's batch axes; a process holds whole shards). Every process computes,
 from the small per-record leaf table (no record reads), the cluster path of

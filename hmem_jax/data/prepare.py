@@ -1,6 +1,6 @@
 """Offline preparation: documents -> (route) -> tokens -> packed sequences -> shards + manifest.
 
-PAPER.md §3: documents of the SAME LEAF CLUSTER are packed into fixed-length
+docs/method.md: documents of the SAME LEAF CLUSTER are packed into fixed-length
 sequences with an EOT after each document and a document attention mask, so
 every sequence belongs to exactly one cluster path and can be trained with
 that path's memory blocks. Without a tree (anchor-only pretraining) all

@@ -5,7 +5,7 @@ prepared directory and its SHA-256 is in the manifest, so token ids in the
 shards can never be read with a different vocabulary by accident.
 
 Special ids are explicit on every tokenizer:
-- `eot_id` ends every document in a packed sequence (PAPER.md §3 "EOT separators");
+- `eot_id` ends every document in a packed sequence (docs/method.md "EOT separators");
 - `bos_id` is available to prompts; packing does not insert it;
 - `pad_id` fills the unused tail of a sequence. Padding is always marked by
   segment id 0, so nothing depends on the pad id's value (it is 0 for the

@@ -1,4 +1,4 @@
-"""Embedders, balanced hierarchical k-means and the ClusterTree router (PAPER.md §2)."""
+"""Embedders, balanced hierarchical k-means and the ClusterTree router (docs/method.md)."""
 
 from hmem_jax.hierarchy.cache import corpus_hash, embed_cached
 from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies

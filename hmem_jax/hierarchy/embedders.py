@@ -1,4 +1,4 @@
-"""Document embedders: text -> float32[N, D] unit vectors (PAPER.md §2).
+"""Document embedders: text -> float32[N, D] unit vectors (docs/method.md).
 
 Every artifact built from embeddings (a cluster tree, an embedding cache)
 records the embedder's `name` and `dim`, because routes are only meaningful

@@ -1,4 +1,4 @@
-"""Balanced hierarchical k-means, built root to leaves (PAPER.md §2).
+"""Balanced hierarchical k-means, built root to leaves (docs/method.md).
 
 The tree has `depth` levels below the root and `branching` children per node,
 so level l (1-based) has branching**l clusters (paper: 16 / 256 / 4,096 /

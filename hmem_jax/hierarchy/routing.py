@@ -1,4 +1,4 @@
-"""Greedy nearest-centroid descent through a centroid tree (PAPER.md §2).
+"""Greedy nearest-centroid descent through a centroid tree (docs/method.md).
 
 At each level a document only compares itself with the `branching` children
 of the cluster it is in, so the work per document is depth x branching dot

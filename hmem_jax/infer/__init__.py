@@ -1,4 +1,4 @@
-"""Inference: route a text, fetch its memory, decode or score (PAPER.md §2, §5).
+"""Inference: route a text, fetch its memory, decode or score (docs/method.md).
 
 Modules (import from them; nothing is imported eagerly):
 - `run.load_run(workdir) -> LoadedRun`: config, anchor, bank (device or streamed), tokenizer, tree;

@@ -1,4 +1,4 @@
-"""Perplexity of documents with memory routed from the whole document (PAPER.md §5).
+"""Perplexity of documents with memory routed from the whole document (docs/method.md).
 
 Each document is scored on its own (its first token is the context, every
 later token and the closing EOT are predicted), cut to the run's sequence

@@ -1,4 +1,4 @@
-"""Long-tail probes (PAPER.md §5): does fetched memory carry facts about rare entities?
+"""Long-tail probes (docs/method.md): does fetched memory carry facts about rare entities?
 
 A probe is a prompt with accepted answers and a frequency bucket (0 = the
 rarest entities); `documents` optionally names the training documents that

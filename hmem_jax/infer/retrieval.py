@@ -1,4 +1,4 @@
-"""Route texts to cluster paths and assemble the model's `memory` input for them (PAPER.md §2).
+"""Route texts to cluster paths and assemble the model's `memory` input for them (docs/method.md).
 
 Inference fetches once per input: the prompt (or question, or whole document)
 is embedded, routed by greedy descent of the run's ClusterTree, and the

@@ -3,7 +3,7 @@
 One object per line. Multiple choice: {"question" (or "context"), "choices":
 [...], "answer": index}. Generation: {"question" (or "prompt"), "answer":
 str or [str, ...]}. The first `shots` items are the few-shot examples and are
-not scored. As in the paper (PAPER.md §2), memory is routed from the item's
+not scored. As in the paper (docs/method.md), memory is routed from the item's
 question alone, never from the few-shot examples. With a retrieval baseline
 (`rag`), the nearest training document is prepended to the question instead.
 """

@@ -1,6 +1,6 @@
 """Export an anchor, or anchor + one path's memory, as a `transformers` checkpoint; export a bank.
 
-An FFN-memory block is extra SwiGLU hidden units (PAPER.md §1), so anchor +
+An FFN-memory block is extra SwiGLU hidden units (docs/method.md), so anchor +
 one fetched path is a standard model whose FFN is R = Σ r_l units wider: the
 path's gate/up columns and down rows are appended to every layer's FFN
 (layers without memory get zero units, which add exactly nothing). LoRA

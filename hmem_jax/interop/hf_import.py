@@ -1,6 +1,6 @@
 """Import a local `transformers` checkpoint (Llama-, Qwen3- or hmem-exported) as an hmem_jax anchor.
 
-The paper adds post-hoc memories to open models with frozen anchors (PAPER.md
+The paper adds post-hoc memories to open models with frozen anchors (docs/method.md
 §3). An imported anchor is written as an ordinary hmem_jax run folder (a
 step-0 orbax checkpoint holding only the parameters, `config.gin`, and
 `model.gin` with the ModelConfig bindings), so a post-hoc memory run starts

@@ -1,4 +1,4 @@
-"""How an hmem_jax anchor maps onto a `transformers` checkpoint, both ways (DESIGN.md decision 8).
+"""How an hmem_jax anchor maps onto a `transformers` checkpoint, both ways (docs/design.md).
 
 Architecture by qk-norm: 'none' -> Llama (Qwen2 with q/k/v biases), 'per_head' -> Qwen3 (its q/k norms
 are per head, gain of width head_dim), 'full' -> Qwen3 with full-width q/k

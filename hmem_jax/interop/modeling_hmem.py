@@ -1,6 +1,6 @@
 """`transformers` modeling code for hmem_jax anchors with full-width qk-norm (copied into exports).
 
-hmem_jax's default anchor (PAPER.md §3) normalises the whole query and key
+hmem_jax's default anchor (docs/method.md) normalises the whole query and key
 vectors (RMSNorm over heads·head_dim, one gain per unit) before splitting
 them into heads. No `transformers` architecture does exactly that with a
 pre-norm block (OLMo2 is post-norm; OLMoE ties the width to hidden_size and

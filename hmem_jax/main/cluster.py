@@ -9,7 +9,7 @@ of `.txt` files, or the word `embedded` (the built-in synthetic corpus);
 without it, `DataConfig.source`/`path` from gin decide, exactly as for
 `hmem_jax.main.prepare`, so both read the same documents in the same order.
 The embedder, branching, depth, EM budget, balancing and seed come from
-`HierarchyConfig` (PAPER.md §2 defaults: 16 x 4, 20 steps x 6,400 samples).
+`HierarchyConfig` (docs/method.md defaults: 16 x 4, 20 steps x 6,400 samples).
 
 Writes into `--out`, which is then itself a tree folder (`ClusterTree.load(out)`,
 `python -m hmem_jax.main.prepare --tree=OUT`):

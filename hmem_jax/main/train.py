@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
 
 
 def print_probe_table(workdir: str, limit: int) -> None:
-    """The long-tail probe (PAPER.md §5) per frequency bucket, for runs on the embedded corpus."""
+    """The long-tail probe (docs/method.md) per bucket, for runs on the embedded corpus."""
     from hmem_jax.infer.probe import format_probe_table, probe_workdir
 
     table = probe_workdir(workdir, limit=limit)

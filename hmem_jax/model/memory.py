@@ -1,4 +1,4 @@
-"""How fetched memory enters the anchor (PAPER.md §1), per sequence.
+"""How fetched memory enters the anchor (docs/method.md), per sequence.
 
 The model receives `memory` as a pytree whose leaves have a leading layer
 axis (scanned with the blocks) and a batch axis: each sequence computes with

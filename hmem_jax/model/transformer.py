@@ -1,10 +1,10 @@
-"""The anchor: an OpenLM-style pre-norm decoder (PAPER.md §3).
+"""The anchor: an OpenLM-style pre-norm decoder (docs/method.md).
 
     tokens[B, T] ─► embed ─► L × Block ─► final RMSNorm ─► logits[B, T, V]
     Block: x + Attention(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x))
 
 The blocks are one `nn.scan` over stacked layer parameters (leading axis
-`layers`), so compile time does not grow with depth. Memory (DESIGN.md
+`layers`), so compile time does not grow with depth. Memory (docs/design.md
 decision 1) is an input: `memory` is a pytree whose leaves have a leading
 `layers` axis and is scanned alongside the blocks; the anchor never knows
 where the blocks came from. With `memory=None` the model is the plain anchor.

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
+from hmem_jax.bank.tier import open_tier
 from hmem_jax.config import TrainConfig
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
@@ -31,7 +32,6 @@ from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
 from hmem_jax.train.step import StepFunctions, compile_train_step
-from hmem_jax.train.streamed import StreamedRows, open_bank, restore_bank
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
@@ -111,25 +111,21 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
-    bank = open_bank(cfg, plan, workdir)
-    state_plan = None if bank is not None else plan  # a streamed bank is not in the state
+    tier = open_tier(cfg, plan, workdir, mesh, rules)
+    state_plan = plan if tier.in_state else None
     shardings = state_shardings(model, tx, mesh, rules, state_plan)
     record = run_record(cfg, data_fingerprint)
 
-    collect = None
-    if bank is not None and jax.process_index() == 0:
-        collect = bank.store.collect_garbage
+    snapshot, collect = tier.checkpoint_hooks()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                                 cfg.keep_checkpoints, cfg.async_checkpointing,
-                                bank_snapshot=bank.snapshot if bank is not None else None,
-                                bank_collect=collect)
+                                bank_snapshot=snapshot, bank_collect=collect)
     latest = checkpointer.latest_step()
     if latest is None:
         anchor = restore_anchor(cfg, model, mesh, rules) if cfg.init_from else None
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
-        restore_bank(bank, checkpointer.read_record(latest),
-                     f"{checkpointer.directory}/{latest}")
+        tier.restore(checkpointer.read_record(latest), f"{checkpointer.directory}/{latest}")
         state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, state_plan),
                                      record)
     start_step = int(state.step)
@@ -140,7 +136,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
 
     fns = StepFunctions(model=model, tx=tx, schedule=schedule,
                         micro_batches=cfg.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                        plan=plan, freeze_anchor=frozen, host_bank=bank is not None,
+                        plan=plan, freeze_anchor=frozen, host_bank=not tier.in_state,
                         exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
                         memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
     step_fn = compile_train_step(fns, mesh, rules, shardings)
@@ -157,20 +153,18 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     run_start, timed_steps = None, 0
     batches = loader.iterate(start_step)
-    streamed = StreamedRows(bank, plan, mesh, rules) if bank is not None else None
-    stream = _lookahead(batches, streamed.lookahead if streamed is not None else 0)
+    stream = _lookahead(batches, tier.lookahead)
     try:
         for step in range(start_step, end_step):
             fetch_start = time.perf_counter()
             data_step, local, ahead = next(stream)
             assert data_step == step, (data_step, step)
             batch = sharding.global_batch({k: local[k] for k in inputs}, mesh, rules)
-            rows = streamed.rows(local) if streamed is not None else None
+            rows = tier.rows(local)
             data_wait += time.perf_counter() - fetch_start
             state, step_metrics, rows_out = step_fn(state, batch, rows)
             del batch, rows
-            if streamed is not None:
-                streamed.finish(rows_out, ahead)
+            tier.finish(rows_out, ahead)
             del rows_out
             window_steps += 1
             if pending is not None:
@@ -190,8 +184,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
                     "perf/data_wait_s": data_wait / window_steps,
                     "ckpt/blocking_s": checkpointer.last_blocking_s,
                 })
-                if streamed is not None:
-                    logged.update(streamed.metrics(window_steps))
+                logged.update(tier.metrics(window_steps))
                 if run_start is None:
                     run_start, timed_steps = now, 0  # the first window includes compilation
                 else:
@@ -205,14 +198,12 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     finally:
         checkpointer.close()
         writer.close()
-        if bank is not None:
-            bank.close()
+        tier.close()
         close = getattr(batches, "close", None)
         if close is not None:
             close()
     multihost_utils.sync_global_devices("hmem_jax.train.done")
-    return TrainResult(state=state, losses=losses, workdir=workdir,
-                       bank_store=bank.store.spec if bank is not None else None)
+    return TrainResult(state=state, losses=losses, workdir=workdir, bank_store=tier.store_spec)
 
 
 def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) -> Any:

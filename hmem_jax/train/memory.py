@@ -1,6 +1,6 @@
 """The memory side of a training step: fetch each batch shard's blocks, build each sequence's
 memory, sum the gradients of blocks several shards share, update them with sparse AdamW where
-they live (DESIGN.md decisions 1-4).
+they live (docs/design.md decisions 1, 3, 4 and 15).
 
 The loader hands each step, per level l, every batch shard's unique block ids
 (`block_ids_l{l}`, [S, C], static capacity, padded) and every sequence's slot

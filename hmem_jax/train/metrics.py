@@ -1,6 +1,6 @@
 """Training metrics: FLOP accounting, MFU, and writers (console, TensorBoard, JSONL).
 
-Metric names are stable (DESIGN.md): `train/loss`, `train/grad_norm`,
+Metric names are stable: `train/loss`, `train/grad_norm`,
 `train/lr`, `perf/step_time_s`, `perf/tokens_per_s`, `perf/mfu`, ...
 Only process 0 writes files.
 """
