@@ -146,9 +146,24 @@ def test_other_memory_types_start_without_effect_and_train(tmp_path, small_prepa
                          ids=["d2-f4", "d8", "d2-t2-m2"])
 def test_memory_training_on_8_devices_matches_one_device(
         tmp_path, small_prepared_tree_data, mesh):
+    _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh)
+
+
+@pytest.mark.parametrize("mesh, variant", [
+    (MeshConfig(data=2, fsdp=2, memory=2), {"grad_accum_steps": 2}),
+    (MeshConfig(data=2, fsdp=4), {"memory": {"application": "grouped"}})],
+    ids=["d2-f2-m2-2-micro-batches", "d2-f4-grouped"])
+def test_per_shard_blocks_with_micro_batches_and_grouped_application_match_one_device(
+        tmp_path, small_prepared_tree_data, mesh, variant):
+    """Micro-batches keep each shard's rows together; the grouped application addresses the
+    shards' blocks by global slot."""
+    _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh, **variant)
+
+
+def _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh, **variant):
     prepared, _, params = small_prepared_tree_data
-    one, _ = _train(_config(params, steps=3), prepared, tmp_path / "one")
-    cfg8 = _config(params, steps=3, mesh=mesh)
+    one, _ = _train(_config(params, steps=3, **variant), prepared, tmp_path / "one")
+    cfg8 = _config(params, steps=3, mesh=mesh, **variant)
     eight, loader = _train(cfg8, prepared, tmp_path / "eight", devices=jax.devices())
     slices = mesh.data * mesh.fsdp * mesh.memory  # every device but the tensor axis
     shards = mesh.data * mesh.fsdp
