@@ -141,34 +141,42 @@ class MemoryPlan:
         fetched = {level: params[bank_lib.level_key(level)] for level in self.levels}
         slots = {level: batch[slots_key(level)] for level in self.levels}
         generic = params.get(bank_lib.GENERIC) if use_generic is not None else None
+        build = self._grouped if self.config.application == "grouped" else self._gathered
+        memory = build(fetched, slots, generic, use_generic)
+        return memory_lib.place_layers(memory, self.geometry.layers, self.num_layers)
+
+    @staticmethod
+    def _grouped(fetched: dict, slots: dict, generic: Any, use_generic: Any) -> dict:
+        """All shards' blocks as one list per level, each sequence's slot offset by its shard."""
         shards = jax.tree.leaves(fetched)[0].shape[0]
         rows = next(iter(slots.values())).shape[0]
-        if self.config.application == "grouped":
-            owner = jnp.arange(rows) // (rows // shards)
-            capacity = {l: jax.tree.leaves(f)[0].shape[1] for l, f in fetched.items()}
-            flat = {l: {n: x.reshape((-1,) + x.shape[2:]) for n, x in f.items()}
-                    for l, f in fetched.items()}
-            global_slots = {l: s + owner * capacity[l] for l, s in slots.items()}
-            shared = None if generic is None else {n: x[0] for n, x in generic.items()}
-            memory = memory_lib.grouped_memory(flat, global_slots, shared, use_generic)
-        else:
-            rank_axes = {n: m.rank_axis for n, m in self.geometry.matrices.items()}
+        shard_of_row = jnp.arange(rows) // (rows // shards)
+        flat, global_slots = {}, {}
+        for level, blocks in fetched.items():
+            capacity = jax.tree.leaves(blocks)[0].shape[1]
+            flat[level] = {n: x.reshape((-1,) + x.shape[2:]) for n, x in blocks.items()}
+            global_slots[level] = slots[level] + shard_of_row * capacity
+        shared = None if generic is None else {n: x[0] for n, x in generic.items()}
+        return memory_lib.grouped_memory(flat, global_slots, shared, use_generic)
 
-            def one_shard(blocks: dict, shard_slots: dict, shard_generic: Any,
-                          shard_use: Any) -> dict:
-                memory = memory_lib.sequence_memory(blocks, shard_slots, rank_axes)
-                if shard_generic is not None:
-                    memory = memory_lib.select_generic(memory, shard_generic, shard_use)
-                return memory
+    def _gathered(self, fetched: dict, slots: dict, generic: Any, use_generic: Any) -> dict:
+        """Per-sequence weights built shard by shard from the shard's own blocks."""
+        shards = jax.tree.leaves(fetched)[0].shape[0]
+        rows = next(iter(slots.values())).shape[0]
+        rank_axes = {n: m.rank_axis for n, m in self.geometry.matrices.items()}
 
-            split = lambda x: x.reshape((shards, -1) + x.shape[1:])  # noqa: E731
-            use = None if generic is None else split(use_generic)
-            per_shard = jax.vmap(one_shard)(fetched, {l: split(s) for l, s in slots.items()},
-                                            generic, use)  # [S, layers, b/S, ...]
-            memory = jax.tree.map(
-                lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], rows) + x.shape[3:]),
-                per_shard)
-        return memory_lib.place_layers(memory, self.geometry.layers, self.num_layers)
+        def one_shard(blocks: dict, shard_slots: dict, shard_generic: Any, shard_use: Any) -> dict:
+            memory = memory_lib.sequence_memory(blocks, shard_slots, rank_axes)
+            if shard_generic is not None:
+                memory = memory_lib.select_generic(memory, shard_generic, shard_use)
+            return memory
+
+        split = lambda x: x.reshape((shards, -1) + x.shape[1:])  # noqa: E731
+        use = None if generic is None else split(use_generic)
+        per_shard = jax.vmap(one_shard)(fetched, {l: split(s) for l, s in slots.items()},
+                                        generic, use)  # [S, layers, b/S, ...]
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], rows) + x.shape[3:]), per_shard)
 
     def reduce(self, exchange: BlockExchange, views: Mapping[str, View],
                grads: Mapping[str, Mapping[str, Array]]) -> dict[str, Reduced]:
