@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from hmem_jax import sharding
-from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, OptimConfig,
-                             TrainConfig, model_preset)
+from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, TrainConfig,
+                             model_preset)
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.data.loader import shard_blocks
 from hmem_jax.model import Transformer
@@ -142,7 +142,8 @@ def main() -> None:
             step = statistics.median(case.times)
             tokens = case.cfg.batch_size * case.cfg.seq_len
             flops = train_flops_per_token(case.cfg.model, case.cfg.seq_len) * tokens
-            print(f"| {case.name} | {step:.3f} s | {tokens / step:,.0f} | {flops / step / peak:.1%} |")
+            print(f"| {case.name} | {step:.3f} s | {tokens / step:,.0f} | "
+                  f"{flops / step / peak:.1%} |")
         print()
 
     if args.only in ("memory", "all"):

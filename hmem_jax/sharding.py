@@ -53,7 +53,8 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
 
 
 def rules_of(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in cfg.rules)
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                 for name, axes in cfg.rules)
 
 
 @contextlib.contextmanager

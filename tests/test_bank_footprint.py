@@ -131,7 +131,7 @@ def test_a_split_bank_is_never_assembled_on_one_device():
     anchor = _compile(_config(MeshConfig(data=8, fsdp=1), MemoryConfig()))[0]
     memory_run = _compile(cfg)[0]
     footprint = memory_footprint(cfg, 8)
-    assert footprint.bank_bytes > 70e6  # level 2: 256 blocks of 2 layers x 3 x 64 x 64, x 3 (moments)
+    assert footprint.bank_bytes > 70e6  # level 2: 256 blocks of 2 layers x 3 x 64 x 64, x 3
     extra_temp = memory_run.temp_size_in_bytes - anchor.temp_size_in_bytes
     assert extra_temp < 0.05 * footprint.bank_bytes, (extra_temp, footprint.bank_bytes)
 

@@ -73,7 +73,7 @@ def test_streamed_and_device_tiers_give_the_same_losses_and_bank(tmp_path, devic
 
 
 def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(tmp_path, device_run,
-                                                              small_prepared_tree_data):
+                                                             small_prepared_tree_data):
     prepared, _, params = small_prepared_tree_data
     cfg = bank_config(params, memory={"bank_tier": "streaming", "host_cache_bytes": 1,
                                       "prefetch_steps": 2})

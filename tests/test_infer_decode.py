@@ -28,8 +28,8 @@ def _memory(kind="ffn", batch=3):
                                          HierarchyConfig(branching=4, depth=2))
     fetched = {}
     for level in geometry.active_levels:
-        fetched[level] = {name: 0.3 * jax.random.normal(jax.random.key(10 * level + i),
-                                                        (batch,) + geometry.block_shape(name, level))
+        fetched[level] = {name: 0.3 * jax.random.normal(
+            jax.random.key(10 * level + i), (batch,) + geometry.block_shape(name, level))
                           for i, name in enumerate(sorted(geometry.matrices))}
     slots = {level: jnp.arange(batch) for level in geometry.active_levels}
     rank_axes = {n: m.rank_axis for n, m in geometry.matrices.items()}

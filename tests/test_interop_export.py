@@ -112,8 +112,6 @@ def test_lora_memory_merges_into_the_projections(tmp_path):
 
 
 def test_a_tokenizers_json_is_exported_loadable_by_autotokenizer(tmp_path):
-    import json
-
     from hmem_jax.data.tokenizer import train_hf_bpe
 
     texts = ["The atomic number of Brium is 42.", "Hugo was born in the year 1874."] * 50

@@ -70,7 +70,8 @@ def test_checkpoints_we_cannot_reproduce_exactly_are_refused():
 def _posthoc_config(params, anchor_dir, tokenizer_path):
     from hmem_jax.main.common import load_train_config
     return load_train_config(["posthoc_ffn", f"{anchor_dir}/model.gin"], params + (
-        f"TrainConfig.init_from = '{anchor_dir}'", f"DataConfig.tokenizer_path = '{tokenizer_path}'",
+        f"TrainConfig.init_from = '{anchor_dir}'",
+        f"DataConfig.tokenizer_path = '{tokenizer_path}'",
         "MemoryConfig.level_sizes = (16, 8)", "MemoryConfig.lr = 3e-2",
         "MemoryConfig.end_lr = 3e-2", "MemoryConfig.warmup_steps = 0",
         "TrainConfig.steps = 24", "TrainConfig.batch_size = 8", "TrainConfig.seq_len = 64",

@@ -19,7 +19,8 @@ B, T = 3, 10
     ("160m", (256, 64, 16, 0), 4.62e9, 18.06e6), ("410m", (512, 128, 32, 0), 12.68e9, 49.5e6),
     ("1p4b", (768, 256, 16, 0), 21.14e9, 153.4e6)])
 def test_paper_bank_and_fetched_sizes(name, sizes, bank, fetched):
-    geometry = BankGeometry.from_configs(model_preset(name), MemoryConfig(kind="ffn", level_sizes=sizes),
+    geometry = BankGeometry.from_configs(model_preset(name),
+                                         MemoryConfig(kind="ffn", level_sizes=sizes),
                                          HierarchyConfig())
     assert geometry.bank_params == pytest.approx(bank, rel=5e-3)
     assert geometry.fetched_params == pytest.approx(fetched, rel=5e-3)
@@ -93,7 +94,8 @@ def test_freshly_initialised_memory_has_no_effect(kind):
                                                          geometry.matrices.items()})
     model, params = _model_and_params(lora_scale=2.0 / 6)
     tokens, seg, pos = _inputs()
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens, seg, pos, memory)),
+    with_memory = model.apply({"params": params}, tokens, seg, pos, memory)
+    np.testing.assert_allclose(np.asarray(with_memory),
                                np.asarray(model.apply({"params": params}, tokens, seg, pos)),
                                atol=1e-6)
 

@@ -75,7 +75,8 @@ def test_lazy_adamw_on_a_block_equals_optax_adamw_on_that_block_alone():
     opt = optax.adamw(0.05, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     reference, opt_state = param, opt.init(param)
     rows = {"w": param[None]}
-    mu, nu, count = {"w": jnp.zeros((1, 3, 4))}, {"w": jnp.zeros((1, 3, 4))}, jnp.zeros(1, jnp.int32)
+    mu, nu = {"w": jnp.zeros((1, 3, 4))}, {"w": jnp.zeros((1, 3, 4))}
+    count = jnp.zeros(1, jnp.int32)
     for step in range(6):
         grad = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
         updates, opt_state = opt.update(grad, opt_state, reference)

@@ -69,6 +69,7 @@ def test_rotary_is_a_relative_encoding():
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
     def score(pq, pk):
         rq = rotary(q, jnp.array([[pq]]), 100_000.0)
         rk = rotary(k, jnp.array([[pk]]), 100_000.0)
@@ -125,6 +126,7 @@ def test_remat_does_not_change_the_gradient():
     remat = Transformer(ModelConfig(**{**TINY.__dict__, "remat": "full"}))
     tokens = jnp.arange(12)[None] % 97
     ones, pos = jnp.ones((1, 12), jnp.int32), jnp.arange(12)[None]
+
     def loss(m, p):
         return jnp.mean(m.apply({"params": p}, tokens, ones, pos) ** 2)
     g1 = jax.grad(lambda p: loss(model, p))(params)

@@ -45,7 +45,8 @@ def matrix_specs(kind: str, model: ModelConfig) -> dict[str, MatrixSpec]:
     q_w, kv_w = model.num_heads * model.head_dim, model.kv_heads * model.head_dim
     if kind == "ffn":
         # Every memory type starts with no effect: the down projection is zero.
-        return {"gate": MatrixSpec((d, None), "normal", d), "up": MatrixSpec((d, None), "normal", d),
+        return {"gate": MatrixSpec((d, None), "normal", d),
+                "up": MatrixSpec((d, None), "normal", d),
                 "down": MatrixSpec((None, d), "zeros", 0)}
 
     def lora(name: str, fan_in: int, fan_out: int) -> dict[str, MatrixSpec]:

@@ -430,7 +430,8 @@ def prepare(data: DataConfig, seq_len: int, out_dir: str, tree_dir: str | None =
         router = TreeRouter.load(tree_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(parent,
+                           f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
     try:
         manifest = _prepare_into(staging, data, seq_len, router, progress)

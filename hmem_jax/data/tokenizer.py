@@ -211,7 +211,8 @@ _CLASSES: dict[str, type[Tokenizer]] = {"sentencepiece": SentencePieceTokenizer,
 
 def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
     if kind not in _CLASSES:
-        raise TokenizerError(f"Unknown tokenizer kind {kind!r}; expected one of {sorted(_CLASSES)}.")
+        raise TokenizerError(
+            f"Unknown tokenizer kind {kind!r}; expected one of {sorted(_CLASSES)}.")
     return _CLASSES[kind](data)
 
 

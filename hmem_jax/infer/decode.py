@@ -46,7 +46,8 @@ class Sampling:
 
 def sample_tokens(logits: Array, key: Array, temperature: float, top_k: int,
                   top_p: float) -> Array:
-    """int32[B] from logits[B, V]: argmax at temperature 0, else a draw from the cut distribution."""
+    """int32[B] from logits[B, V]: argmax at temperature 0, else a draw from the cut
+    distribution."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -86,7 +87,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
 
 
 class Decoder:
-    """A jitted prefill and a jitted decode loop (`lax.while_loop`, no per-token host round trip)."""
+    """A jitted prefill and a jitted decode loop (`lax.while_loop`, no per-token host round
+    trip)."""
 
     def __init__(self, model: Transformer, params: Any) -> None:
         self.model, self.params = model, params

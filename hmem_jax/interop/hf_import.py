@@ -31,7 +31,8 @@ QK_NORM_OF = {"llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "per
 
 
 class UnsupportedCheckpointError(ValueError):
-    """The checkpoint's architecture differs from hmem_jax's anchor in a way we cannot map exactly."""
+    """The checkpoint's architecture differs from hmem_jax's anchor in a way we cannot map
+    exactly."""
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -88,7 +89,8 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
         num_kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=int(head_dim),
         d_ff=int(config["intermediate_size"]),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_base=rope_base, rope_llama3=rope_llama3, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_base=rope_base, rope_llama3=rope_llama3,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         qk_norm=QK_NORM_OF[model_type], qkv_bias=qkv_bias, param_dtype="float32", dtype="float32",
         init_std=float(config.get("initializer_range", 0.02)))
     values.update(overrides)

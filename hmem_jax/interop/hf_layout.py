@@ -1,7 +1,7 @@
 """How an hmem_jax anchor maps onto a `transformers` checkpoint, both ways (docs/design.md).
 
-Architecture by qk-norm: 'none' -> Llama (Qwen2 with q/k/v biases), 'per_head' -> Qwen3 (its q/k norms
-are per head, gain of width head_dim), 'full' -> Qwen3 with full-width q/k
+Architecture by qk-norm: 'none' -> Llama (Qwen2 with q/k/v biases), 'per_head' -> Qwen3
+(its q/k norms are per head, gain of width head_dim), 'full' -> Qwen3 with full-width q/k
 norms (`modeling_hmem.py`, loaded with trust_remote_code). All three are
 pre-norm decoders with gain-only RMSNorm (eps inside the rsqrt), rotate-half
 RoPE, SwiGLU and no biases, so the mapping is a renaming plus transposes:

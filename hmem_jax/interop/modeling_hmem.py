@@ -22,7 +22,8 @@ class HmemConfig(Qwen3Config):
 
 
 class FullWidthRMSNorm(nn.Module):
-    """RMSNorm over the last two axes [..., heads, head_dim] together, gain of width heads·head_dim."""
+    """RMSNorm over the last two axes [..., heads, head_dim] together, gain of width
+    heads·head_dim."""
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()

@@ -63,7 +63,8 @@ class RMSNorm(nn.Module):
                                                                  (self.axis_name,)),
                            (x.shape[-1],), dtype_of(self.cfg.param_dtype))
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.norm_eps)
         return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -51,7 +51,8 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, record: dict[str, Any], force: bool = False) -> bool:
+    def save(self, step: int, state: TrainState, record: dict[str, Any],
+             force: bool = False) -> bool:
         """Start saving `state` as checkpoint `step` if the interval (or `force`) says so."""
         start = time.perf_counter()
         if self._bank_snapshot is not None:
@@ -116,4 +117,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
