@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from hmem_jax import sharding
 from hmem_jax.bank.store import BankStore
+from hmem_jax.config import MeshConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.train.loop import fingerprint, train
 from hmem_jax.train.memory import MemoryPlan
@@ -70,6 +72,30 @@ def test_streamed_and_device_tiers_give_the_same_losses_and_bank(tmp_path, devic
     assert streamed.state.bank is None
     assert streamed.losses == device.losses
     assert_banks_equal(device.state.bank, streamed_bank(cfg, streamed.bank_store))
+
+
+@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4), MeshConfig(data=8, fsdp=1)],
+                         ids=["d2-f4", "d8"])
+def test_a_streamed_bank_on_8_devices_trains_like_the_device_bank_on_one(
+        tmp_path, device_run, small_prepared_tree_data, mesh):
+    """Per-shard blocks from a host tier's rows: the same losses and final bank, to float
+    tolerance (8 shards sum a shared block's gradient in another order)."""
+    prepared, _, params = small_prepared_tree_data
+    cfg = bank_config(params, mesh=mesh, memory={"bank_tier": "streaming", "prefetch_steps": 1})
+    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
+                    batch_shards=sharding.batch_shards_for(cfg.mesh, 8))
+    streamed = train(cfg, str(tmp_path / "streamed"), loader, fingerprint(loader.fingerprint),
+                     devices=jax.devices())
+    steps = sorted(device_run.losses)
+    np.testing.assert_allclose([streamed.losses[k] for k in steps],
+                               [device_run.losses[k] for k in steps], rtol=2e-5)
+    final = streamed_bank(cfg, streamed.bank_store)
+    for key, level in device_run.state.bank.items():
+        for kind in ("params", "mu", "nu"):
+            for name, value in getattr(level, kind).items():
+                np.testing.assert_allclose(final[key][f"{kind}/{name}"], np.asarray(value),
+                                           rtol=1e-3, atol=1e-4, err_msg=f"{key} {kind}/{name}")
+        np.testing.assert_array_equal(final[key]["count"], np.asarray(level.count))
 
 
 def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(tmp_path, device_run,
