@@ -32,12 +32,13 @@ def _config(mesh: MeshConfig, memory: MemoryConfig) -> TrainConfig:
 
 def _argument_bytes(cfg: TrainConfig) -> tuple[int, int]:
     """(argument bytes per device of the compiled step, of them the memory's batch keys)."""
-    analysis, extra = _compile(cfg)
+    analysis, extra, _ = _compile(cfg)
     return int(analysis.argument_size_in_bytes), extra
 
 
 def _compile(cfg: TrainConfig):
-    """The compiled step's memory analysis on 8 devices, and its memory batch keys' bytes."""
+    """The compiled step's memory analysis on 8 devices, its memory batch keys' bytes, and a
+    function that runs the step once and returns its metrics."""
     mesh = sharding.build_mesh(cfg.mesh, jax.devices()[:8])
     rules = sharding.rules_of(cfg.mesh)
     plan = MemoryPlan.from_config(cfg)
@@ -82,7 +83,7 @@ def _compile(cfg: TrainConfig):
     for ids, _, _ in (rows or {}).values():
         if not any(ids is batch[k] for k in extra_keys):
             extra += ids.addressable_shards[0].data.nbytes
-    return analysis, extra
+    return analysis, extra, lambda: jax.device_get(run(state, batch, rows)[1])
 
 
 @pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1),
@@ -102,6 +103,11 @@ def test_footprint_matches_the_compiled_steps_arguments(mesh):
     assert with_bank - anchor - device_keys == device.bank_bytes_per_device
     counts = 4 * (1 + 4 + 16)
     assert device.bank_bytes_per_device == (device.bank_bytes - counts) // 8 + counts
+    # What one device receives per step: its shard's blocks (all distinct and valid here), as
+    # the step itself counts them, plus the generic block (fetched_params float32 parameters).
+    metrics = _compile(device_cfg)[2]()
+    generic = MemoryPlan.from_config(device_cfg).geometry.fetched_params * 4
+    assert float(metrics["mem/fetch_bytes"]) + generic == device.memory_step_bytes_per_device
     # A streamed step's extra arguments are the rows it fetched, on every device.
     streamed = memory_footprint(streamed_cfg, 8)
     assert streamed.bank_bytes_per_device == 0
