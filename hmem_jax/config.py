@@ -18,11 +18,9 @@ from typing import Any
 
 import gin
 
+from hmem_jax.errors import ConfigError
+
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def _require(condition: bool, message: str) -> None:

@@ -50,8 +50,9 @@ def build_train_config() -> TrainConfig:
     """The TrainConfig of the gin state now parsed; bad values fail here, naming the field."""
     try:
         return TrainConfig()
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        # gin appends "In call to configurable ..." lines; the message already names the field.
+        raise ConfigError(str(err).split("\n  In call to configurable")[0]) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"Invalid configuration value: {err}") from err
 

@@ -38,21 +38,10 @@ import tensorstore as ts
 from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.bank.layout import LevelLayout, describe_location, level_layouts
 from hmem_jax.bank.materialize import Materializer
+from hmem_jax.errors import BankCorruptionError, BankMismatchError, BankStoreError
 
 FORMAT_VERSION = 1
 UNTOUCHED = -1
-
-
-class BankStoreError(RuntimeError):
-    """The streamed bank cannot be opened, read or written as asked."""
-
-
-class BankMismatchError(BankStoreError):
-    """The store was created for a different bank (geometry, dtypes, seed) than this run's."""
-
-
-class BankCorruptionError(BankStoreError):
-    """A block the bank version references is missing or fails its checksum."""
 
 
 def manifest_for(geometry: BankGeometry, with_generic: bool, bank_dtype: str, moment_dtype: str,

@@ -50,13 +50,10 @@ import numpy as np
 
 from hmem_jax.data import prepare as prepare_lib
 from hmem_jax.data.tokenizer import Tokenizer, load_tokenizer
+from hmem_jax.errors import DataMismatchError
 
 _FINGERPRINT_KEYS = ("format_version", "seq_len", "num_records", "tokenizer_sha256",
                      "tree_hash", "source", "subtree")
-
-
-class DataMismatchError(prepare_lib.PreparedDataError):
-    """The prepared data differs from what this run was started with or asks for."""
 
 
 def _shuffle_seed(seed: int) -> int:

@@ -59,6 +59,7 @@ from hmem_jax.config import DataConfig, TrainConfig
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import Document, SourceStats, describe_source, read_documents
+from hmem_jax.errors import PreparedDataError
 
 FORMAT_VERSION = 1
 PACKING = "first_fit"  # LeafPacker; recorded so data packed otherwise is not reused
@@ -70,10 +71,6 @@ PROBES_FILE = "probes.jsonl"
 SHARD_PATTERN = "shard-{:05d}.array_record"
 _SHARD_TARGET_BYTES = 256 << 20
 _NO_TREE_LEAF = ()
-
-
-class PreparedDataError(ValueError):
-    """A prepared directory is missing, incomplete, or does not match the requested settings."""
 
 
 # --------------------------------------------------------------------------------------
@@ -358,6 +355,8 @@ def _file_sha256(path: str) -> str:
 
 def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) -> dict[str, Any]:
     """The inputs that determine a prepared dataset; equal settings mean reusable data."""
+    if data.tokenizer_path:
+        tokenizer_lib.check_tokenizer_path(data.tokenizer_path)
     return {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,

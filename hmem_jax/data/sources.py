@@ -32,6 +32,7 @@ import os
 from typing import Iterator
 
 from hmem_jax.config import DataConfig
+from hmem_jax.errors import SourceError
 
 _TEXT_FILE_SUFFIX = ".txt"
 _JSONL_SUFFIX = ".jsonl"
@@ -65,10 +66,6 @@ class SourceStats:
         parts = [f"{name}={value}" for name, value in self.as_dict().items()
                  if name not in ("documents", "characters") and value]
         return ", ".join(parts)
-
-
-class SourceError(ValueError):
-    """The configured source cannot be read at all (missing path, missing extra)."""
 
 
 def describe_source(config: DataConfig) -> dict[str, object]:

@@ -27,16 +27,14 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from hmem_jax.errors import TokenizerError
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 _SENTENCEPIECE_MAX_LINE_BYTES = 4192
 _HF_EOT_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 _HF_BOS_CANDIDATES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>")
 _HF_PAD_CANDIDATES = ("<pad>", "<|padding|>", "[PAD]", "<|pad|>")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded or does not match what the prepared data expects."""
 
 
 class Tokenizer(abc.ABC):
@@ -265,14 +263,19 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
     return HuggingFaceTokenizer(tokenizer.to_str().encode("utf-8"))
 
 
+def check_tokenizer_path(tokenizer_path: str) -> None:
+    """`DataConfig.tokenizer_path` must name an existing tokenizer file."""
+    if not os.path.isfile(tokenizer_path):
+        raise TokenizerError(f"DataConfig.tokenizer_path = {tokenizer_path!r} does not exist; "
+                             "give an existing sentencepiece .model or tokenizer.json, or "
+                             "leave it empty to train one on the corpus.")
+
+
 def build_tokenizer(kind: str, tokenizer_path: str, training_texts: Iterable[str],
                     vocab_size: int) -> Tokenizer:
     """Loads `tokenizer_path` when given, else trains a tokenizer of `kind` on the texts."""
     if tokenizer_path:
-        if not os.path.isfile(tokenizer_path):
-            raise TokenizerError(f"DataConfig.tokenizer_path = {tokenizer_path!r} does not exist; "
-                                 "give an existing sentencepiece .model or tokenizer.json, or "
-                                 "leave it empty to train one on the corpus.")
+        check_tokenizer_path(tokenizer_path)
         with open(tokenizer_path, "rb") as handle:
             return tokenizer_from_bytes(kind, handle.read())
     if kind == "sentencepiece":

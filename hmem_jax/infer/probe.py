@@ -35,16 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from hmem_jax.errors import ProbeFileError
 from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.engine import Engine
 
 PROBE_CONDITIONS = ("anchor", "generic", "fetched", "blocked", "oracle", "rag")
 MATCH_KINDS = ("integer", "prefix")
 _INTEGER = re.compile(r"-?\d+")
-
-
-class ProbeFileError(ValueError):
-    """A probe file is missing, malformed or names unknown documents; says which line."""
 
 
 @dataclasses.dataclass(frozen=True)

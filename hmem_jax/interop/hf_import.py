@@ -24,15 +24,11 @@ from typing import Any
 import numpy as np
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.errors import UnsupportedCheckpointError
 from hmem_jax.interop.hf_layout import from_hf_tensors
 
 QK_NORM_OF = {"llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "per_head",
               "hmem": "full"}
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint's architecture differs from hmem_jax's anchor in a way we cannot map
-    exactly."""
 
 
 def read_hf_config(path: str) -> dict[str, Any]:

@@ -42,9 +42,9 @@ def run() -> None:
               file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(commands[sys.argv[1]])
-    from absl import app
+    from hmem_jax.main import common
     sys.argv = [f"hmem {sys.argv[1]}"] + sys.argv[2:]
-    app.run(module.main)
+    common.run(module.main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from hmem_jax.config import ConfigError, DataConfig
 from hmem_jax.hierarchy.corpus import cluster_corpus
@@ -83,4 +83,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

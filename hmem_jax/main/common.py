@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-from absl import flags
+from collections.abc import Callable
+
+from absl import app, flags
 
 from hmem_jax.config import TrainConfig
+from hmem_jax.errors import HmemError, missing_extra
 from hmem_jax.gin_parsing import (EXPERIMENTS_DIR, load_train_config, parse_gin,  # noqa: F401
                                   resolve_gin_file)
 
@@ -61,6 +64,23 @@ def initialize_distributed() -> None:
                                    process_id=PROCESS_ID.value)
     elif DISTRIBUTED.value == "auto":
         jax.distributed.initialize()
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """Run an entry point under absl. A user mistake (any `HmemError`, or an optional dependency
+    that is not installed) ends with one line on stderr and exit status 2; anything else is a
+    fault and keeps its traceback."""
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except HmemError as error:
+            fail(str(error))
+        except ModuleNotFoundError as error:
+            user_error = missing_extra(error)
+            if user_error is None:
+                raise
+            fail(str(user_error))
+    app.run(guarded)
 
 
 def fail(message: str) -> None:

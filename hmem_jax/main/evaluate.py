@@ -19,7 +19,7 @@ import json
 import os
 import random
 
-from absl import app, flags
+from absl import flags
 
 from hmem_jax.main import common
 
@@ -191,4 +191,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -9,7 +9,7 @@ random tokens must agree to 1e-4 (fp32).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from hmem_jax.main import common
 
@@ -58,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from hmem_jax.config import ConfigError
 from hmem_jax.main import common
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, config).",
@@ -35,15 +34,10 @@ def main(argv: list[str]) -> None:
     common.initialize_distributed()
     import jax
 
-    from hmem_jax.data.prepare import PreparedDataError
-    from hmem_jax.train.checkpoint import CheckpointMismatchError
     from hmem_jax.train.layout import make_loader, write_run_config
     from hmem_jax.train.loop import fingerprint, train
 
-    try:
-        cfg = common.config_from_flags()
-    except ConfigError as error:
-        common.fail(str(error))
+    cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     workdir = os.path.abspath(WORKDIR.value)
     if jax.process_index() == 0:
         write_run_config(cfg, workdir)
@@ -51,7 +45,7 @@ def main(argv: list[str]) -> None:
         loader = make_loader(cfg, workdir)
         train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=UNTIL_STEP.value,
               peak_tflops=PEAK_TFLOPS.value)
-    except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
+    except FileNotFoundError as error:  # a path the configuration names
         common.fail(str(error))
     if jax.process_index() == 0 and UNTIL_STEP.value is None and PROBE_LIMIT.value > 0:
         print_probe_table(workdir, PROBE_LIMIT.value)
@@ -68,4 +62,4 @@ def print_probe_table(workdir: str, limit: int) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -22,11 +22,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from hmem_jax.errors import CheckpointMismatchError
 from hmem_jax.train.state import TrainState
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint was written by a run incompatible with the current config."""
 
 
 class Checkpointer:

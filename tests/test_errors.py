@@ -1,0 +1,81 @@
+"""User mistakes end an entry point with one line and exit status 2; faults keep their traceback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hmem_jax import errors
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _run(args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _one_line(done, *needles):
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_every_user_error_is_an_hmem_error_and_keeps_its_builtin_base():
+    for name in ("ConfigError", "SourceError", "TokenizerError", "PreparedDataError",
+                 "DataMismatchError", "ProbeFileError", "UnsupportedCheckpointError"):
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.HmemError) and issubclass(cls, ValueError), name
+    for name in ("CheckpointMismatchError", "BankStoreError", "BankMismatchError",
+                 "BankCorruptionError"):
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.HmemError) and issubclass(cls, RuntimeError), name
+    from hmem_jax.bank.store import BankMismatchError
+    from hmem_jax.config import ConfigError
+    from hmem_jax.data.loader import DataMismatchError
+    assert (ConfigError, BankMismatchError, DataMismatchError) == (
+        errors.ConfigError, errors.BankMismatchError, errors.DataMismatchError)
+
+
+@pytest.mark.parametrize("params, needle", [
+    (("DataConfig.source = 'jsonl'", "DataConfig.path = '/no/such/corpus.jsonl'",
+      "MemoryConfig.kind = 'none'"), "DataConfig.path"),
+    (("DataConfig.tokenizer_path = '/no/such/tokenizer.model'", "MemoryConfig.kind = 'none'"),
+     "DataConfig.tokenizer_path"),
+    (("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = ()"), "MemoryConfig.level_sizes")],
+    ids=["missing-corpus", "missing-tokenizer", "bad-value"])
+def test_train_reports_a_user_mistake_in_one_line(tmp_path, params, needle):
+    done = _run(["-m", "hmem_jax.main.train", f"--workdir={tmp_path / 'run'}", "--probe_limit=0"]
+                + [f"--gin_param={p}" for p in params])
+    _one_line(done, needle)
+
+
+ENTRY = textwrap.dedent("""
+    import sys
+    from hmem_jax.main import common
+
+    def missing_extra(argv):
+        sys.modules["safetensors"] = None  # as in an install without the hf extra
+        import safetensors  # noqa: F401
+
+    def missing_core(argv):
+        import hmem_jax_no_such_module  # noqa: F401
+
+    def fault(argv):
+        raise RuntimeError("an internal fault")
+
+    common.run({"extra": missing_extra, "core": missing_core, "fault": fault}[sys.argv.pop(1)])
+""")
+
+
+def test_a_missing_extra_names_the_extra_to_install_and_faults_keep_their_traceback():
+    _one_line(_run(["-c", ENTRY, "extra"]), "safetensors", 'pip install -e ".[hf]"')
+    for kind, message in (("core", "hmem_jax_no_such_module"), ("fault", "an internal fault")):
+        done = _run(["-c", ENTRY, kind])
+        assert done.returncode != 0 and "Traceback" in done.stderr, done.stderr[-2000:]
+        assert message in done.stderr
