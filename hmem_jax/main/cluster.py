@@ -37,7 +37,7 @@ from hmem_jax.main import common
 DOCS = flags.DEFINE_string(
     "docs", "", "Corpus: a .jsonl file or folder of them, a folder of .txt files, or 'embedded'. "
     "Empty: DataConfig.source / DataConfig.path from gin.")
-OUT = flags.DEFINE_string("out", "", "Output folder for the tree, paths and report (required).")
+OUT = common.out_flag("Output folder for the tree, paths and report (required).")
 CACHE_DIR = flags.DEFINE_string(
     "cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
     "Embedding cache folder; empty disables the cache.")

@@ -40,6 +40,21 @@ PROCESS_ID = flags.DEFINE_integer(
     "This process's index in a multi-process run (also HMEM_PROCESS_ID).")
 
 
+def workdir_flag(help_text: str = "The training run's folder.") -> flags.FlagHolder:
+    """`--workdir` (required), defined by the entry module that calls this."""
+    return flags.DEFINE_string("workdir", None, help_text, required=True)
+
+
+def step_flag() -> flags.FlagHolder:
+    """`--step`: which checkpoint of the run to use."""
+    return flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def out_flag(help_text: str, required: bool = False) -> flags.FlagHolder:
+    """`--out`: the folder an entry point writes."""
+    return flags.DEFINE_string("out", None if required else "", help_text, required=required)
+
+
 def config_from_flags() -> TrainConfig:
     quiet_library_logs()
     return load_train_config(GIN_FILES.value, GIN_PARAMS.value)

@@ -23,9 +23,9 @@ from absl import flags
 
 from hmem_jax.main import common
 
-WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", required=True)
-OUT = flags.DEFINE_string("out", "", "Results folder (default WORKDIR/eval).")
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+WORKDIR = common.workdir_flag()
+OUT = common.out_flag("Results folder (default WORKDIR/eval).")
+STEP = common.step_flag()
 PROBE = flags.DEFINE_bool("probe", True, "Run the long-tail probe (needs probes.jsonl).")
 PROBE_FILE = flags.DEFINE_string(
     "probe_file", "", "A jsonl probe file (default: the prepared data's probes.jsonl).")

@@ -15,14 +15,14 @@ from absl import flags
 
 from hmem_jax.main import common
 
-WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", required=True)
-OUT = flags.DEFINE_string("out", None, "Folder for the transformers checkpoint.", required=True)
+WORKDIR = common.workdir_flag()
+OUT = common.out_flag("Folder for the transformers checkpoint.", required=True)
 MEMORY = flags.DEFINE_enum("memory", "none", ["none", "generic", "fetched"],
                            "Memory merged into the exported model.")
 ROUTE_TEXT = flags.DEFINE_string("route_text", "", "Text whose route picks the path (fetched).")
 PATH = flags.DEFINE_string("path", "", "Comma-separated child index per level (fetched).")
 BANK = flags.DEFINE_string("bank", "", "Also export the bank into this folder.")
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+STEP = common.step_flag()
 
 
 def main(argv: list[str]) -> None:

@@ -16,7 +16,7 @@ from absl import flags
 
 from hmem_jax.main import common
 
-WORKDIR = flags.DEFINE_string("workdir", None, "The training run's folder.", required=True)
+WORKDIR = common.workdir_flag()
 PROMPTS = flags.DEFINE_multi_string("prompt", [], "A prompt; repeatable.")
 PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Text (one prompt a line) or jsonl file.")
 MEMORY = flags.DEFINE_enum("memory", "fetched", ["none", "generic", "fetched"],
@@ -26,7 +26,7 @@ TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+STEP = common.step_flag()
 BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 
 

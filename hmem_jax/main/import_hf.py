@@ -15,7 +15,7 @@ from hmem_jax.main import common
 
 HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint folder.",
                              required=True)
-OUT = flags.DEFINE_string("out", None, "Folder for the hmem_jax anchor run.", required=True)
+OUT = common.out_flag("Folder for the hmem_jax anchor run.", required=True)
 CHECK = flags.DEFINE_bool("check", True, "Compare logits with transformers after importing.")
 
 

@@ -19,7 +19,7 @@ from absl import flags
 from hmem_jax.config import ConfigError
 from hmem_jax.main import common
 
-OUT = flags.DEFINE_string("out", "", "Output folder (default: DataConfig.prepared_dir).")
+OUT = common.out_flag("Output folder (default: DataConfig.prepared_dir).")
 TREE = flags.DEFINE_string("tree", "", "ClusterTree folder; empty = no routing (one stream).")
 QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import flags
-
 from hmem_jax.main import common
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the recipe's runs.", required=True)
+WORKDIR = common.workdir_flag("Folder of the recipe's runs.")
 
 
 def _probe(recipe, limit: int) -> None:

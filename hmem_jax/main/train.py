@@ -14,8 +14,7 @@ from absl import flags
 
 from hmem_jax.main import common
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (checkpoints, metrics, config).",
-                              required=True)
+WORKDIR = common.workdir_flag("Run folder (checkpoints, metrics, config).")
 UNTIL_STEP = flags.DEFINE_integer(
     "until_step", None, "Stop after this step (checkpointing it), as a preempted job would; "
     "the schedule still spans TrainConfig.steps.")
