@@ -55,6 +55,11 @@ def test_train_reports_a_user_mistake_in_one_line(tmp_path, params, needle):
     _one_line(done, needle)
 
 
+def test_stray_arguments_are_refused_in_one_line_with_the_commands_hint(tmp_path):
+    done = _run(["-m", "hmem_jax.main.generate", f"--workdir={tmp_path}", "The atomic number"])
+    _one_line(done, "Unexpected arguments", "--prompt")
+
+
 ENTRY = textwrap.dedent("""
     import sys
     from hmem_jax.main import common

@@ -64,7 +64,6 @@ LOGGED_TRAIN = """
 import json, os, sys
 import jax
 import numpy as np
-from absl import app
 from hmem_jax.bank import store as store_lib
 from hmem_jax.main import train as train_main
 
@@ -77,7 +76,7 @@ def logged_write(self, key, ids, rows, mark=True):
     return original_write(self, key, ids, rows, mark)
 
 store_lib.BankStore.write = logged_write
-app.run(train_main.main)
+train_main.run()
 """
 
 

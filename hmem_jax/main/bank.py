@@ -166,5 +166,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, positional=True)
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

@@ -42,9 +42,8 @@ def run() -> None:
               file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(commands[sys.argv[1]])
-    from hmem_jax.main import common
     sys.argv = [f"hmem {sys.argv[1]}"] + sys.argv[2:]
-    common.run(module.main)
+    module.run()
 
 
 if __name__ == "__main__":

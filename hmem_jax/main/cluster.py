@@ -66,8 +66,6 @@ def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; use --docs, --out, --gin_file, --gin_param.")
     if not OUT.value:
         common.fail("No output folder: pass --out=DIR.")
     try:
@@ -82,5 +80,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="use --docs, --out, --gin_file, --gin_param")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

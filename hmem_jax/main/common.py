@@ -81,11 +81,22 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """Run an entry point under absl. A user mistake (any `HmemError`, or an optional dependency
-    that is not installed) ends with one line on stderr and exit status 2; anything else is a
-    fault and keeps its traceback."""
+def run(main: Callable[[list[str]], None], hint: str = "", positional: bool = False,
+        distributed: bool = False) -> None:
+    """Run an entry point under absl: refuse stray arguments (unless `positional`), quiet the
+    libraries' logs, start multi-host JAX first when `distributed`, then call `main`.
+
+    A user mistake (any `HmemError`, or an optional dependency that is not installed) ends with
+    one line on stderr and exit status 2; anything else is a fault and keeps its traceback.
+    `hint` says how to pass what a stray argument probably meant.
+    """
     def guarded(argv: list[str]) -> None:
+        if len(argv) > 1 and not positional:
+            how = hint or "this command takes flags only (--help lists them)"
+            fail(f"Unexpected arguments {argv[1:]}; {how}.")
+        quiet_library_logs()
+        if distributed:
+            initialize_distributed()
         try:
             main(argv)
         except HmemError as error:

@@ -162,9 +162,6 @@ def _tasks(engine, rag, results: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}.")
-    common.quiet_library_logs()
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.run import load_run
 
@@ -190,5 +187,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line entry point."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -26,9 +26,6 @@ STEP = common.step_flag()
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}.")
-    common.quiet_library_logs()
     import numpy as np
 
     from hmem_jax.infer.engine import Engine
@@ -66,5 +63,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line entry point."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    run()

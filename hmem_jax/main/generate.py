@@ -39,9 +39,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; pass prompts with --prompt.")
-    common.quiet_library_logs()
     from hmem_jax.infer.decode import Sampling
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.run import load_run
@@ -74,5 +71,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="pass prompts with --prompt")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

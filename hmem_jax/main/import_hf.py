@@ -38,9 +38,6 @@ def check_logits(hf_dir: str, cfg, params) -> float:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}.")
-    common.quiet_library_logs()
     from hmem_jax.interop.hf_import import load_hf_anchor, write_anchor_run
 
     try:
@@ -57,5 +54,10 @@ def main(argv: list[str]) -> None:
           f"--gin_param=\"TrainConfig.init_from = '{out}'\")", flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command line entry point."""
     common.run(main)
+
+
+if __name__ == "__main__":
+    run()

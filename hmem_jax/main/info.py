@@ -56,8 +56,6 @@ def describe(cfg: TrainConfig, devices: int | None = None,
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; use --gin_file and --gin_param.")
     for flag in (DEVICES, PER_DEVICE_BATCH):
         if flag.value is not None and flag.value < 1:
             common.fail(f"--{flag.name} = {flag.value} must be a positive integer.")
@@ -68,5 +66,10 @@ def main(argv: list[str]) -> None:
         common.fail(str(error))
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="use --gin_file and --gin_param")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

@@ -25,8 +25,6 @@ QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; use --out, --tree, --gin_file, --gin_param.")
     from hmem_jax.data.prepare import PreparedDataError, ensure_prepared, read_manifest
     from hmem_jax.data.sources import SourceError
     from hmem_jax.data.tokenizer import TokenizerError
@@ -51,5 +49,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="use --out, --tree, --gin_file, --gin_param")
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

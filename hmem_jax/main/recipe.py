@@ -52,11 +52,6 @@ def _probe(recipe, limit: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; configure the recipe with --gin_file and "
-                    "--gin_param.")
-    common.initialize_distributed()
-    common.quiet_library_logs()
     import jax
 
     from hmem_jax.config import ConfigError
@@ -75,5 +70,11 @@ def main(argv: list[str]) -> None:
         _probe(recipe, recipe.settings().probe_limit)
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="configure the recipe with --gin_file and --gin_param",
+               distributed=True)
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()

@@ -27,10 +27,6 @@ PEAK_TFLOPS = flags.DEFINE_float(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        common.fail(f"Unexpected arguments {argv[1:]}; configure the run with --gin_file and "
-                    "--gin_param.")
-    common.initialize_distributed()
     import jax
 
     from hmem_jax.train.layout import make_loader, write_run_config
@@ -60,5 +56,11 @@ def print_probe_table(workdir: str, limit: int) -> None:
               + format_probe_table(table), flush=True)
 
 
+def run() -> None:
+    """The command line entry point."""
+    common.run(main, hint="configure the run with --gin_file and --gin_param",
+               distributed=True)
+
+
 if __name__ == "__main__":
-    common.run(main)
+    run()
