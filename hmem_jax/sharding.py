@@ -84,14 +84,18 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> N
     return NamedSharding(mesh, spec)
 
 
+def mesh_axes(rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]:
+    """The mesh axes the rules map the logical axis `logical` to (none if unmapped)."""
+    axes = dict(rules).get(logical)
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def axis_size(mesh: Mesh | Mapping[str, int], rules: Sequence[tuple[str, Any]],
               logical: str) -> int:
     """How many ways the logical axis `logical` is split on `mesh` (or on a mesh of that shape:
     mesh axis name -> size, for meshes larger than the devices present)."""
     shape = mesh.shape if isinstance(mesh, Mesh) else mesh
-    axes = dict(rules).get(logical)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(shape[a] for a in axes)
+    return math.prod(shape[a] for a in mesh_axes(rules, logical))
 
 
 def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
@@ -106,20 +110,14 @@ def batch_shards_for(cfg: MeshConfig, num_devices: int) -> int:
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]], replicate: Sequence[str] = ()) -> dict:
+                 rules: Sequence[tuple[str, Any]]) -> dict:
     """Assemble this process's rows into global arrays sharded over the 'batch' axes.
 
-    Each process passes only its slice (rows [p·B/P, (p+1)·B/P)); keys in
-    `replicate` hold the same value on every process (e.g. a batch's unique
-    block ids) and become replicated arrays.
+    Each process passes only its slice (rows [p·B/P, (p+1)·B/P)).
     """
     out = {}
     for name, value in local.items():
         value = np.asarray(value)
-        if name in replicate:
-            out[name] = jax.make_array_from_process_local_data(replicated(mesh), value,
-                                                               value.shape)
-            continue
         sharding = batch_sharding(mesh, rules, value.ndim)
         global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)

@@ -5,7 +5,8 @@ matrices `[clusters, layers, ...]` with their AdamW moments and per-block
 update counts. In training every block is split over the devices
 (`bank.exchange`: each device holds a slice of every block) and each batch
 shard fetches its own blocks; `fetch` and `commit` here are the plain
-gathers and scatters that inference and tools use on a bank of any layout.
+gathers and scatters of rows, used on the devices' slices in the step
+(`bank/exchange.py`) and by inference on a bank of any layout.
 Block ids equal to the level's cluster count are padding (see
 hmem_jax/data/loader.py): gathers clamp them, scatters drop them.
 

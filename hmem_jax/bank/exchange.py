@@ -42,22 +42,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from hmem_jax.bank import device as bank_lib
+from hmem_jax.sharding import mesh_axes
 
 Array = jax.Array
 Params = Mapping[str, Array]
 
 
-def _mesh_axes(rules: Any, logical: str) -> tuple[str, ...]:
-    axes = dict(rules).get(logical)
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def slice_mesh_axes(rules: Any, axis_names: tuple[str, ...]) -> tuple[str, ...]:
     """The mesh axes a view is split over: the 'batch' axes and the 'memory_blocks' axes, in
     mesh order (each batch shard must reach every slice, so the batch axes are always in)."""
-    wanted = set(_mesh_axes(rules, "batch")) | set(_mesh_axes(rules, "memory_blocks"))
+    wanted = set(mesh_axes(rules, "batch")) | set(mesh_axes(rules, "memory_blocks"))
     return tuple(a for a in axis_names if a in wanted)
 
 
@@ -91,7 +86,7 @@ class BlockExchange:
 
     @classmethod
     def for_mesh(cls, mesh: Mesh, rules: Any) -> "BlockExchange":
-        return cls(mesh, _mesh_axes(rules, "batch"), slice_mesh_axes(rules, mesh.axis_names))
+        return cls(mesh, mesh_axes(rules, "batch"), slice_mesh_axes(rules, mesh.axis_names))
 
     @property
     def slices(self) -> int:
@@ -115,6 +110,9 @@ class BlockExchange:
 
     def _axes(self, params: Params) -> dict[str, int | None]:
         return {name: self.axis(tuple(x.shape)) for name, x in params.items()}
+
+    def _specs(self, params: Params) -> dict[str, PartitionSpec]:
+        return {name: self.spec(tuple(x.shape)) for name, x in params.items()}
 
     def _map(self, body: Callable, in_specs: tuple, out_specs: Any) -> Callable:
         return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
@@ -157,8 +155,7 @@ class BlockExchange:
                 out[name] = got.reshape((1, mine.shape[0]) + tuple(full[1:]))
             return out
 
-        specs = {name: self.spec(tuple(x.shape)) for name, x in view.items()}
-        return self._map(body, (specs, batch), batch)(dict(view), ids)
+        return self._map(body, (self._specs(view), batch), batch)(dict(view), ids)
 
     def reduce(self, grads: Params, ids: Array, blocks: int, view: Params) -> Reduced:
         """Per-shard gradients [S, C, ...] of the fetched blocks -> summed per distinct block,
@@ -192,9 +189,9 @@ class BlockExchange:
             square_sum = whole_sq + jax.lax.psum(split_sq, self.slice_axes)
             return union, summed, square_sum
 
-        specs = {name: self.spec(tuple(x.shape)) for name, x in view.items()}
         union, summed, square_sum = self._map(
-            body, (batch, batch), (PartitionSpec(), specs, PartitionSpec()))(dict(grads), ids)
+            body, (batch, batch), (PartitionSpec(), self._specs(view), PartitionSpec()))(
+                dict(grads), ids)
         return Reduced(union=union, grads=summed, square_sum=square_sum)
 
     def update(self, view: Any, reduced: Reduced, rule: Callable, scalars: Any) -> tuple:
@@ -224,18 +221,15 @@ class BlockExchange:
                 offset = index * row[axis]
                 row[axis] *= slices
                 places[name] = (axis, offset, tuple(row))
-            take = lambda x: jnp.take(x, union, axis=0, mode="clip")  # noqa: E731
-            new_rows, (split, whole) = rule(jax.tree.map(take, local), grads, union, places,
+            new_rows, (split, whole) = rule(bank_lib.fetch(local, union), grads, union, places,
                                             values)
-            new_view = jax.tree.map(
-                lambda full, new: full.at[union].set(new.astype(full.dtype), mode="drop"),
-                local, new_rows)
+            new_view = bank_lib.commit(local, union, new_rows)
             extras = jax.tree.map(lambda s, w: jax.lax.psum(s, self.slice_axes) + w,
                                   split, whole)
             return new_view, extras
 
         view_specs = jax.tree.map(lambda x: self.spec(tuple(x.shape)), view)
-        grad_specs = {name: self.spec(tuple(params[name].shape)) for name in reduced.grads}
-        mapped = self._map(body, (view_specs, PartitionSpec(), grad_specs, PartitionSpec()),
+        mapped = self._map(body, (view_specs, PartitionSpec(), self._specs(params),
+                                  PartitionSpec()),
                            (view_specs, PartitionSpec()))
         return mapped(view, reduced.union, reduced.grads, scalars)

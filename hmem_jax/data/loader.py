@@ -76,25 +76,30 @@ def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def shard_blocks(block_ids: np.ndarray, shards: int, capacity: int, padding: int,
-                 level: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 level: int = 0, listed: range | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level's blocks of a global batch, per batch shard (see the module doc).
 
     block_ids: int[B], each sequence's block at the level; shards: S, dividing B;
     capacity: the static length of a shard's list; padding: the level's block
-    count. Returns (ids int32[S, capacity], slots int32[B] into their own shard's
-    row, union int32[min(S * capacity, padding)] the batch's distinct ids).
+    count; listed: the shards to list (a process's own; default all S). Returns
+    (ids int32[len(listed), capacity], slots int32[rows of the listed shards] into
+    their own shard's row, union int32[min(S * capacity, padding)] the whole
+    batch's distinct ids).
     """
+    listed = range(shards) if listed is None else listed
     per_shard = len(block_ids) // shards
-    ids = np.full((shards, capacity), padding, dtype=np.int32)
-    slots = np.empty(len(block_ids), dtype=np.int32)
-    for shard in range(shards):
-        rows = slice(shard * per_shard, (shard + 1) * per_shard)
-        unique, slots[rows] = np.unique(block_ids[rows], return_inverse=True)
+    ids = np.full((len(listed), capacity), padding, dtype=np.int32)
+    slots = np.empty(len(listed) * per_shard, dtype=np.int32)
+    for row, shard in enumerate(listed):
+        mine = block_ids[shard * per_shard:(shard + 1) * per_shard]
+        unique, inverse = np.unique(mine, return_inverse=True)
+        slots[row * per_shard:(row + 1) * per_shard] = inverse
         if len(unique) > capacity:
             raise ValueError(
                 f"Batch shard {shard} of the step has {len(unique)} distinct level-{level} blocks "
                 f"but block_capacity is {capacity}; raise block_capacity (or leave it None).")
-        ids[shard, :len(unique)] = unique
+        ids[row, :len(unique)] = unique
     distinct = np.unique(block_ids)
     union = np.full(min(shards * capacity, padding), padding, dtype=np.int32)
     union[:len(distinct)] = distinct
@@ -293,13 +298,13 @@ class Loader:
         leaves = self._record_leaves[records]
         block_ids = self._leaf_block_ids[leaves]  # [B, depth], global batch
         arrays = {"paths": self._leaf_paths[leaves[local]].astype(np.int32)}
-        shards = slice(local.start // self.shard_size, local.stop // self.shard_size)
+        own = range(local.start // self.shard_size, local.stop // self.shard_size)
         for level in range(1, self.depth + 1):
             ids, slots, union = shard_blocks(block_ids[:, level - 1], self.batch_shards,
                                              self.block_capacity[level - 1],
-                                             self.block_id_padding[level - 1], level)
-            arrays[f"block_ids_l{level}"] = ids[shards]
-            arrays[f"block_slots_l{level}"] = slots[local]
+                                             self.block_id_padding[level - 1], level, own)
+            arrays[f"block_ids_l{level}"] = ids
+            arrays[f"block_slots_l{level}"] = slots
             arrays[f"block_union_l{level}"] = union
         return arrays
 

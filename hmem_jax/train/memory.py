@@ -163,7 +163,7 @@ class MemoryPlan:
         """Per-sequence weights built shard by shard from the shard's own blocks."""
         shards = jax.tree.leaves(fetched)[0].shape[0]
         rows = next(iter(slots.values())).shape[0]
-        rank_axes = {n: m.rank_axis for n, m in self.geometry.matrices.items()}
+        rank_axes = self.geometry.rank_axes
 
         def one_shard(blocks: dict, shard_slots: dict, shard_generic: Any, shard_use: Any) -> dict:
             memory = memory_lib.sequence_memory(blocks, shard_slots, rank_axes)
@@ -192,10 +192,14 @@ class MemoryPlan:
         the step -> (new views, the level's update metrics).
 
         Padding ids and an unused generic block are left as they were. `step`
-        seeds the stochastic rounding of a narrow bank.
+        seeds the stochastic rounding of a narrow bank. Metrics: distinct blocks per level,
+        and for a bank narrower than float32 `mem/changed_fraction`, the share of the updated
+        blocks' parameters whose stored value the update changed (near 0: the bank is losing
+        its updates to rounding).
         """
         new_views, metrics = {}, {}
         narrow = is_narrow(self.config.bank_dtype)
+        changed_sum = total_sum = jnp.zeros((), jnp.float32)
         for key, (_, view, row_ids) in views.items():
             generic = key == bank_lib.GENERIC
             level = 0 if generic else int(key[1:])
@@ -231,17 +235,14 @@ class MemoryPlan:
                 view, reduced[key], rule, values)
             if not generic:
                 metrics[f"mem/unique_blocks_l{level}"] = unique
-            if narrow:
-                metrics.setdefault("changed", []).append((changed, total))
+            changed_sum, total_sum = changed_sum + changed, total_sum + total
+        if narrow:
+            metrics["mem/changed_fraction"] = changed_sum / jnp.maximum(total_sum, 1.0)
         return new_views, metrics
 
-    def metrics(self, views: Mapping[str, View], update_metrics: Mapping[str, Any]
-                ) -> dict[str, Array]:
-        """Per step: distinct blocks per level, and `mem/fetch_bytes`, the bytes of blocks one
-        batch shard fetched (mean over shards); for a bank narrower than float32 also
-        `mem/changed_fraction`, the share of the updated blocks' parameters whose stored value
-        the update changed (near 0: the bank is losing its updates to rounding)."""
-        out = {k: v for k, v in update_metrics.items() if k != "changed"}
+    @staticmethod
+    def fetch_metrics(views: Mapping[str, View]) -> dict[str, Array]:
+        """`mem/fetch_bytes`: the bytes of blocks one batch shard fetched (mean over shards)."""
         fetch_bytes = jnp.zeros((), jnp.float32)
         for key, (ids, view, _) in views.items():
             if key == bank_lib.GENERIC:
@@ -249,9 +250,4 @@ class MemoryPlan:
             row_bytes = sum(x[0].size * x.dtype.itemsize for x in view.params.values())
             fetched = jnp.sum(ids < view.count.shape[0]) / ids.shape[0]
             fetch_bytes = fetch_bytes + fetched * row_bytes
-        out["mem/fetch_bytes"] = fetch_bytes
-        if "changed" in update_metrics:
-            changed = sum(c for c, _ in update_metrics["changed"])
-            total = sum(t for _, t in update_metrics["changed"])
-            out["mem/changed_fraction"] = changed / jnp.maximum(total, 1.0)
-        return out
+        return {"mem/fetch_bytes": fetch_bytes}

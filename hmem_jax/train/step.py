@@ -173,7 +173,8 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
         memory_lr = fns.memory_schedule(state.step)
         new_views, update_metrics = plan.update(fns.exchange, views, reduced, memory_lr, factor,
                                                 use_generic, state.step)
-        metrics.update(plan.metrics(views, update_metrics))
+        metrics.update(update_metrics)
+        metrics.update(plan.fetch_metrics(views))
         if fns.host_bank:
             rows_out = new_views
         else:
