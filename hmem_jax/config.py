@@ -332,8 +332,11 @@ class MemoryConfig:
     empty = WORKDIR/bank) behind a host RAM cache of `host_cache_bytes`, and
     reads the blocks of the next `prefetch_steps` steps while a step computes
     (0 = no prefetch). `blocks_per_shard` > 1 groups that many blocks into one
-    zarr3 shard file (the sharding codec); it only applies when a store is
-    created.
+    zarr3 shard file (the sharding codec); `store_splits` cuts every block
+    into that many chunks along the axis the mesh splits it (0 = the number of
+    processes of the run that creates the store), so each process of a
+    multi-host run reads and writes only its own devices' slices. Both only
+    apply when a store is created.
     """
 
     kind: str = "none"
@@ -360,6 +363,7 @@ class MemoryConfig:
     host_cache_bytes: int = 4 << 30
     prefetch_steps: int = 2
     blocks_per_shard: int = 1
+    store_splits: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("MemoryConfig", "kind", self.kind, MEMORY_KINDS)
@@ -373,6 +377,9 @@ class MemoryConfig:
         _require(self.blocks_per_shard >= 1,
                  f"MemoryConfig.blocks_per_shard must be >= 1 (1 = one file per block), got "
                  f"{self.blocks_per_shard}.")
+        _require(self.store_splits >= 0,
+                 f"MemoryConfig.store_splits must be >= 0 (0 = one chunk per process of the run "
+                 f"that creates the store), got {self.store_splits}.")
         _require(self.bank_tier == "device" or self.kind != "none" or not self.bank_store,
                  "MemoryConfig.bank_store is set but MemoryConfig.kind = 'none' has no bank.")
         _check_choice("MemoryConfig", "placement", self.placement, ("all", "first", "last"))

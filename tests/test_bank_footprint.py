@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 import pytest
 
 from hmem_jax import sharding
@@ -71,8 +72,9 @@ def _compile(cfg: TrainConfig):
                 b, level.count.shape[0])
             ids = batch[ids_key(int(key[1:]))] if key != "generic" else jax.device_put(
                 np.zeros((shards, 1), np.int32), sharding.batch_sharding(mesh, rules, 2))
-            view = jax.tree.map(lambda x: x[:union], level)
-            rows[key] = (ids, jax.device_put(view, sharding.replicated(mesh)),
+            view = jax.tree.map(lambda x: jax.device_put(x[:union], NamedSharding(
+                mesh, fns.exchange.spec(x.shape))), level)
+            rows[key] = (ids, view,
                          jax.device_put(np.arange(union, dtype=np.int32),
                                         sharding.replicated(mesh)))
     run = compile_train_step(fns, mesh, rules, state_shardings(model, tx, mesh, rules, state_plan))
@@ -108,7 +110,7 @@ def test_footprint_matches_the_compiled_steps_arguments(mesh):
     metrics = _compile(device_cfg)[2]()
     generic = MemoryPlan.from_config(device_cfg).geometry.fetched_params * 4
     assert float(metrics["mem/fetch_bytes"]) + generic == device.memory_step_bytes_per_device
-    # A streamed step's extra arguments are the rows it fetched, on every device.
+    # A streamed step's extra arguments are the rows it fetched, 1/8 of each on each device.
     streamed = memory_footprint(streamed_cfg, 8)
     assert streamed.bank_bytes_per_device == 0
     assert with_rows - anchor - streamed_keys == streamed.memory_step_bytes_per_device

@@ -118,18 +118,16 @@ KILLED_RUN = textwrap.dedent("""
     import dataclasses
 
     args = json.loads(sys.argv[1])
-    original_write = store_lib.BankStore.write
+    original_write = store_lib.BankStore.write_pieces
 
-    def write_then_die(self, key, ids, rows, mark=True):
+    def write_then_die(self, key, pieces):
         # After the step-3 checkpoint: store one field of the blocks, then SIGKILL mid write-back.
         if self.version is not None and self.version >= 3:
-            field = sorted(rows)[0]
-            self._array(self.current_gen, key, field, True)[np.asarray(ids)].write(
-                rows[field]).result()
+            original_write(self, key, list(pieces)[:1])
             os.kill(os.getpid(), signal.SIGKILL)
-        return original_write(self, key, ids, rows, mark)
+        return original_write(self, key, pieces)
 
-    store_lib.BankStore.write = write_then_die
+    store_lib.BankStore.write_pieces = write_then_die
     cfg = load_train_config((), tuple(args["params"]))
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **args["memory"]))
     loader = Loader(args["prepared"], cfg.batch_size, cfg.seq_len, cfg.seed)

@@ -67,17 +67,33 @@ import numpy as np
 from hmem_jax.bank import store as store_lib
 from hmem_jax.main import train as train_main
 
-original_write = store_lib.BankStore.write
+original_read, original_write = store_lib.BankStore.read, store_lib.BankStore.write_pieces
 
-def logged_write(self, key, ids, rows, mark=True):
-    with open(os.environ["WRITE_LOG"] + f".{jax.process_index()}", "a") as log:
-        log.write(json.dumps({"process": jax.process_index(), "generation": self.current_gen,
-                              "level": key, "ids": np.asarray(ids).tolist()}) + "\\n")
-    return original_write(self, key, ids, rows, mark)
+def log(entry):
+    with open(os.environ["STORE_LOG"] + f".{jax.process_index()}", "a") as out:
+        out.write(json.dumps({"process": jax.process_index(), **entry}) + "\\n")
 
-store_lib.BankStore.write = logged_write
+def logged_read(self, key, ids, boxes=None):
+    rows = original_read(self, key, ids, boxes)
+    log({"op": "read", "level": key, "ids": np.asarray(ids).tolist(),
+         "boxes": {f: [list(r) for r in boxes[f]] for f in rows} if boxes else None,
+         "bytes": {f: int(v.nbytes) for f, v in rows.items()}})
+    return rows
+
+def logged_write(self, key, pieces):
+    pieces = list(pieces)
+    for field, ids, _, box in pieces:
+        log({"op": "write", "generation": self.current_gen, "level": key, "field": field,
+             "ids": np.asarray(ids).tolist(), "box": [list(r) for r in box]})
+    return original_write(self, key, pieces)
+
+store_lib.BankStore.read, store_lib.BankStore.write_pieces = logged_read, logged_write
 train_main.run()
 """
+
+
+def _store_log(prefix, pid):
+    return [json.loads(line) for line in open(f"{prefix}.{pid}")]
 
 
 def _final_bank(workdir):
@@ -90,9 +106,11 @@ def _final_bank(workdir):
     return streamed_bank(cfg, {"driver": "file", "path": os.path.join(workdir, "bank") + "/"})
 
 
-def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
+def test_two_processes_stream_one_bank_each_reading_and_writing_only_its_half(
         tmp_path, small_prepared_tree_data):
-    """Streamed bank, 2 processes: block b is written only by process b % 2, never lost."""
+    """Streamed bank, 2 processes: each reads and writes only the half of every block its
+    devices hold (the store keeps one chunk per half), every piece of every updated block is
+    written exactly once, and losses and final bank equal one process's."""
     prepared, _, params = small_prepared_tree_data
     params = params + (
         "TrainConfig.steps = 6", "TrainConfig.batch_size = 8", "TrainConfig.log_every = 1",
@@ -105,7 +123,7 @@ def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
         return [sys.executable, "-c", LOGGED_TRAIN] + _train_command(workdir, params, extra)[3:]
 
     single = tmp_path / "single"
-    done = subprocess.run(command(single), env=dict(_env(8), WRITE_LOG=str(tmp_path / "w1")),
+    done = subprocess.run(command(single), env=dict(_env(8), STORE_LOG=str(tmp_path / "s1")),
                           timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -114,7 +132,7 @@ def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
     procs = [subprocess.Popen(
         command(multi, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                         f"--process_id={i}"]),
-        env=dict(_env(4), WRITE_LOG=str(tmp_path / "w2")), stdout=subprocess.PIPE,
+        env=dict(_env(4), STORE_LOG=str(tmp_path / "s2")), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, out in zip(procs, outputs):
@@ -125,15 +143,52 @@ def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
     assert steps == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
 
-    writes = {}  # (generation, level, block) -> writing processes
+    # Reads: the same blocks as one process, but only half of every matrix (moments too).
+    def read_bytes(entries):
+        out = {}
+        for e in entries:
+            if e["op"] == "read":
+                for field, n in e["bytes"].items():
+                    out[(e["level"], field)] = out.get((e["level"], field), 0) + n
+        return out
+
+    whole = read_bytes(_store_log(tmp_path / "s1", 0))
+    halves = {}
     for pid in (0, 1):
-        for line in open(tmp_path / f"w2.{pid}"):
-            entry = json.loads(line)
-            assert entry["process"] == pid
-            for block in entry["ids"]:
-                assert block % 2 == pid, entry
-                writes.setdefault((entry["generation"], entry["level"], block), set()).add(pid)
-    assert {p for owners in writes.values() for p in owners} == {0, 1}
+        entries = _store_log(tmp_path / "s2", pid)
+        assert all(e["process"] == pid for e in entries)
+        got = read_bytes(entries)
+        assert set(got) == set(whole)
+        for (level, field), n in got.items():
+            want = whole[(level, field)] if field == "count" else whole[(level, field)] // 2
+            assert n == want, (pid, level, field, n, whole[(level, field)])
+        for e in entries:
+            if e["op"] == "read":
+                for field, box in e["boxes"].items():
+                    halves.setdefault((e["level"], field), {}).setdefault(pid, box)
+                    assert box == halves[(e["level"], field)][pid]  # always its own half
+    for (level, field), boxes in halves.items():
+        if field != "count":
+            assert boxes[0] != boxes[1], (level, field)
+
+    # Writes: each piece of a block is written by one process only, the one holding it (a
+    # block updated again after its write-back is written again, by the same process).
+    pieces = {}  # (generation, level, field, block) -> [(box, process)]
+    for pid in (0, 1):
+        for e in _store_log(tmp_path / "s2", pid):
+            if e["op"] == "write":
+                if e["field"] != "count":
+                    assert e["box"] == halves[(e["level"], e["field"])][pid], e
+                for block in e["ids"]:
+                    pieces.setdefault((e["generation"], e["level"], e["field"], block),
+                                      []).append((tuple(map(tuple, e["box"])), pid))
+    assert {p for written in pieces.values() for _, p in written} == {0, 1}
+    for where, written in pieces.items():
+        writers = {}
+        for box, pid in written:
+            writers.setdefault(box, set()).add(pid)
+        assert all(len(p) == 1 for p in writers.values()), (where, written)
+        assert len(writers) == (1 if where[2] == "count" else 2), (where, written)
 
     want, got = _final_bank(single), _final_bank(multi)
     # Two processes sum gradients in another order than one. Adam divides by sqrt(v), so for a
@@ -142,7 +197,7 @@ def test_two_processes_stream_one_bank_each_block_written_by_its_owner(
     movement = 1e-2 * 6
     for key, fields in want.items():
         touched = np.nonzero(got[key]["count"])[0]
-        assert len(touched) and {b for _, level, b in writes if level == key} >= set(touched)
+        assert len(touched) and {b for _, level, _, b in pieces if level == key} >= set(touched)
         for field, value in fields.items():
             np.testing.assert_allclose(got[key][field].astype(np.float32),
                                        value.astype(np.float32), rtol=1e-4,

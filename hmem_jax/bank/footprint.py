@@ -11,8 +11,9 @@ say what a pod would hold before a pod is rented. It follows the layout the code
 - per step, a device receives its batch shard's blocks: `min(per-shard batch, clusters)` rows
   per level (the loader's static capacity) plus the generic block, parameters only (moments
   stay with the slices), and sends as many gradients back. This does not depend on the
-  number of devices. A streamed step instead places the global batch's distinct blocks with
-  their moments and counts on every device (its rows are replicated).
+  number of devices. A streamed step's argument is instead the global batch's distinct blocks
+  with their moments and counts, laid out like the device bank: each device gets 1/P of each
+  (`bank/parts.py`), so per device that is (distinct blocks of the step) / P.
 
 `tests/test_bank_footprint.py` checks these figures against the compiled step's argument sizes.
 """
@@ -67,20 +68,20 @@ def memory_footprint(cfg: TrainConfig, devices: int,
         geometry, 0, jnp.dtype(memory.bank_dtype), jnp.dtype(memory.moment_dtype),
         memory.generic_probability > 0))
     streamed = memory.bank_tier == "streaming"
-    total = resident = union_bytes = shard_bytes = replicated_rows = 0
+    total = resident = union_bytes = shard_bytes = streamed_rows = 0
     for level in bank.values():
         rows = level.count.shape[0]
         leaves = jax.tree.leaves(level)
+        share = [1 if slice_axis(x.shape, slices) is None else slices for x in leaves]
         total += sum(_bytes(x) for x in leaves)
-        resident += sum(_bytes(x) // (1 if slice_axis(x.shape, slices) is None else slices)
-                        for x in leaves)
+        resident += sum(_bytes(x) // n for x, n in zip(leaves, share))
         row_params = sum(_bytes(x) // rows for x in level.params.values())
         union = rows if rows == 1 else min(batch, rows)
         union_bytes += union * row_params
         shard_bytes += (rows if rows == 1 else min(per_device_batch, rows)) * row_params
-        replicated_rows += union * sum(_bytes(x) // rows for x in leaves)
+        streamed_rows += union * sum(_bytes(x) // rows // n for x, n in zip(leaves, share))
     if streamed:
-        resident, shard_bytes = 0, replicated_rows
+        resident, shard_bytes = 0, streamed_rows
     return MemoryFootprint(devices=devices, batch_shards=shards,
                            per_device_batch=per_device_batch, global_batch=batch,
                            bank_bytes=total, bank_bytes_per_device=resident,

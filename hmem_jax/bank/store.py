@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from hmem_jax.bank.exchange import slice_axis
 from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.bank.layout import LevelLayout, describe_location, level_layouts
 from hmem_jax.bank.materialize import Materializer
+from hmem_jax.bank.parts import Box, box_index, box_shape, whole
 from hmem_jax.errors import BankCorruptionError, BankMismatchError, BankStoreError
 
 FORMAT_VERSION = 1
@@ -57,13 +59,25 @@ def manifest_for(geometry: BankGeometry, with_generic: bool, bank_dtype: str, mo
     }
 
 
-def _codecs(block_shape: tuple[int, ...], blocks_per_shard: int) -> tuple[list[int], list]:
-    """(chunk shape, codecs): one block per (inner) chunk, crc32c on every chunk."""
+def _codecs(block_shape: tuple[int, ...], blocks_per_shard: int, axis: int | None,
+            splits: int) -> tuple[list[int], list]:
+    """(chunk shape, codecs): one (inner) chunk per block, or per 1/`splits` of a block along
+    `axis`; crc32c on every chunk."""
+    piece = list(block_shape)
+    if axis is not None:
+        piece[axis] //= splits
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     if blocks_per_shard == 1:
-        return [1, *block_shape], inner
-    return [blocks_per_shard, *block_shape], [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": [1, *block_shape], "codecs": inner, "index_codecs": inner}}]
+        return [1, *piece], inner
+    return [blocks_per_shard, *piece], [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": [1, *piece], "codecs": inner, "index_codecs": inner}}]
+
+
+def _split_axis(block_shape: tuple[int, ...], splits: int) -> int | None:
+    """The block axis a store cuts into `splits` chunks: the exchange's rule (the longest
+    axis that divides), so chunks line up with the devices' slices."""
+    axis = slice_axis((1, *block_shape), splits)
+    return None if axis is None else axis - 1
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -81,7 +95,7 @@ class BankStore:
 
     def __init__(self, spec: Mapping[str, Any], geometry: BankGeometry, with_generic: bool,
                  bank_dtype: str, moment_dtype: str, init_seed: int, blocks_per_shard: int = 1,
-                 create: bool = True, writer: bool = True) -> None:
+                 create: bool = True, writer: bool = True, splits: int = 1) -> None:
         self.spec = dict(spec)
         self.where = describe_location(self.spec)
         self.geometry = geometry
@@ -99,12 +113,16 @@ class BankStore:
                 raise BankStoreError(f"No bank at {self.where} (manifest.json is missing). "
                                      "Create it first (python -m hmem_jax.main.bank create).")
             found = {**expected, "blocks_per_shard": int(blocks_per_shard),
-                     "uid": uuid.uuid4().hex}
+                     "splits": int(splits), "uid": uuid.uuid4().hex}
             self._write_json("manifest.json", found)
         self._check_manifest(found, expected)
         self.manifest = found
         self.uid: str = found["uid"]
         self.blocks_per_shard = int(found["blocks_per_shard"])
+        self.splits = int(found.get("splits", 1))
+        self.split_axes = {key: {field: _split_axis(shape, self.splits)
+                                 for field, (shape, _) in layout.fields.items()}
+                           for key, layout in self.layouts.items()}
         self.gen_map: dict[str, np.ndarray] = {
             k: np.full(l.clusters, UNTOUCHED, np.int32) for k, l in self.layouts.items()}
         self.version: int | None = None
@@ -147,7 +165,8 @@ class BankStore:
                     keep_fill_chunks: bool = True) -> dict[str, Any]:
         layout = self.layouts[key]
         shape, dtype = layout.fields[field]
-        chunk, codecs = _codecs(shape, self.blocks_per_shard)
+        chunk, codecs = _codecs(shape, self.blocks_per_shard, self.split_axes[key][field],
+                                self.splits)
         path = f"{self.spec.get('path', '')}g{gen:08d}/{key}/{field}/"
         return {
             "driver": "zarr3", "kvstore": {**self.spec, "path": path},
@@ -178,18 +197,22 @@ class BankStore:
             self._arrays[handle] = array
         return array
 
-    def read(self, key: str, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """field -> [len(ids), ...]: the current value of blocks `ids` (all < clusters)."""
+    def read(self, key: str, ids: np.ndarray,
+             boxes: Mapping[str, Box] | None = None) -> dict[str, np.ndarray]:
+        """field -> [len(ids), ...]: the current value of blocks `ids` (all < clusters), or of
+        the part `boxes[field]` of each block (a process's part, `bank/parts.py`)."""
         layout = self.layouts[key]
         ids = np.asarray(ids, np.int64)
         with self._lock:
             gens = self.gen_map[key][ids].copy()
-        out = layout.empty_rows(len(ids))
+        boxes = {f: boxes[f] if boxes else whole(shape) for f, (shape, _) in layout.fields.items()}
+        out = {f: np.zeros((len(ids),) + box_shape(boxes[f]), dtype)
+               for f, (_, dtype) in layout.fields.items()}
         fresh = gens == UNTOUCHED
         if fresh.any():
             init = self._materializer.rows(layout, ids[fresh])
             for field, value in init.items():
-                out[field][fresh] = value
+                out[field][fresh] = value[(slice(None),) + box_index(boxes[field])]
         # One copy per block, straight into `out`: tensorstore decodes each chunk into the
         # numpy-backed destination (an index-array read, then a copy, was 1.5x slower).
         reads = []
@@ -198,7 +221,9 @@ class BankStore:
             for field in layout.fields:
                 array = self._array(int(gen), key, field, write=False)
                 dest = ts.array(out[field], copy=False, write=True)
-                futures = [dest[int(slot)].write(array[int(ids[slot])]) for slot in where]
+                part = box_index(boxes[field])
+                futures = [dest[int(slot)].write(array[(int(ids[slot]),) + part])
+                           for slot in where]
                 reads.append((where, field, int(gen), futures))
         for where, field, gen, futures in reads:
             try:
@@ -214,23 +239,30 @@ class BankStore:
 
     def write(self, key: str, ids: np.ndarray, rows: Mapping[str, np.ndarray],
               mark: bool = True) -> None:
-        """Store rows of blocks `ids` (sorted, unique) in the current generation; durable on return.
-
-        `mark=False` leaves the block map as it was: the caller publishes the
-        write later with `mark_written` (on every process of a multi-process
-        run, once the owner's write is known to have returned).
-        """
-        if self.current_gen < 0:
-            raise BankStoreError(f"The bank at {self.where} was opened read-only.")
-        ids = np.asarray(ids, np.int64)
-        if len(ids) == 0:
-            return
-        futures = [self._array(self.current_gen, key, f, write=True)[ids].write(
-            np.ascontiguousarray(rows[f])) for f in self.layouts[key].fields]
-        for future in futures:
-            future.result()
+        """Store whole rows of blocks `ids` (sorted, unique) in the current generation; durable
+        on return. `mark=False` leaves the block map as it was (see `write_pieces`)."""
+        layout = self.layouts[key]
+        self.write_pieces(key, [(f, ids, rows[f], whole(layout.fields[f][0]))
+                                for f in layout.fields])
         if mark:
             self.mark_written(key, ids)
+
+    def write_pieces(self, key: str,
+                     pieces: Iterable[tuple[str, np.ndarray, np.ndarray, Box]]) -> None:
+        """Store (field, ids, values [len(ids), *box], box) pieces in the current generation;
+        durable on return. The block map is not changed: the caller publishes the writes with
+        `mark_written` (on every process of a multi-process run, once every process's writes
+        are known to have returned)."""
+        if self.current_gen < 0:
+            raise BankStoreError(f"The bank at {self.where} was opened read-only.")
+        futures = []
+        for field, ids, values, box in pieces:
+            ids = np.asarray(ids, np.int64)
+            if len(ids):
+                array = self._array(self.current_gen, key, field, write=True)
+                futures.append(array[(ids,) + box_index(box)].write(np.ascontiguousarray(values)))
+        for future in futures:
+            future.result()
 
     def mark_written(self, key: str, ids: np.ndarray) -> None:
         """Blocks `ids` now live in the current generation (their write has returned)."""

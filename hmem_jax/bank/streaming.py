@@ -15,12 +15,13 @@ Per training step t (hmem_jax/train/loop.py):
 4. `snapshot(step)` at a checkpoint writes every dirty block and seals a
    store version (hmem_jax/bank/store.py) that the orbax checkpoint records.
 
-Multi-process runs (docs/bank.md): every process fetches the whole global
-set of ids (the step's rows are replicated) and holds the same dirty set;
-block b is written only by process b % process_count. Writes scheduled at
-commit t are published (block map updated, cache entries made evictable) on
-every process at commit t+1 after a barrier, so no process drops a block
-before its owner has stored it and no block is written twice.
+Multi-process runs (docs/bank.md): a process caches, reads and writes only
+its own part of each block (the slices its devices hold, `bank/parts.py`),
+so processes never hold two versions of one value. Every process sees the
+same step ids and so holds the same dirty set; each writes its own pieces.
+Writes scheduled at commit t are published (block map updated, cache entries
+made evictable) on every process at commit t+1 after a barrier, so no
+process drops a block before all its pieces are stored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.cache import BlockCache, Key
 from hmem_jax.bank.host_memory import return_freed_blocks_to_os
 from hmem_jax.bank.layout import COUNT
+from hmem_jax.bank.parts import (FieldPart, box_index, box_shape, process_parts,
+                                 single_process_parts)
 from hmem_jax.bank.store import BankStore
 
 StepIds = Mapping[str, np.ndarray]  # level key -> int32[U] ids (>= clusters: padding)
@@ -67,10 +70,12 @@ def to_level_bank(rows: Mapping[str, np.ndarray]) -> bank_lib.LevelBank:
                               count=rows[COUNT])
 
 
-def from_level_bank(bank: bank_lib.LevelBank) -> dict[str, np.ndarray]:
-    rows = {f"{kind}/{name}": np.asarray(value) for kind in ("params", "mu", "nu")
+def from_level_bank(bank: bank_lib.LevelBank, convert: Any = np.asarray) -> dict[str, Any]:
+    """A LevelBank as field -> [U, ...] (host arrays, or the leaves as they are: convert=None)."""
+    convert = convert or (lambda x: x)
+    rows = {f"{kind}/{name}": convert(value) for kind in ("params", "mu", "nu")
             for name, value in getattr(bank, kind).items()}
-    rows[COUNT] = np.asarray(bank.count)
+    rows[COUNT] = convert(bank.count)
     return rows
 
 
@@ -78,8 +83,12 @@ class StreamedBank:
     """fetch / commit / snapshot of a streamed bank for a training loop (see module doc)."""
 
     def __init__(self, store: BankStore, cache_bytes: int, prefetch_steps: int,
-                 process_index: int = 0, process_count: int = 1) -> None:
+                 process_index: int = 0, process_count: int = 1,
+                 parts: Mapping[str, Mapping[str, FieldPart]] | None = None) -> None:
         self.store = store
+        self.parts = parts if parts is not None else single_process_parts(store)
+        self._boxes = {key: {f: part.held for f, part in fields.items()}
+                       for key, fields in self.parts.items()}
         self.cache = BlockCache(cache_bytes)
         self.prefetch_steps = prefetch_steps
         self.process_index, self.process_count = process_index, process_count
@@ -99,8 +108,8 @@ class StreamedBank:
 
     def _read_into_cache(self, key: str, ids: np.ndarray,
                          epochs: Sequence[int]) -> dict[str, np.ndarray]:
-        rows = self.store.read(key, ids)
-        self._counters["read_bytes"] += self.store.layouts[key].block_bytes * len(ids)
+        rows = self.store.read(key, ids, self._boxes[key])
+        self._counters["read_bytes"] += sum(v.nbytes for v in rows.values())
         for i, (block, epoch) in enumerate(zip(ids, epochs)):
             self.cache.insert_read((key, int(block)), {f: v[i] for f, v in rows.items()}, epoch)
         return rows
@@ -133,7 +142,7 @@ class StreamedBank:
         for key, ids in step_ids.items():
             ids = np.asarray(ids, np.int32)
             layout = self.store.layouts[key]
-            rows = layout.empty_rows(len(ids))
+            rows = self.empty_rows(key, len(ids))
             missing: list[tuple[int, int]] = []
             for slot, block in enumerate(ids):
                 if block >= layout.clusters:
@@ -152,6 +161,11 @@ class StreamedBank:
                 self._counters["wait_s"] += time.perf_counter() - start
             out[key] = (ids, to_level_bank(rows))
         return out
+
+    def empty_rows(self, key: str, n: int) -> dict[str, np.ndarray]:
+        """field -> zeros [n, *this process's part of a block]."""
+        return {f: np.zeros((n,) + box_shape(self._boxes[key][f]), dtype)
+                for f, (_, dtype) in self.store.layouts[key].fields.items()}
 
     def _fill_missing(self, key: str, rows: dict[str, np.ndarray],
                       missing: list[tuple[int, int]]) -> None:
@@ -192,9 +206,24 @@ class StreamedBank:
                 self.cache.mark_clean((key, int(block)), epoch)
         self._to_publish = []
 
-    def _write(self, key: str, ids: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-        self.store.write(key, ids, rows, mark=False)
-        self._counters["write_bytes"] += self.store.layouts[key].block_bytes * len(ids)
+    def _write(self, key: str, pieces: list[tuple[str, np.ndarray, np.ndarray, Any]]) -> None:
+        self.store.write_pieces(key, pieces)
+        self._counters["write_bytes"] += sum(values.nbytes for _, _, values, _ in pieces)
+
+    def _pieces(self, key: str, ids: np.ndarray, rows: Sequence[Mapping[str, np.ndarray]]
+                ) -> list[tuple[str, np.ndarray, np.ndarray, Any]]:
+        """The store pieces this process writes of blocks `ids` (values `rows`, its parts)."""
+        pieces = []
+        per_shard = self.store.blocks_per_shard
+        for field, part in self.parts[key].items():
+            for chunk, holders in part.writes:
+                mine = [i for i, b in enumerate(ids)
+                        if part.writer(holders, int(b), per_shard) == self.process_index]
+                if mine:
+                    inner = box_index(chunk, part.held)
+                    values = np.stack([rows[i][field][inner] for i in mine])
+                    pieces.append((field, ids[mine], values, chunk))
+        return pieces
 
     def _schedule(self, dirty: list[tuple[Key, dict[str, np.ndarray], int]]) -> None:
         by_level: dict[str, list[tuple[int, dict[str, np.ndarray], int]]] = {}
@@ -204,10 +233,9 @@ class StreamedBank:
             items.sort(key=lambda item: item[0])
             ids = np.array([b for b, _, _ in items], np.int64)
             self._to_publish.append((key, ids, [e for _, _, e in items]))
-            mine = [i for i, b in enumerate(ids) if b % self.process_count == self.process_index]
-            if mine:
-                stacked = {f: np.stack([items[i][1][f] for i in mine]) for f in items[0][1]}
-                self._in_flight.append(self._writer.submit(self._write, key, ids[mine], stacked))
+            pieces = self._pieces(key, ids, [r for _, r, _ in items])
+            if pieces:
+                self._in_flight.append(self._writer.submit(self._write, key, pieces))
 
     def commit(self, updated: Mapping[str, tuple[Any, bank_lib.LevelBank]],
                counts_before: Mapping[str, np.ndarray],
@@ -276,18 +304,27 @@ class StreamedBank:
 
 
 def open_streamed_bank(spec: Mapping[str, Any], plan: Any, process_index: int = 0,
-                       process_count: int = 1) -> StreamedBank:
-    """The streamed bank of a run's MemoryPlan; process 0 creates the store, the others join."""
+                       process_count: int = 1, exchange: Any = None) -> StreamedBank:
+    """The streamed bank of a run's MemoryPlan; process 0 creates the store, the others join.
+
+    `exchange` (the step's `BlockExchange`) fixes which part of each block this process
+    holds; without it the process holds whole blocks (one process).
+    """
     return_freed_blocks_to_os()
     cfg = plan.config
 
     def open_store(claim: bool) -> BankStore:
         return BankStore(spec, plan.geometry, plan.with_generic, cfg.bank_dtype, cfg.moment_dtype,
-                         cfg.init_seed, cfg.blocks_per_shard, create=claim, writer=claim)
+                         cfg.init_seed, cfg.blocks_per_shard, create=claim, writer=claim,
+                         splits=cfg.store_splits or process_count)
     store = open_store(process_index == 0) if process_index == 0 else None
     _barrier("hmem_jax.bank.created", process_count)
     if store is None:
         store = open_store(False)
     store.use_generation(_agree(store.current_gen, process_count))
+    parts = None
+    if exchange is not None:
+        parts = process_parts(exchange, store.layouts, store.split_axes, store.splits,
+                              process_index, f"The bank at {store.where}")
     return StreamedBank(store, cfg.host_cache_bytes, cfg.prefetch_steps, process_index,
-                        process_count)
+                        process_count, parts)

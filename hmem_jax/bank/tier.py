@@ -10,10 +10,11 @@ without knowing which tier it drives.
   per-step method does nothing.
 - `StreamedTier` (`'streaming'`): the bank lives in a tensorstore store behind a host cache
   (`bank/streaming.py`). Each step's rows (params, moments, counts of the global batch's
-  distinct blocks) are assembled on the host, placed on the mesh, donated to the step and come
-  back updated. The tier holds no reference to a step's rows once the step owns them, so host
-  memory per step is one copy of the fetched rows (the step's output reuses the donated input
-  buffers and the cache keeps views of it, not copies).
+  distinct blocks) are laid out like the device tier's bank, every block split over the
+  devices; each process assembles only its own devices' slices (`bank/parts.py`), places them
+  on the mesh, donates them to the step and takes its slices of the updated rows back. The
+  tier holds no reference to a step's rows once the step owns them, so host memory per step is
+  one copy of this process's part of the fetched rows.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from hmem_jax import sharding
+from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.device import GENERIC
+from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.layout import kvstore_spec
+from hmem_jax.bank.parts import from_global, to_global
 from hmem_jax.bank.store import BankMismatchError
-from hmem_jax.bank.streaming import StreamedBank, open_streamed_bank
+from hmem_jax.bank.streaming import (StreamedBank, from_level_bank, open_streamed_bank,
+                                     to_level_bank)
 from hmem_jax.config import TrainConfig
 from hmem_jax.train.memory import MemoryPlan, ids_key
 
@@ -63,20 +69,15 @@ class DeviceTier:
         pass
 
 
-def _local_replica(x: jax.Array) -> np.ndarray:
-    """This process's copy of a replicated array (no transfer, no cross-process gather)."""
-    return np.asarray(x.addressable_data(0))
-
-
 class StreamedTier:
     """A streamed bank's part of each step: rows before it, updated rows after it."""
 
     in_state = False
 
     def __init__(self, bank: StreamedBank, plan: MemoryPlan, mesh: jax.sharding.Mesh,
-                 rules: Any) -> None:
+                 rules: Any, exchange: BlockExchange) -> None:
         self.bank, self.plan = bank, plan
-        self._mesh, self._rules = mesh, rules
+        self._mesh, self._rules, self._exchange = mesh, rules, exchange
         self._replicated = sharding.replicated(mesh)
         self._counts: dict[str, np.ndarray] = {}
         self._ids: dict[str, np.ndarray] = {}
@@ -121,19 +122,32 @@ class StreamedTier:
         return np.where(ids < self.bank.store.layouts[key].clusters, positions,
                         len(union)).astype(np.int32)
 
+    def _place(self, key: str, rows: bank_lib.LevelBank) -> bank_lib.LevelBank:
+        """This process's part of a level's rows -> the step's view leaves on the mesh."""
+        placed = {}
+        for field, part in from_level_bank(rows).items():
+            shape = (part.shape[0],) + self.bank.store.layouts[key].fields[field][0]
+            where = NamedSharding(self._mesh, self._exchange.spec(shape))
+            placed[field] = to_global(part, self.bank.parts[key][field].held, shape, where)
+        return to_level_bank(placed)
+
+    def _take(self, key: str, rows: bank_lib.LevelBank) -> bank_lib.LevelBank:
+        """This process's part of a level's updated rows (its devices' slices; no transfer)."""
+        return to_level_bank({field: from_global(x, self.bank.parts[key][field].held)
+                              for field, x in from_level_bank(rows, convert=None).items()})
+
     def rows(self, local_batch: Mapping[str, Any]) -> dict[str, tuple]:
-        """The step's views: (each shard's positions in the rows, the rows (replicated), their
-        block ids), to be donated to the step."""
+        """The step's views: (each shard's positions in the rows, the rows laid out like the
+        device bank, their block ids), to be donated to the step."""
         fetched = self.bank.fetch(self.plan.host_ids(local_batch))
         self._counts = {key: np.array(rows.count) for key, (_, rows) in fetched.items()}
         self._ids = {key: np.asarray(ids) for key, (ids, _) in fetched.items()}
         views = {}
         for key, (union, rows) in fetched.items():
-            place = lambda x: jax.make_array_from_process_local_data(  # noqa: E731
-                self._replicated, x, x.shape)
             positions = sharding.global_batch({"p": self._positions(local_batch, key, union)},
                                               self._mesh, self._rules)["p"]
-            views[key] = (positions, jax.tree.map(place, rows), place(np.asarray(union)))
+            ids = jax.make_array_from_process_local_data(self._replicated, np.asarray(union))
+            views[key] = (positions, self._place(key, rows), ids)
         return views
 
     def finish(self, rows_out: Mapping[str, Any], ahead: Sequence[Mapping[str, Any]]) -> None:
@@ -145,8 +159,7 @@ class StreamedTier:
         upcoming = [self.plan.host_ids(b) for b in ahead]
         if self.bank.prefetch_steps:
             self.bank.prefetch(upcoming)
-        updated = {key: (self._ids[key], jax.tree.map(_local_replica, rows))
-                   for key, rows in rows_out.items()}
+        updated = {key: (self._ids[key], self._take(key, rows)) for key, rows in rows_out.items()}
         self.bank.commit(updated, self._counts, upcoming)
         self._counts, self._ids = {}, {}
 
@@ -166,5 +179,6 @@ def open_tier(cfg: TrainConfig, plan: MemoryPlan | None, workdir: str,
     if plan is None or cfg.memory.bank_tier != "streaming":
         return DeviceTier()
     spec = kvstore_spec(cfg.memory.bank_store, workdir)
-    bank = open_streamed_bank(spec, plan, jax.process_index(), jax.process_count())
-    return StreamedTier(bank, plan, mesh, rules)
+    exchange = BlockExchange.for_mesh(mesh, rules)
+    bank = open_streamed_bank(spec, plan, jax.process_index(), jax.process_count(), exchange)
+    return StreamedTier(bank, plan, mesh, rules, exchange)

@@ -12,7 +12,9 @@ sizes), exactly as for training, and must match the store's manifest.
 such as gs://bucket/bank/ or memory://x/, or a JSON spec); default: that field,
 or WORKDIR/bank with --bank_workdir=WORKDIR. `copy` writes the chosen version's stored
 blocks into a new store as one version of the same step (untouched blocks stay
-lazy). `export` writes every level's parameters, untouched blocks
+lazy), with the destination's layout from the config (`MemoryConfig.blocks_per_shard`,
+`MemoryConfig.store_splits`: e.g. re-cut a bank for a run with more
+processes). `export` writes every level's parameters, untouched blocks
 materialised, as `.npy` files `<export_dir>/<level>/<matrix>.npy` [clusters, layers, ...].
 `merge` combines the banks of subtree-parallel frozen-anchor jobs (runs with
 `TrainConfig.subtree` = 0, 1, ...) into one run folder (hmem_jax/bank/merge.py).
@@ -53,7 +55,7 @@ def open_store(location: str, create: bool, writer: bool):
     spec = kvstore_spec(location or cfg.memory.bank_store, WORKDIR.value or os.getcwd())
     return BankStore(spec, plan.geometry, plan.with_generic, cfg.memory.bank_dtype,
                      cfg.memory.moment_dtype, cfg.memory.init_seed, cfg.memory.blocks_per_shard,
-                     create=create, writer=writer)
+                     create=create, writer=writer, splits=cfg.memory.store_splits or 1)
 
 
 def at_version(store, version: int | None) -> int | None:

@@ -197,8 +197,9 @@ def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
     def step(state: TrainState, batch: Batch, rows: BankRows | None) -> tuple:
         return train_step(fns, state, batch, rows)
 
+    # A host bank's updated rows keep the layout of the rows given (None: as computed).
     jitted = jax.jit(step, in_shardings=(state_shardings, None, None),
-                     out_shardings=(state_shardings, replicated, replicated),
+                     out_shardings=(state_shardings, replicated, None),
                      donate_argnums=(0, 2))
 
     def run(state: TrainState, batch: Batch,
