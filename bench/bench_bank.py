@@ -56,6 +56,8 @@ class SyntheticBatches:
             out[f"block_union_l{level}"] = union
         return out
 
+    batch_shards = 1  # one device
+
     def iterate(self, start_step: int):
         step = start_step
         while True:

@@ -44,6 +44,8 @@ class RandomPackedBatches:
         full = dict(tokens=tokens, segment_ids=segment_ids, positions=positions.astype(np.int32))
         return {k: v[self.rows] for k, v in full.items()}
 
+    batch_shards = 1  # no memory: no per-shard block lists
+
     def iterate(self, start_step: int):
         step = start_step
         while True:

@@ -39,6 +39,8 @@ MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 class BatchSource(Protocol):
     """What the loop needs from a data loader (see `hmem_jax.data.loader.Loader`)."""
 
+    batch_shards: int  # how many batch shards its per-shard block lists are for
+
     def iterate(self, start_step: int) -> Any:
         """Yields (step, batch) from `start_step`; batch holds this process's rows."""
 
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
             f"batch_size, grad_accum_steps or MeshConfig.")
 
     plan = MemoryPlan.from_config(cfg)
-    if plan is not None and getattr(loader, "batch_shards", shards) != shards:
+    if plan is not None and loader.batch_shards != shards:
         raise ValueError(f"The loader lists blocks for {loader.batch_shards} batch shards but "
                          f"the mesh {dict(mesh.shape)} splits the batch {shards} ways; open the "
                          "loader with batch_shards = sharding.batch_shards_for(...).")
