@@ -23,8 +23,9 @@ from hmem_jax.config import MemoryConfig
 _SHAPE = (64, 128, 32)
 
 
-def _run(start: np.ndarray, dtype, rounding: str, lr: float,
-         steps: int) -> tuple[np.ndarray, float]:
+def _run(
+    start: np.ndarray, dtype, rounding: str, lr: float, steps: int
+) -> tuple[np.ndarray, float]:
     rng = np.random.default_rng(1)
     direction = rng.normal(size=_SHAPE)
     cfg = MemoryConfig(kind="ffn", level_sizes=(2,), bank_rounding=rounding, weight_decay=0.0)
@@ -35,15 +36,17 @@ def _run(start: np.ndarray, dtype, rounding: str, lr: float,
 
     @jax.jit
     def update(rows, grad, mu, nu, count, keys):
-        new, mu, nu, count = sparse_adamw(rows, grad, mu, nu, count, valid, jnp.float32(lr), cfg,
-                                          keys)
+        new, mu, nu, count = sparse_adamw(
+            rows, grad, mu, nu, count, valid, jnp.float32(lr), cfg, keys
+        )
         return new, mu, nu, count, jnp.mean(new["w"] != rows["w"])
 
     changed = []
     for step in range(steps):
         grad = {"w": jnp.asarray(direction + 0.5 * rng.normal(size=_SHAPE), jnp.float32)}
-        rows, mu, nu, count, share = update(rows, grad, mu, nu, count,
-                                            row_rounding_keys(0, jnp.int32(step), 1, ids))
+        rows, mu, nu, count, share = update(
+            rows, grad, mu, nu, count, row_rounding_keys(0, jnp.int32(step), 1, ids)
+        )
         changed.append(float(share))
     moved = np.asarray(rows["w"], np.float32) - np.asarray(jnp.asarray(start, dtype), np.float32)
     return moved, float(np.mean(changed))
@@ -54,20 +57,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    starts = {"std 0.02": np.clip(rng.normal(0, 0.02, _SHAPE), -0.04, 0.04),
-              "0.06-0.12": rng.uniform(0.06, 0.12, _SHAPE) * rng.choice([-1, 1], _SHAPE)}
-    print(f"{'entries':<10} {'lr':>7} {'storage':<18} {'mean moved':>11} {'of fp32':>8} "
-          f"{'changed/step':>13}")
+    starts = {
+        "std 0.02": np.clip(rng.normal(0, 0.02, _SHAPE), -0.04, 0.04),
+        "0.06-0.12": rng.uniform(0.06, 0.12, _SHAPE) * rng.choice([-1, 1], _SHAPE),
+    }
+    print(
+        f"{'entries':<10} {'lr':>7} {'storage':<18} {'mean moved':>11} {'of fp32':>8} "
+        f"{'changed/step':>13}"
+    )
     for label, start in starts.items():
         for lr in (1e-4, 1e-5):
             reference, _ = _run(start, jnp.float32, "nearest", lr, args.steps)
-            for name, dtype, rounding in (("float32", jnp.float32, "nearest"),
-                                          ("bf16, nearest", jnp.bfloat16, "nearest"),
-                                          ("bf16, stochastic", jnp.bfloat16, "stochastic")):
+            for name, dtype, rounding in (
+                ("float32", jnp.float32, "nearest"),
+                ("bf16, nearest", jnp.bfloat16, "nearest"),
+                ("bf16, stochastic", jnp.bfloat16, "stochastic"),
+            ):
                 moved, changed = _run(start, dtype, rounding, lr, args.steps)
                 along = np.sum(moved * reference) / np.sum(reference * reference)
-                print(f"{label:<10} {lr:>7.0e} {name:<18} {np.abs(moved).mean():>11.2e} "
-                      f"{along:>8.3f} {changed:>13.3f}")
+                print(
+                    f"{label:<10} {lr:>7.0e} {name:<18} {np.abs(moved).mean():>11.2e} "
+                    f"{along:>8.3f} {changed:>13.3f}"
+                )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def cpu_model() -> str:
     """The CPU model name (what `lscpu` prints as "Model name"), from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo
-                     if line.startswith("model name")]
+            names = [
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            ]
         return names[0] if names else platform.processor() or "unknown"
     except OSError:
         return platform.processor() or "unknown"
@@ -57,7 +58,7 @@ def random_unit_vectors(count: int, dim: int, seed: int = 0) -> np.ndarray:
     vectors = np.empty((count, dim), np.float32)
     for start in range(0, count, 1 << 17):
         chunk = rng.standard_normal((min(1 << 17, count - start), dim), dtype=np.float32)
-        vectors[start:start + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+        vectors[start : start + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return vectors
 
 
@@ -71,18 +72,23 @@ def bench_ours(vectors: np.ndarray, config: HierarchyConfig) -> tuple[dict, Clus
         paths = tree.route(vectors, workers=workers)
         seconds = time.perf_counter() - started
         routing["all_cores" if workers is None else f"{workers}_thread"] = {
-            "seconds": round(seconds, 2), "docs_per_s": round(len(vectors) / seconds)}
+            "seconds": round(seconds, 2),
+            "docs_per_s": round(len(vectors) / seconds),
+        }
     inertia = tree.inertia_per_level(vectors, paths)
-    sizes = [np.bincount(ids, minlength=n) for ids, n in
-             zip(tree.block_ids(paths).T, tree.num_clusters)]
-    return {"fit_seconds": round(fit_seconds, 1),
-            "fit_seconds_per_level": [round(s["seconds"], 1) for s in tree.fit_info["levels"]],
-            "small_or_empty_nodes_per_level": [s["small_nodes"] + s["empty_nodes"]
-                                               for s in tree.fit_info["levels"]],
-            "routing": routing,
-            "inertia_per_level": [round(v, 5) for v in inertia],
-            "max_cluster_fraction_per_level": [round(float(s.max() / len(vectors)), 5)
-                                               for s in sizes]}, tree
+    sizes = [
+        np.bincount(ids, minlength=n) for ids, n in zip(tree.block_ids(paths).T, tree.num_clusters)
+    ]
+    return {
+        "fit_seconds": round(fit_seconds, 1),
+        "fit_seconds_per_level": [round(s["seconds"], 1) for s in tree.fit_info["levels"]],
+        "small_or_empty_nodes_per_level": [
+            s["small_nodes"] + s["empty_nodes"] for s in tree.fit_info["levels"]
+        ],
+        "routing": routing,
+        "inertia_per_level": [round(v, 5) for v in inertia],
+        "max_cluster_fraction_per_level": [round(float(s.max() / len(vectors)), 5) for s in sizes],
+    }, tree
 
 
 @contextlib.contextmanager
@@ -116,17 +122,23 @@ def fit_faiss_hierarchy(vectors: np.ndarray, config: HierarchyConfig) -> tuple[l
         child_of_doc = np.zeros(len(vectors), np.int64)
         with quiet_stderr():
             for node in range(nodes):
-                rows = order[bounds[node]:bounds[node + 1]]
+                rows = order[bounds[node] : bounds[node + 1]]
                 if len(rows) < k:  # the same rule as ours: documents first, then node copies
                     children[node] = own[node]
-                    children[node, :len(rows)] = vectors[rows]
+                    children[node, : len(rows)] = vectors[rows]
                     if len(rows):
                         child_of_doc[rows] = nearest_centroid(vectors[rows], children[node])
                     continue
                 points = np.ascontiguousarray(vectors[rows])
-                kmeans = faiss.Kmeans(dim, k, niter=config.em_steps, seed=config.seed + node,
-                                      max_points_per_centroid=config.samples_per_step // k,
-                                      min_points_per_centroid=1, verbose=False)
+                kmeans = faiss.Kmeans(
+                    dim,
+                    k,
+                    niter=config.em_steps,
+                    seed=config.seed + node,
+                    max_points_per_centroid=config.samples_per_step // k,
+                    min_points_per_centroid=1,
+                    verbose=False,
+                )
                 kmeans.train(points)
                 children[node] = kmeans.centroids
                 child_of_doc[rows] = kmeans.index.search(points, 1)[1][:, 0]
@@ -148,13 +160,16 @@ def bench_faiss(vectors: np.ndarray, config: HierarchyConfig) -> dict:
     fit_seconds = time.perf_counter() - started
     tree = ClusterTree(tuple(levels), embedder_name="random", branching=config.branching)
     paths = tree.route(vectors)
-    sizes = [np.bincount(ids, minlength=n) for ids, n in
-             zip(tree.block_ids(paths).T, tree.num_clusters)]
-    return {"version": faiss.__version__, "fit_seconds": round(fit_seconds, 1),
-            "fit_seconds_per_level": [round(s, 1) for s in seconds],
-            "inertia_per_level": [round(v, 5) for v in tree.inertia_per_level(vectors, paths)],
-            "max_cluster_fraction_per_level": [round(float(s.max() / len(vectors)), 5)
-                                               for s in sizes]}
+    sizes = [
+        np.bincount(ids, minlength=n) for ids, n in zip(tree.block_ids(paths).T, tree.num_clusters)
+    ]
+    return {
+        "version": faiss.__version__,
+        "fit_seconds": round(fit_seconds, 1),
+        "fit_seconds_per_level": [round(s, 1) for s in seconds],
+        "inertia_per_level": [round(v, 5) for v in tree.inertia_per_level(vectors, paths)],
+        "max_cluster_fraction_per_level": [round(float(s.max() / len(vectors)), 5) for s in sizes],
+    }
 
 
 def bench_em_step(repeats: int = 50) -> dict:
@@ -192,8 +207,10 @@ def bench_em_step(repeats: int = 50) -> dict:
             for _ in range(repeats):
                 numpy_step(points, centroids)
             numpy_seconds = (time.perf_counter() - started) / repeats
-        results[f"{rows}x384"] = {"numpy_ms": round(numpy_seconds * 1e3, 3),
-                                  "jax_jit_ms": round(jax_seconds * 1e3, 3)}
+        results[f"{rows}x384"] = {
+            "numpy_ms": round(numpy_seconds * 1e3, 3),
+            "jax_jit_ms": round(jax_seconds * 1e3, 3),
+        }
     return results
 
 
@@ -201,8 +218,10 @@ def bench_embedders(minilm_docs: int) -> dict:
     from hmem_jax.data.sources import read_documents
 
     texts = [d.text for d in read_documents(DataConfig())]
-    results = {"corpus": "embedded encyclopedia", "mean_chars": round(float(np.mean(
-        [len(t) for t in texts])), 1)}
+    results = {
+        "corpus": "embedded encyclopedia",
+        "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
+    }
     for name, count in (("hashed", len(texts)), ("minilm", minilm_docs)):
         try:
             embedder = get_embedder(name, **({"show_progress": False} if name == "minilm" else {}))
@@ -213,26 +232,39 @@ def bench_embedders(minilm_docs: int) -> dict:
         started = time.perf_counter()
         embedder.embed(texts[:count])
         seconds = time.perf_counter() - started
-        results[name] = {"documents": count, "seconds": round(seconds, 2),
-                         "docs_per_s": round(count / seconds)}
+        results[name] = {
+            "documents": count,
+            "seconds": round(seconds, 2),
+            "docs_per_s": round(count / seconds),
+        }
     # Longer documents (~800 characters of random words) for the hashed embedder.
     rng = np.random.default_rng(0)
-    vocabulary = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10)))
-                  for _ in range(5000)]
+    vocabulary = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10)))
+        for _ in range(5000)
+    ]
     long_texts = [" ".join(rng.choice(vocabulary, 120)) + "." for _ in range(10000)]
     embedder = get_embedder("hashed")
     started = time.perf_counter()
     embedder.embed(long_texts)
     seconds = time.perf_counter() - started
     mean_chars = round(float(np.mean([len(t) for t in long_texts])))
-    results["hashed_800_chars"] = {"documents": len(long_texts),
-                                   "docs_per_s": round(len(long_texts) / seconds),
-                                   "mean_chars": mean_chars}
+    results["hashed_800_chars"] = {
+        "documents": len(long_texts),
+        "docs_per_s": round(len(long_texts) / seconds),
+        "mean_chars": mean_chars,
+    }
     return results
 
 
-def probe_recall(tree: ClusterTree, embeddings: np.ndarray, texts: list[str], probes: list,
-                 embedder, document_index: dict) -> tuple[list[float], list[float]]:
+def probe_recall(
+    tree: ClusterTree,
+    embeddings: np.ndarray,
+    texts: list[str],
+    probes: list,
+    embedder,
+    document_index: dict,
+) -> tuple[list[float], list[float]]:
     """Per level, means over probes of the share of (a) the documents mentioning the probe's
     entity and (b) the documents stating its answer (`Probe.documents`) that sit in the probe
     prompt's cluster: what a fetched memory block was trained on."""
@@ -260,8 +292,11 @@ def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
     from hmem_jax.hierarchy.embedders import fit_embedder
 
     config = HierarchyConfig(branching=16, depth=2)
-    results = {"tree": "16x2, tree seeds 0-2", "metric": "mean share of the entity's documents in "
-               "the probe prompt's cluster, levels 1 / 2 (random routing: 1/16, 1/256)"}
+    results = {
+        "tree": "16x2, tree seeds 0-2",
+        "metric": "mean share of the entity's documents in "
+        "the probe prompt's cluster, levels 1 / 2 (random routing: 1/16, 1/256)",
+    }
     for entities in (small_entities, large_entities):
         corpus = cached_corpus(entities, 0)
         texts = [d.text for d in corpus.documents]
@@ -270,25 +305,33 @@ def bench_routing_quality(small_entities: int, large_entities: int) -> dict:
             if name == "minilm" and entities != small_entities:
                 continue  # ~30 docs/s on this CPU: the small corpus only
             try:
-                embedder = get_embedder(name, **({"show_progress": False}
-                                                 if name == "minilm" else {}))
+                embedder = get_embedder(
+                    name, **({"show_progress": False} if name == "minilm" else {})
+                )
                 fit_embedder(embedder, texts)
                 embeddings = embedder.embed(texts)
             except ImportError as error:
                 results[f"{name}_{entities}"] = {"skipped": str(error).splitlines()[0]}
                 continue
-            trees = [ClusterTree.fit(embeddings, dataclasses.replace(config, seed=seed), embedder)
-                     for seed in range(3)]
-            recalls = [probe_recall(tree, embeddings, texts, corpus.probes, embedder,
-                                    document_index) for tree in trees]
+            trees = [
+                ClusterTree.fit(embeddings, dataclasses.replace(config, seed=seed), embedder)
+                for seed in range(3)
+            ]
+            recalls = [
+                probe_recall(tree, embeddings, texts, corpus.probes, embedder, document_index)
+                for tree in trees
+            ]
             per_seed = [mentioning for mentioning, _ in recalls]
             stating = [stating for _, stating in recalls]
             results[f"{name}_{entities}_entities"] = {
-                "documents": len(texts), "probes": len(corpus.probes),
+                "documents": len(texts),
+                "probes": len(corpus.probes),
                 "recall_per_level_mean_of_3_seeds": np.round(np.mean(per_seed, 0), 3).tolist(),
                 "recall_per_level_per_seed": per_seed,
-                "stating_recall_per_level_mean_of_3_seeds":
-                    np.round(np.mean(stating, 0), 3).tolist()}
+                "stating_recall_per_level_mean_of_3_seeds": np.round(
+                    np.mean(stating, 0), 3
+                ).tolist(),
+            }
             print(name, entities, results[f"{name}_{entities}_entities"], flush=True)
     return results
 
@@ -298,19 +341,28 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--minilm_docs", type=int, default=2000)
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["ours", "faiss", "em_step", "embedders", "quality"])
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["ours", "faiss", "em_step", "embedders", "quality"],
+    )
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
     config = HierarchyConfig()
-    result = {"command": "python " + " ".join(sys.argv), "cpu": cpu_model(),
-              "cores": len(os.sched_getaffinity(0)),
-              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-              "numpy": np.__version__, "documents": args.docs, "dim": args.dim,
-              "tree": f"{config.branching}x{config.depth}",
-              "budget": f"{config.em_steps} steps x {config.samples_per_step} samples per node"}
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "numpy": np.__version__,
+        "documents": args.docs,
+        "dim": args.dim,
+        "tree": f"{config.branching}x{config.depth}",
+        "budget": f"{config.em_steps} steps x {config.samples_per_step} samples per node",
+    }
     if "ours" in args.skip and "faiss" in args.skip:
         vectors = None
     else:

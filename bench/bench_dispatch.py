@@ -63,8 +63,9 @@ def gather_fn(mesh, exchange: BlockExchange, layers: int, clusters: int):
             x = x + swiglu(x, w["gate"][:, layer], w["up"][:, layer], w["down"][:, layer])
         return jnp.sum(x * x)[None]
 
-    per_shard = jax.shard_map(local_loss, mesh=mesh, in_specs=(batch, batch, batch),
-                              out_specs=batch, check_vma=False)
+    per_shard = jax.shard_map(
+        local_loss, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False
+    )
     loss = lambda *a: jnp.sum(per_shard(*a))  # noqa: E731
 
     def step(view, x, ids, slots):
@@ -98,13 +99,15 @@ def dispatch_fn(mesh, layers: int, clusters: int, capacity: int):
             got = jax.lax.all_to_all(send, AXIS, 0, 0, tiled=True)
             got = got.reshape((DEVICES * capacity,) + x.shape[1:])
             y = swiglu(got, w["gate"][:, layer], w["up"][:, layer], w["down"][:, layer]) * valid
-            back = jax.lax.all_to_all(y.reshape((DEVICES, capacity) + x.shape[1:]), AXIS, 0, 0,
-                                      tiled=True)
+            back = jax.lax.all_to_all(
+                y.reshape((DEVICES, capacity) + x.shape[1:]), AXIS, 0, 0, tiled=True
+            )
             x = x + back[dest, slot]
         return jnp.sum(x * x)[None]
 
-    per_shard = jax.shard_map(local_loss, mesh=mesh, in_specs=(batch, batch, batch),
-                              out_specs=batch, check_vma=False)
+    per_shard = jax.shard_map(
+        local_loss, mesh=mesh, in_specs=(batch, batch, batch), out_specs=batch, check_vma=False
+    )
     loss = lambda *a: jnp.sum(per_shard(*a))  # noqa: E731
 
     def step(bank, x, ids):
@@ -130,23 +133,27 @@ def measure(rank: int, args: argparse.Namespace) -> dict:
     clusters = DEVICES * args.blocks_per_device
     rng = np.random.default_rng(0)
     scale = 1.0 / np.sqrt(d)
-    bank = {"gate": rng.normal(0, scale, (clusters, layers, d, rank)),
-            "up": rng.normal(0, scale, (clusters, layers, d, rank)),
-            "down": rng.normal(0, 1.0 / np.sqrt(rank), (clusters, layers, rank, d)) * 0.1}
+    bank = {
+        "gate": rng.normal(0, scale, (clusters, layers, d, rank)),
+        "up": rng.normal(0, scale, (clusters, layers, d, rank)),
+        "down": rng.normal(0, 1.0 / np.sqrt(rank), (clusters, layers, rank, d)) * 0.1,
+    }
     bank = {n: v.astype(np.float32) for n, v in bank.items()}
     x = rng.normal(0, 1, (DEVICES * s, t, d)).astype(np.float32)
     # Balanced: sequence i of shard k uses a block of device (k + i) % 8, each block once.
     owner = (np.arange(DEVICES)[:, None] + np.arange(s)[None, :]) % DEVICES
-    ids = (owner * args.blocks_per_device + np.arange(DEVICES)[:, None] % args.blocks_per_device)
+    ids = owner * args.blocks_per_device + np.arange(DEVICES)[:, None] % args.blocks_per_device
     ids = ids.astype(np.int32)  # [shard, S]: distinct within a shard
     batch = NamedSharding(mesh, PartitionSpec(AXIS))
     xs = jax.device_put(x, batch)
 
-    view = {n: jax.device_put(v, NamedSharding(mesh, exchange.spec(v.shape)))
-            for n, v in bank.items()}
+    view = {
+        n: jax.device_put(v, NamedSharding(mesh, exchange.spec(v.shape))) for n, v in bank.items()
+    }
     shard_ids = jax.device_put(np.sort(ids, axis=1), batch)  # [8, C]: the shard's blocks
-    slots = jax.device_put(np.argsort(np.argsort(ids, axis=1), axis=1).reshape(-1)
-                           .astype(np.int32), batch)
+    slots = jax.device_put(
+        np.argsort(np.argsort(ids, axis=1), axis=1).reshape(-1).astype(np.int32), batch
+    )
     gather = gather_fn(mesh, exchange, layers, clusters)
 
     rows = {n: jax.device_put(v, batch) for n, v in bank.items()}
@@ -164,8 +171,13 @@ def measure(rank: int, args: argparse.Namespace) -> dict:
         dispatch_s = min(dispatch_s, _best(lambda: dispatch(rows, xs, flat_ids), 2))
     gather_bytes = 2 * s * 3 * d * rank * layers * 4
     dispatch_bytes = 4 * s * t * d * layers * 4
-    return {"rank": rank, "gather_s": gather_s, "dispatch_s": dispatch_s,
-            "gather_mb": gather_bytes / 1e6, "dispatch_mb": dispatch_bytes / 1e6}
+    return {
+        "rank": rank,
+        "gather_s": gather_s,
+        "dispatch_s": dispatch_s,
+        "gather_mb": gather_bytes / 1e6,
+        "dispatch_mb": dispatch_bytes / 1e6,
+    }
 
 
 def main() -> None:
@@ -177,18 +189,25 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,16,48,128,512")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, {jax.device_count()} fake CPU devices; {DEVICES} sequences x "
-          f"{args.seq_len} tokens per device, d {args.d_model}, {args.layers} memory layers, "
-          f"{DEVICES * args.blocks_per_device} blocks; crossover predicted at r = "
-          f"{2 * args.seq_len / 3:.0f}\n")
-    print("| block rank r | gather: bytes per device | dispatch: bytes per device | "
-          "gather step | dispatch step | dispatch / gather time |")
+    print(
+        f"jax {jax.__version__}, {jax.device_count()} fake CPU devices; {DEVICES} sequences x "
+        f"{args.seq_len} tokens per device, d {args.d_model}, {args.layers} memory layers, "
+        f"{DEVICES * args.blocks_per_device} blocks; crossover predicted at r = "
+        f"{2 * args.seq_len / 3:.0f}\n"
+    )
+    print(
+        "| block rank r | gather: bytes per device | dispatch: bytes per device | "
+        "gather step | dispatch step | dispatch / gather time |"
+    )
     print("|---|---|---|---|---|---|")
     for rank in (int(r) for r in args.ranks.split(",")):
         m = measure(rank, args)
-        print(f"| {rank} | {m['gather_mb']:.2f} MB | {m['dispatch_mb']:.2f} MB | "
-              f"{m['gather_s'] * 1e3:.1f} ms | {m['dispatch_s'] * 1e3:.1f} ms | "
-              f"{m['dispatch_s'] / m['gather_s']:.2f} |", flush=True)
+        print(
+            f"| {rank} | {m['gather_mb']:.2f} MB | {m['dispatch_mb']:.2f} MB | "
+            f"{m['gather_s'] * 1e3:.1f} ms | {m['dispatch_s'] * 1e3:.1f} ms | "
+            f"{m['dispatch_s'] / m['gather_s']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,21 @@ from hmem_jax.model import memory as memory_lib
 
 
 def random_memory(cfg, levels, batch):
-    geometry = BankGeometry.from_configs(cfg, MemoryConfig(kind="ffn", level_sizes=levels),
-                                         HierarchyConfig(branching=16, depth=len(levels)))
-    fetched = {level: {name: 0.02 * jax.random.normal(jax.random.key(level * 10 + i),
-                                                      (batch,) + geometry.block_shape(name, level))
-                       for i, name in enumerate(sorted(geometry.matrices))}
-               for level in geometry.active_levels}
+    geometry = BankGeometry.from_configs(
+        cfg,
+        MemoryConfig(kind="ffn", level_sizes=levels),
+        HierarchyConfig(branching=16, depth=len(levels)),
+    )
+    fetched = {
+        level: {
+            name: 0.02
+            * jax.random.normal(
+                jax.random.key(level * 10 + i), (batch,) + geometry.block_shape(name, level)
+            )
+            for i, name in enumerate(sorted(geometry.matrices))
+        }
+        for level in geometry.active_levels
+    }
     slots = {level: jnp.arange(batch) for level in geometry.active_levels}
     rank_axes = {n: m.rank_axis for n, m in geometry.matrices.items()}
     return memory_lib.sequence_memory(fetched, slots, rank_axes), geometry.fetched_params
@@ -51,8 +60,10 @@ def main() -> None:
     ids = jnp.zeros((1, 8), jnp.int32)
     params = model.init(jax.random.key(0), ids, ids + 1, ids)["params"]
     decoder = Decoder(model, params)
-    print(f"preset {args.preset}: {count_params(params):,} anchor parameters, "
-          f"{jax.devices()[0].platform}, prompt {args.prompt}, {args.new} new tokens")
+    print(
+        f"preset {args.preset}: {count_params(params):,} anchor parameters, "
+        f"{jax.devices()[0].platform}, prompt {args.prompt}, {args.new} new tokens"
+    )
     print(f"{'batch':>5} {'memory':>22} {'tokens/s':>10} {'ms/token-step':>14}")
     for batch in (int(b) for b in args.batch.split(",")):
         prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, args.prompt))
@@ -70,8 +81,11 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         for name, _ in variants:
             seconds = min(times[name])
-            print(f"{batch:>5} {name:>22} {batch * args.new / seconds:>10,.0f} "
-                  f"{1000 * seconds / args.new:>14.2f}", flush=True)
+            print(
+                f"{batch:>5} {name:>22} {batch * args.new / seconds:>10,.0f} "
+                f"{1000 * seconds / args.new:>14.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ from hmem_jax.data.sources import read_documents
 def _cpu_model() -> str:
     try:
         output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in output.splitlines()
-                    if line.startswith("Model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in output.splitlines()
+            if line.startswith("Model name")
+        )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -46,9 +49,13 @@ def _fit_tree(data: DataConfig, embedder_name: str, directory: str) -> float:
     embedder = get_embedder(embedder_name)
     fit_embedder(embedder, texts)
     embeddings = embedder.embed(texts)
-    tree = ClusterTree.fit(embeddings, HierarchyConfig(embedder=embedder_name, branching=16,
-                                                       depth=2, em_steps=3,
-                                                       samples_per_step=2000), embedder)
+    tree = ClusterTree.fit(
+        embeddings,
+        HierarchyConfig(
+            embedder=embedder_name, branching=16, depth=2, em_steps=3, samples_per_step=2000
+        ),
+        embedder,
+    )
     tree.save(directory)
     return time.perf_counter() - started
 
@@ -62,12 +69,19 @@ def bench_prepare(data: DataConfig, seq_len: int, workdir: str, embedder_name: s
     started = time.perf_counter()
     manifest = prepare_lib.prepare(data, seq_len, out, tree_dir=tree_dir, progress=False)
     seconds = time.perf_counter() - started
-    return {"embedder": embedder_name, "seq_len": seq_len, "documents": manifest["num_documents"],
-            "records": manifest["num_records"], "tokens": manifest["num_tokens"],
-            "leaves": manifest["leaves"]["count"], "seconds": round(seconds, 2),
-            "documents_per_s": round(manifest["num_documents"] / seconds),
-            "stages_s": manifest["timing_s"], "tree_fit_s_not_included": round(fit_seconds, 2),
-            "out": out}
+    return {
+        "embedder": embedder_name,
+        "seq_len": seq_len,
+        "documents": manifest["num_documents"],
+        "records": manifest["num_records"],
+        "tokens": manifest["num_tokens"],
+        "leaves": manifest["leaves"]["count"],
+        "seconds": round(seconds, 2),
+        "documents_per_s": round(manifest["num_documents"] / seconds),
+        "stages_s": manifest["timing_s"],
+        "tree_fit_s_not_included": round(fit_seconds, 2),
+        "out": out,
+    }
 
 
 def bench_loader(prepared: str, seq_len: int, batch_size: int, steps: int) -> dict:
@@ -86,10 +100,14 @@ def bench_loader(prepared: str, seq_len: int, batch_size: int, steps: int) -> di
     prefetched = time.perf_counter() - started
     iterator.close()
     tokens = steps * batch_size * seq_len
-    return {"seq_len": seq_len, "global_batch": batch_size, "steps": steps,
-            "tokens_per_s_one_thread": round(tokens / serial),
-            "tokens_per_s_iterate_2_threads": round(tokens / prefetched),
-            "ms_per_step_one_thread": round(1000 * serial / steps, 2)}
+    return {
+        "seq_len": seq_len,
+        "global_batch": batch_size,
+        "steps": steps,
+        "tokens_per_s_one_thread": round(tokens / serial),
+        "tokens_per_s_iterate_2_threads": round(tokens / prefetched),
+        "ms_per_step_one_thread": round(1000 * serial / steps, 2),
+    }
 
 
 def main() -> None:
@@ -101,12 +119,18 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_loader_")
     data = DataConfig(embedded_entities=args.entities, prepare_workers=2)
-    results: dict = {"machine": _cpu_model(), "cpus": os.cpu_count(),
-                     "date": time.strftime("%Y-%m-%d"), "prepare": [], "loader": []}
+    results: dict = {
+        "machine": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "prepare": [],
+        "loader": [],
+    }
     results["prepare"].append(bench_prepare(data, 256, workdir, "hashed"))
     results["prepare"].append(bench_prepare(data, 2048, workdir, "hashed"))
     try:
         import sentence_transformers  # noqa: F401  (the `embed` extra)
+
         small = DataConfig(embedded_entities=args.minilm_entities, prepare_workers=2)
         results["prepare"].append(bench_prepare(small, 256, workdir, "minilm"))
     except ImportError:

@@ -22,24 +22,26 @@ import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 
 import jax  # noqa: E402
-
 from bench_step import build, run_cases  # noqa: E402
+
 from hmem_jax.bank.footprint import memory_footprint  # noqa: E402
-from hmem_jax.config import (HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig,  # noqa: E402
-                             TrainConfig)
+from hmem_jax.config import HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig, TrainConfig  # noqa: E402
 from hmem_jax.train.memory import MemoryPlan  # noqa: E402
 from hmem_jax.train.metrics import matmul_param_count  # noqa: E402
 
-MODEL = ModelConfig(vocab_size=2048, num_layers=4, d_model=256, num_heads=4, head_dim=64,
-                    d_ff=1024)
+MODEL = ModelConfig(vocab_size=2048, num_layers=4, d_model=256, num_heads=4, head_dim=64, d_ff=1024)
 # 3 matrices x 4 layers x 256 x (64 + 48 + 42) = 473,088 = 10.03% of 4,718,592 matmul params.
 MEMORY = MemoryConfig(kind="ffn", level_sizes=(64, 48, 42), generic_probability=0.0)
 
 
 def configs(devices: int, per_device_batch: int, seq_len: int) -> tuple[TrainConfig, TrainConfig]:
-    anchor = TrainConfig(model=MODEL, batch_size=per_device_batch * devices, seq_len=seq_len,
-                         hierarchy=HierarchyConfig(branching=8, depth=3),
-                         mesh=MeshConfig(data=devices, fsdp=1))
+    anchor = TrainConfig(
+        model=MODEL,
+        batch_size=per_device_batch * devices,
+        seq_len=seq_len,
+        hierarchy=HierarchyConfig(branching=8, depth=3),
+        mesh=MeshConfig(data=devices, fsdp=1),
+    )
     return anchor, dataclasses.replace(anchor, memory=MEMORY)
 
 
@@ -53,28 +55,37 @@ def main() -> None:
     anchor_cfg, memory_cfg = configs(1, args.per_device_batch, args.seq_len)
     fetched = MemoryPlan.from_config(memory_cfg).geometry.fetched_params
     share = fetched / matmul_param_count(MODEL)
-    print(f"jax {jax.__version__}, {jax.device_count()} fake CPU devices; fetched {fetched:,} = "
-          f"{share:.2%} of {matmul_param_count(MODEL):,} matmul params; per-device batch "
-          f"{args.per_device_batch} x {args.seq_len}\n")
-    print("| devices | global batch | bank per device | bank argument bytes per device | "
-          "blocks fetched per device per step (mem/fetch_bytes) | distinct blocks of the global "
-          "batch | extra step temp per device | anchor step | memory step | ratio |")
+    print(
+        f"jax {jax.__version__}, {jax.device_count()} fake CPU devices; fetched {fetched:,} = "
+        f"{share:.2%} of {matmul_param_count(MODEL):,} matmul params; per-device batch "
+        f"{args.per_device_batch} x {args.seq_len}\n"
+    )
+    print(
+        "| devices | global batch | bank per device | bank argument bytes per device | "
+        "blocks fetched per device per step (mem/fetch_bytes) | distinct blocks of the global "
+        "batch | extra step temp per device | anchor step | memory step | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for devices in (1, 2, 4, 8):
         anchor_cfg, memory_cfg = configs(devices, args.per_device_batch, args.seq_len)
-        cases = [build("anchor", anchor_cfg, devices=devices),
-                 build("memory", memory_cfg, devices=devices)]
+        cases = [
+            build("anchor", anchor_cfg, devices=devices),
+            build("memory", memory_cfg, devices=devices),
+        ]
         run_cases(cases, args.repeats, args.steps)
         anchor, memory = cases
         footprint = memory_footprint(memory_cfg, devices, args.per_device_batch)
         times = [statistics.median(c.times) for c in cases]
         mb = lambda x: f"{x / 1e6:.2f} MB"  # noqa: E731
-        print(f"| {devices} | {memory_cfg.batch_size} | {mb(footprint.bank_bytes_per_device)} | "
-              f"{mb(memory.argument_bytes - anchor.argument_bytes)} | "
-              f"{mb(float(memory.metrics['mem/fetch_bytes']))} | "
-              f"{mb(footprint.memory_step_bytes)} | "
-              f"{mb(memory.temp_bytes - anchor.temp_bytes)} | {times[0]:.3f} s | "
-              f"{times[1]:.3f} s | {times[1] / times[0]:.3f} |", flush=True)
+        print(
+            f"| {devices} | {memory_cfg.batch_size} | {mb(footprint.bank_bytes_per_device)} | "
+            f"{mb(memory.argument_bytes - anchor.argument_bytes)} | "
+            f"{mb(float(memory.metrics['mem/fetch_bytes']))} | "
+            f"{mb(footprint.memory_step_bytes)} | "
+            f"{mb(memory.temp_bytes - anchor.temp_bytes)} | {times[0]:.3f} s | "
+            f"{times[1]:.3f} s | {times[1] / times[0]:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

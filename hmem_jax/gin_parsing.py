@@ -15,21 +15,31 @@ import gin
 
 from hmem_jax.config import ConfigError, TrainConfig
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+EXPERIMENTS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 
 
 def resolve_gin_file(name: str) -> str:
     """A gin file path, trying `experiments/NAME[.gin]` when `name` is not a file."""
-    candidates = [name, name + ".gin", os.path.join(EXPERIMENTS_DIR, name),
-                  os.path.join(EXPERIMENTS_DIR, name + ".gin")]
+    candidates = [
+        name,
+        name + ".gin",
+        os.path.join(EXPERIMENTS_DIR, name),
+        os.path.join(EXPERIMENTS_DIR, name + ".gin"),
+    ]
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    available = sorted(f[:-4] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".gin")) \
-        if os.path.isdir(EXPERIMENTS_DIR) else []
-    raise ConfigError(f"--gin_file={name!r}: no such file (also looked in {EXPERIMENTS_DIR}). "
-                      f"Experiments available: {available}.")
+    available = (
+        sorted(f[:-4] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".gin"))
+        if os.path.isdir(EXPERIMENTS_DIR)
+        else []
+    )
+    raise ConfigError(
+        f"--gin_file={name!r}: no such file (also looked in {EXPERIMENTS_DIR}). "
+        f"Experiments available: {available}."
+    )
 
 
 def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
@@ -41,7 +51,7 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
         gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
     try:
         gin.parse_config_files_and_bindings(paths, list(params), finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, IOError) as err:
+    except (OSError, ValueError, KeyError, SyntaxError) as err:
         where = ", ".join(paths + list(params)) or "none"
         raise ConfigError(f"Invalid gin configuration ({where}): {err}") from err
 

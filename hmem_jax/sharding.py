@@ -31,12 +31,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
         if num_devices % known:
             raise ConfigError(
                 f"MeshConfig {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, "
-                f"which does not divide the {num_devices} devices; change the fixed axis sizes.")
+                f"which does not divide the {num_devices} devices; change the fixed axis sizes."
+            )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
             f"MeshConfig {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-            f"{num_devices} are present; set one axis to -1 or match the device count.")
+            f"{num_devices} are present; set one axis to -1 or match the device count."
+        )
     return tuple(sizes)
 
 
@@ -53,8 +55,9 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
 
 
 def rules_of(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in cfg.rules)
+    return tuple(
+        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in cfg.rules
+    )
 
 
 @contextlib.contextmanager
@@ -90,8 +93,9 @@ def mesh_axes(rules: Sequence[tuple[str, Any]], logical: str) -> tuple[str, ...]
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def axis_size(mesh: Mesh | Mapping[str, int], rules: Sequence[tuple[str, Any]],
-              logical: str) -> int:
+def axis_size(
+    mesh: Mesh | Mapping[str, int], rules: Sequence[tuple[str, Any]], logical: str
+) -> int:
     """How many ways the logical axis `logical` is split on `mesh` (or on a mesh of that shape:
     mesh axis name -> size, for meshes larger than the devices present)."""
     shape = mesh.shape if isinstance(mesh, Mesh) else mesh
@@ -109,8 +113,9 @@ def batch_shards_for(cfg: MeshConfig, num_devices: int) -> int:
     return axis_size(shape, rules_of(cfg), "batch")
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]]) -> dict:
+def global_batch(
+    local: Mapping[str, np.ndarray], mesh: Mesh, rules: Sequence[tuple[str, Any]]
+) -> dict:
     """Assemble this process's rows into global arrays sharded over the 'batch' axes.
 
     Each process passes only its slice (rows [p·B/P, (p+1)·B/P)).

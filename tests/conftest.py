@@ -12,8 +12,10 @@ import pytest  # noqa: E402
 
 # Tests build the same small programs many times (resume = train twice); a
 # persistent compilation cache turns the repeats into cache hits.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("HMEM_TEST_COMPILE_CACHE", "/tmp/hmem_jax_test_compile_cache"))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("HMEM_TEST_COMPILE_CACHE", "/tmp/hmem_jax_test_compile_cache"),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -25,11 +27,19 @@ class RandomPackedBatches:
     loss masking are exercised. Slices rows like a multi-process loader would.
     """
 
-    def __init__(self, vocab: int, batch: int, length: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        batch: int,
+        length: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
         self.vocab, self.batch, self.length, self.seed = vocab, batch, length, seed
-        self.rows = slice(process_index * batch // process_count,
-                          (process_index + 1) * batch // process_count)
+        self.rows = slice(
+            process_index * batch // process_count, (process_index + 1) * batch // process_count
+        )
 
     def batch_at(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step])
@@ -37,7 +47,7 @@ class RandomPackedBatches:
         split = self.length * 5 // 8
         segment_ids = np.ones_like(tokens)
         segment_ids[:, split:] = 2
-        segment_ids[:, self.length - 3:] = 0
+        segment_ids[:, self.length - 3 :] = 0
         tokens[segment_ids == 0] = 0
         positions = np.concatenate([np.arange(split), np.arange(self.length - split)])
         positions = np.broadcast_to(positions, tokens.shape).astype(np.int32) * (segment_ids > 0)
@@ -107,8 +117,10 @@ def small_prepared_tree_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prepared_tree")
     out, tree = str(root / "data"), str(root / "tree")
-    params = SMALL_TREE_PARAMS + (f"DataConfig.prepared_dir = '{out}'",
-                                  f"TrainConfig.tree_dir = '{tree}'")
+    params = SMALL_TREE_PARAMS + (
+        f"DataConfig.prepared_dir = '{out}'",
+        f"TrainConfig.tree_dir = '{tree}'",
+    )
     cfg = load_train_config((), params)
     cluster_corpus(cfg.data, cfg.hierarchy, tree, verbose=False)
     ensure_prepared(cfg, out, tree, progress=False)
@@ -119,6 +131,7 @@ def run_entry_point(module: str, workdir, params, devices: int, *flags: str, tim
     """`python -m MODULE --workdir=... FLAGS --gin_param=...` with `devices` fake CPU devices."""
     import subprocess
     import sys
+
     args = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
     args += [f"--gin_param={p}" for p in params]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -129,6 +142,7 @@ def run_entry_point(module: str, workdir, params, devices: int, *flags: str, tim
 def _fresh_gin_config():
     """Gin bindings are global: clear them around each test so none leaks into the next."""
     import gin
+
     gin.clear_config()
     yield
     gin.clear_config()

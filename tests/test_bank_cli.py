@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+from test_bank_store import GEOMETRY, bumped, open_store
 
 from hmem_jax.main import bank as bank_cli
-from test_bank_store import GEOMETRY, bumped, open_store
 
 
 def trained_store(path):
@@ -34,8 +34,9 @@ def test_copy_to_another_kvstore_keeps_the_version_and_export_materialises_it(tm
     target = open_store({"driver": "memory", "path": "copy/"})
     assert bank_cli.copy(store, target, 5) == 2
     target.restore(5)
-    np.testing.assert_array_equal(target.read("l2", np.array([9]))["params/up"],
-                                  rows["params/up"][1:])
+    np.testing.assert_array_equal(
+        target.read("l2", np.array([9]))["params/up"], rows["params/up"][1:]
+    )
     files = bank_cli.export(target, str(tmp_path / "export"))
     assert len(files) == 3 * len(target.layouts)
     up = np.load(tmp_path / "export" / "l2" / "up.npy")
@@ -45,12 +46,20 @@ def test_copy_to_another_kvstore_keeps_the_version_and_export_materialises_it(tm
 
 
 def test_the_command_line_creates_and_inspects_a_bank(tmp_path):
-    gin = ["--gin_param=MemoryConfig.kind = 'ffn'", "--gin_param=MemoryConfig.level_sizes = (4, 2)",
-           "--gin_param=HierarchyConfig.branching = 4", "--gin_param=HierarchyConfig.depth = 2",
-           f"--store={tmp_path / 'bank'}"]
+    gin = [
+        "--gin_param=MemoryConfig.kind = 'ffn'",
+        "--gin_param=MemoryConfig.level_sizes = (4, 2)",
+        "--gin_param=HierarchyConfig.branching = 4",
+        "--gin_param=HierarchyConfig.depth = 2",
+        f"--store={tmp_path / 'bank'}",
+    ]
     run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "hmem_jax.main.bank", *args, *gin], capture_output=True,
-        text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+        [sys.executable, "-m", "hmem_jax.main.bank", *args, *gin],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=120,
+    )
     created = run("create")
     assert created.returncode == 0, created.stderr
     inspected = run("inspect", "--norm_blocks=0")

@@ -18,8 +18,7 @@ SHAPES = {"split": (BLOCKS, 2, 16, 3), "whole": (BLOCKS, 3, 5)}  # 16 divides by
 
 
 def _exchange(shape):
-    mesh = jax.make_mesh(shape, sharding.MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    mesh = jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     return BlockExchange.for_mesh(mesh, MeshConfig().rules)
 
 
@@ -29,14 +28,16 @@ def _shard_ids(shards, rng):
     for s in range(shards):
         chosen = set(rng.choice(BLOCKS, size=rng.integers(1, CAPACITY + 1), replace=False))
         if s in (0, shards - 1):
-            chosen = set(sorted(chosen)[:CAPACITY - 1]) | {4}
-        ids[s, :len(chosen)] = sorted(chosen)
+            chosen = set(sorted(chosen)[: CAPACITY - 1]) | {4}
+        ids[s, : len(chosen)] = sorted(chosen)
     return ids
 
 
 def _place(exchange, view, ids):
-    view = {n: jax.device_put(x, NamedSharding(exchange.mesh, exchange.spec(x.shape)))
-            for n, x in view.items()}
+    view = {
+        n: jax.device_put(x, NamedSharding(exchange.mesh, exchange.spec(x.shape)))
+        for n, x in view.items()
+    }
     batch = NamedSharding(exchange.mesh, PartitionSpec(exchange.batch_axes))
     return view, jax.device_put(ids, batch)
 
@@ -48,8 +49,9 @@ def test_slice_axis_takes_the_longest_dividing_axis_and_never_the_block_axis():
     assert slice_axis((16, 3, 5), 1) is None
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (8, 1, 1, 1), (2, 1, 2, 2)],
-                         ids=["d2-f4", "d8", "d2-t2-m2"])
+@pytest.mark.parametrize(
+    "shape", [(2, 4, 1, 1), (8, 1, 1, 1), (2, 1, 2, 2)], ids=["d2-f4", "d8", "d2-t2-m2"]
+)
 def test_each_shard_fetches_its_blocks_and_shared_blocks_get_summed_gradients(shape):
     exchange = _exchange(shape)
     shards, rng = exchange.shards, np.random.default_rng(0)
@@ -60,24 +62,26 @@ def test_each_shard_fetches_its_blocks_and_shared_blocks_get_summed_gradients(sh
 
     fetched = jax.jit(exchange.fetch)(placed, placed_ids)
     for name, x in view.items():
-        np.testing.assert_array_equal(np.asarray(fetched[name]),
-                                      x[np.minimum(ids, BLOCKS - 1)])
+        np.testing.assert_array_equal(np.asarray(fetched[name]), x[np.minimum(ids, BLOCKS - 1)])
 
     # Gradients at padding slots are zero in a real step: no sequence points there.
-    grads = {n: rng.normal(size=(shards, CAPACITY) + s[1:]).astype(np.float32)
-             * (ids < BLOCKS).reshape((shards, CAPACITY) + (1,) * (len(s) - 1))
-             for n, s in SHAPES.items()}
+    grads = {
+        n: rng.normal(size=(shards, CAPACITY) + s[1:]).astype(np.float32)
+        * (ids < BLOCKS).reshape((shards, CAPACITY) + (1,) * (len(s) - 1))
+        for n, s in SHAPES.items()
+    }
     reduced = jax.jit(exchange.reduce, static_argnums=2)(grads, placed_ids, BLOCKS, placed)
     union = np.asarray(reduced.union)
     distinct = np.unique(ids[ids < BLOCKS])
-    np.testing.assert_array_equal(union[:len(distinct)], distinct)
-    assert (union[len(distinct):] == BLOCKS).all() and len(union) == exchange.slices * CAPACITY
+    np.testing.assert_array_equal(union[: len(distinct)], distinct)
+    assert (union[len(distinct) :] == BLOCKS).all() and len(union) == exchange.slices * CAPACITY
     square_sum = 0.0
     for name in SHAPES:
         dense = np.zeros((BLOCKS + 1,) + SHAPES[name][1:])
         np.add.at(dense, ids, grads[name].astype(np.float64))
-        np.testing.assert_allclose(np.asarray(reduced.grads[name])[:len(distinct)],
-                                   dense[distinct], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(reduced.grads[name])[: len(distinct)], dense[distinct], rtol=1e-6, atol=1e-6
+        )
         square_sum += np.sum(dense[:BLOCKS] ** 2)
     # Block 4 is used by two shards: its gradient is their sum, counted once.
     assert 4 in distinct
@@ -91,10 +95,12 @@ def test_update_writes_the_steps_blocks_only_and_knows_each_elements_place(shape
     params = {n: rng.normal(size=s).astype(np.float32) for n, s in SHAPES.items()}
     ids = _shard_ids(exchange.shards, rng)
     placed, placed_ids = _place(exchange, params, ids)
-    level = LevelBank(params=placed, mu=dict(placed), nu=dict(placed),
-                      count=jnp.zeros((BLOCKS,), jnp.int32))
-    grads = {n: np.zeros((exchange.shards, CAPACITY) + s[1:], np.float32)
-             for n, s in SHAPES.items()}
+    level = LevelBank(
+        params=placed, mu=dict(placed), nu=dict(placed), count=jnp.zeros((BLOCKS,), jnp.int32)
+    )
+    grads = {
+        n: np.zeros((exchange.shards, CAPACITY) + s[1:], np.float32) for n, s in SHAPES.items()
+    }
     reduced = jax.jit(exchange.reduce, static_argnums=2)(grads, placed_ids, BLOCKS, placed)
 
     def rule(rows, grads, union, places, values):
@@ -105,21 +111,22 @@ def test_update_writes_the_steps_blocks_only_and_knows_each_elements_place(shape
         for name, x in rows.params.items():
             axis, offset, whole = places[name]
             counters = element_counters(x.shape[1:], whole, axis, offset).astype(jnp.float32)
-            new[name] = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)),
-                                  counters + values, x)
+            new[name] = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), counters + values, x)
         out = rows.replace(params=new, count=jnp.where(valid, rows.count + 1, rows.count))
         return out, ((jnp.sum(valid).astype(jnp.float32),), (jnp.zeros(()),))
 
     new, (valid_sum,) = jax.jit(exchange.update, static_argnums=2)(
-        level, reduced, rule, jnp.float32(0.5))
+        level, reduced, rule, jnp.float32(0.5)
+    )
     touched = np.unique(ids[ids < BLOCKS])
     untouched = np.setdiff1d(np.arange(BLOCKS), touched)
     assert float(valid_sum) == len(touched) * exchange.slices  # a split extra: summed
     for name, shape_ in SHAPES.items():
         after = np.asarray(new.params[name])
         expected = np.arange(np.prod(shape_[1:]), dtype=np.float32).reshape(shape_[1:]) + 0.5
-        np.testing.assert_array_equal(after[touched],
-                                      np.broadcast_to(expected, after[touched].shape))
+        np.testing.assert_array_equal(
+            after[touched], np.broadcast_to(expected, after[touched].shape)
+        )
         np.testing.assert_array_equal(after[untouched], params[name][untouched])
         np.testing.assert_array_equal(np.asarray(new.mu[name]), params[name])  # rule left mu
     count = np.zeros(BLOCKS, np.int32)

@@ -7,14 +7,21 @@ import sys
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 import pytest
+from jax.sharding import NamedSharding
 
 from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.footprint import memory_footprint
-from hmem_jax.config import (DataConfig, HierarchyConfig, MemoryConfig, MeshConfig, ModelConfig,
-                             OptimConfig, TrainConfig)
+from hmem_jax.config import (
+    DataConfig,
+    HierarchyConfig,
+    MemoryConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from hmem_jax.model import Transformer
 from hmem_jax.train.memory import MemoryPlan, ids_key, memory_schedule, slots_key
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -26,9 +33,17 @@ MEMORY = MemoryConfig(kind="ffn", level_sizes=(8, 4))
 
 
 def _config(mesh: MeshConfig, memory: MemoryConfig) -> TrainConfig:
-    return TrainConfig(model=MODEL, batch_size=8, seq_len=16, steps=4, mesh=mesh, memory=memory,
-                       hierarchy=HierarchyConfig(branching=4, depth=2), optim=OptimConfig(),
-                       data=DataConfig(vocab_size=512))
+    return TrainConfig(
+        model=MODEL,
+        batch_size=8,
+        seq_len=16,
+        steps=4,
+        mesh=mesh,
+        memory=memory,
+        hierarchy=HierarchyConfig(branching=4, depth=2),
+        optim=OptimConfig(),
+        data=DataConfig(vocab_size=512),
+    )
 
 
 def _argument_bytes(cfg: TrainConfig) -> tuple[int, int]:
@@ -47,15 +62,25 @@ def _compile(cfg: TrainConfig):
     state_plan = None if host else plan
     model = Transformer(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.steps)
-    fns = StepFunctions(model=model, tx=tx, schedule=learning_rate_schedule(cfg.optim, cfg.steps),
-                        micro_batches=1, grad_clip=1.0, plan=plan, host_bank=host,
-                        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
-                        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None)
+    fns = StepFunctions(
+        model=model,
+        tx=tx,
+        schedule=learning_rate_schedule(cfg.optim, cfg.steps),
+        micro_batches=1,
+        grad_clip=1.0,
+        plan=plan,
+        host_bank=host,
+        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
+        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
+    )
     state = create_state(model, tx, mesh, rules, 0, state_plan)
     b, t = cfg.batch_size, cfg.seq_len
     shards = sharding.batch_shards(mesh, rules)
-    local = {"tokens": np.ones((b, t), np.int32), "segment_ids": np.ones((b, t), np.int32),
-             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+    local = {
+        "tokens": np.ones((b, t), np.int32),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+    }
     extra_keys = []
     if plan is not None:
         for level in plan.levels:
@@ -68,15 +93,25 @@ def _compile(cfg: TrainConfig):
     if host:
         rows = {}
         for key, level in plan.init_bank().items():
-            union = level.count.shape[0] if key == "generic" else min(
-                b, level.count.shape[0])
-            ids = batch[ids_key(int(key[1:]))] if key != "generic" else jax.device_put(
-                np.zeros((shards, 1), np.int32), sharding.batch_sharding(mesh, rules, 2))
-            view = jax.tree.map(lambda x: jax.device_put(x[:union], NamedSharding(
-                mesh, fns.exchange.spec(x.shape))), level)
-            rows[key] = (ids, view,
-                         jax.device_put(np.arange(union, dtype=np.int32),
-                                        sharding.replicated(mesh)))
+            union = level.count.shape[0] if key == "generic" else min(b, level.count.shape[0])
+            ids = (
+                batch[ids_key(int(key[1:]))]
+                if key != "generic"
+                else jax.device_put(
+                    np.zeros((shards, 1), np.int32), sharding.batch_sharding(mesh, rules, 2)
+                )
+            )
+            view = jax.tree.map(
+                lambda x: jax.device_put(
+                    x[:union], NamedSharding(mesh, fns.exchange.spec(x.shape))
+                ),
+                level,
+            )
+            rows[key] = (
+                ids,
+                view,
+                jax.device_put(np.arange(union, dtype=np.int32), sharding.replicated(mesh)),
+            )
     run = compile_train_step(fns, mesh, rules, state_shardings(model, tx, mesh, rules, state_plan))
     analysis = run.compiled(state, batch, rows).memory_analysis()
     extra = sum(batch[k].addressable_shards[0].data.nbytes for k in extra_keys)
@@ -88,9 +123,11 @@ def _compile(cfg: TrainConfig):
     return analysis, extra, lambda: jax.device_get(run(state, batch, rows)[1])
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1),
-                                  MeshConfig(data=2, fsdp=4)],
-                         ids=["data2-memory4", "data8", "data2-fsdp4"])
+@pytest.mark.parametrize(
+    "mesh",
+    [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1), MeshConfig(data=2, fsdp=4)],
+    ids=["data2-memory4", "data8", "data2-fsdp4"],
+)
 def test_footprint_matches_the_compiled_steps_arguments(mesh):
     anchor, _ = _argument_bytes(_config(mesh, MemoryConfig()))
     device_cfg = _config(mesh, MEMORY)
@@ -120,9 +157,11 @@ def test_what_a_step_brings_to_a_device_does_not_grow_with_the_mesh():
     """Weak scaling: at a fixed per-device batch, the blocks a device receives per step stay
     the same from 8 to 256 devices, and its bank share falls as 1/N."""
     memory = MemoryConfig(kind="ffn", level_sizes=(8, 64, 32))
-    cfg = dataclasses.replace(_config(MeshConfig(data=1, fsdp=-1), memory),
-                              hierarchy=HierarchyConfig(branching=16, depth=3),
-                              model=dataclasses.replace(MODEL, d_model=256, head_dim=128))
+    cfg = dataclasses.replace(
+        _config(MeshConfig(data=1, fsdp=-1), memory),
+        hierarchy=HierarchyConfig(branching=16, depth=3),
+        model=dataclasses.replace(MODEL, d_model=256, head_dim=128),
+    )
     small, large = memory_footprint(cfg, 8, 4), memory_footprint(cfg, 256, 4)
     assert small.memory_step_bytes_per_device == large.memory_step_bytes_per_device
     assert large.memory_step_bytes > 10 * small.memory_step_bytes  # the global batch's blocks
@@ -145,13 +184,21 @@ def test_a_split_bank_is_never_assembled_on_one_device():
 
 
 def _info(*flags):
-    return subprocess.run([sys.executable, "-m", "hmem_jax.main.info", *flags],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hmem_jax.main.info", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_info_reports_the_footprint_for_any_mesh_size():
-    params = ("MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 2",
-              "MemoryConfig.level_sizes = (8, 4)", "TrainConfig.batch_size = 64")
+    params = (
+        "MemoryConfig.kind = 'ffn'",
+        "HierarchyConfig.depth = 2",
+        "MemoryConfig.level_sizes = (8, 4)",
+        "TrainConfig.batch_size = 64",
+    )
     done = _info("--devices=64", "--per_device_batch=2", *[f"--gin_param={p}" for p in params])
     assert done.returncode == 0, done.stderr[-2000:]
     footprint = json.loads(done.stdout)["memory_footprint"]

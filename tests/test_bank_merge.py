@@ -12,8 +12,13 @@ from hmem_jax.bank.merge import merge_banks, owning_subtree
 def _bank(value, clusters=(2, 4), with_generic=True):
     def level(n):
         full = np.full((n, 1, 3), value, np.float32)
-        return LevelBank(params={"w": full}, mu={"w": full}, nu={"w": full},
-                         count=np.full(n, int(value), np.int32))
+        return LevelBank(
+            params={"w": full},
+            mu={"w": full},
+            nu={"w": full},
+            count=np.full(n, int(value), np.int32),
+        )
+
     bank = {f"l{i + 1}": level(n) for i, n in enumerate(clusters)}
     if with_generic:
         bank[GENERIC] = level(1)
@@ -42,8 +47,13 @@ def _train(cfg_params, workdir, prepared, extra):
     cfg = load_train_config((), cfg_params + tuple(extra))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.gin").write_text(gin.config_str())
-    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
-                    subtree=cfg.subtree if cfg.subtree >= 0 else None)
+    loader = Loader(
+        prepared,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.seed,
+        subtree=cfg.subtree if cfg.subtree >= 0 else None,
+    )
     train(cfg, str(workdir), loader, fingerprint(loader.fingerprint), devices=jax.devices()[:1])
     return str(workdir)
 
@@ -51,30 +61,40 @@ def _train(cfg_params, workdir, prepared, extra):
 @pytest.mark.slow  # an anchor run, two subtree jobs and a merge (~50 s on 2 cores)
 @pytest.mark.ci
 def test_merged_subtree_jobs_answer_like_the_job_of_each_prompts_subtree(
-        small_prepared_tree_data, tmp_path):
+    small_prepared_tree_data, tmp_path
+):
     from hmem_jax.bank.merge import merge_subtree_runs
+    from hmem_jax.hierarchy.tree import ClusterTree
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.probe import read_probe_file, run_probe
     from hmem_jax.infer.run import load_run
 
-    from hmem_jax.hierarchy.tree import ClusterTree
-
     prepared, tree_dir, params = small_prepared_tree_data
     items = read_probe_file(f"{prepared}/probes.jsonl")
     tree = ClusterTree.load(tree_dir)
-    level1 = tree.route_texts([item.prompt for item in items],
-                              tree.make_embedder())[:, 0]
+    level1 = tree.route_texts([item.prompt for item in items], tree.make_embedder())[:, 0]
     subtrees = tuple(int(s) for s in np.argsort(-np.bincount(level1, minlength=4))[:2])
-    common = params + ("TrainConfig.batch_size = 8", "TrainConfig.steps = 6",
-                       "TrainConfig.checkpoint_every = 6",
-                       "TrainConfig.async_checkpointing = False", "MeshConfig.fsdp = 1")
+    common = params + (
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.steps = 6",
+        "TrainConfig.checkpoint_every = 6",
+        "TrainConfig.async_checkpointing = False",
+        "MeshConfig.fsdp = 1",
+    )
     anchor = _train(common, tmp_path / "anchor", prepared, ())
-    memory = ("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
-              "MemoryConfig.mode = 'frozen_anchor'", "MemoryConfig.lr = 1e-2",
-              "MemoryConfig.generic_probability = 0.25", f"TrainConfig.init_from = '{anchor}'")
+    memory = (
+        "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (8, 4)",
+        "MemoryConfig.mode = 'frozen_anchor'",
+        "MemoryConfig.lr = 1e-2",
+        "MemoryConfig.generic_probability = 0.25",
+        f"TrainConfig.init_from = '{anchor}'",
+    )
     # The two level-1 subtrees most probes route into, one job each.
-    jobs = [_train(common, tmp_path / f"job{s}", prepared, memory + (f"TrainConfig.subtree = {s}",))
-            for s in subtrees]
+    jobs = [
+        _train(common, tmp_path / f"job{s}", prepared, memory + (f"TrainConfig.subtree = {s}",))
+        for s in subtrees
+    ]
     for subtree, job in zip(subtrees, jobs):
         counts = load_run(job).bank["l2"].count
         owner = owning_subtree(2, np.arange(len(counts)), 4)
@@ -91,5 +111,6 @@ def test_merged_subtree_jobs_answer_like_the_job_of_each_prompts_subtree(
         a, b = merged.memory_for(prompts, "fetched"), engine.memory_for(prompts, "fetched")
         for name in a:
             np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
-        assert run_probe(merged, own, ["fetched"], max_new_tokens=4) == \
-            run_probe(engine, own, ["fetched"], max_new_tokens=4)
+        assert run_probe(merged, own, ["fetched"], max_new_tokens=4) == run_probe(
+            engine, own, ["fetched"], max_new_tokens=4
+        )

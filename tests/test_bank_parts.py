@@ -3,13 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from test_bank_store import bumped, chunk_files, open_store
 
 from hmem_jax import sharding
 from hmem_jax.bank import parts as parts_lib
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.store import BankMismatchError
 from hmem_jax.config import MeshConfig
-from test_bank_store import bumped, chunk_files, open_store
 
 
 def _exchange(cfg=MeshConfig(data=2, fsdp=4)):
@@ -30,24 +30,38 @@ def test_a_split_store_reads_and_writes_each_piece_on_its_own(tmp_path, blocks_p
     axis = store.split_axes["l2"][field]
     assert axis is not None and shape[axis] == 32  # d_model, the exchange's split axis too
     low, high = parts_lib.store_chunks(shape, axis, 2)
-    store.write_pieces("l2", [(field, ids, new[field][(slice(None),)
-                                                      + parts_lib.box_index(low)], low)])
+    store.write_pieces(
+        "l2", [(field, ids, new[field][(slice(None),) + parts_lib.box_index(low)], low)]
+    )
     store.mark_written("l2", ids)
     # The other field and half were never written: a missing chunk is an error, so write the
     # rest of the block too, unchanged, as a writer of the other half would.
-    store.write_pieces("l2", [(field, ids, before[field][(slice(None),)
-                                                         + parts_lib.box_index(high)], high)]
-                       + [(f, ids, before[f], parts_lib.whole(s))
-                          for f, (s, _) in store.layouts["l2"].fields.items() if f != field])
+    store.write_pieces(
+        "l2",
+        [(field, ids, before[field][(slice(None),) + parts_lib.box_index(high)], high)]
+        + [
+            (f, ids, before[f], parts_lib.whole(s))
+            for f, (s, _) in store.layouts["l2"].fields.items()
+            if f != field
+        ],
+    )
     got = store.read("l2", ids)
     want = before[field].copy()
-    want[(slice(None),) + parts_lib.box_index(low)] = new[field][(slice(None),)
-                                                                 + parts_lib.box_index(low)]
+    want[(slice(None),) + parts_lib.box_index(low)] = new[field][
+        (slice(None),) + parts_lib.box_index(low)
+    ]
     np.testing.assert_array_equal(got[field], want)
-    half = store.read("l2", ids, {f: parts_lib.whole(s) if f != field else high
-                                  for f, (s, _) in store.layouts["l2"].fields.items()})
-    np.testing.assert_array_equal(half[field],
-                                  before[field][(slice(None),) + parts_lib.box_index(high)])
+    half = store.read(
+        "l2",
+        ids,
+        {
+            f: parts_lib.whole(s) if f != field else high
+            for f, (s, _) in store.layouts["l2"].fields.items()
+        },
+    )
+    np.testing.assert_array_equal(
+        half[field], before[field][(slice(None),) + parts_lib.box_index(high)]
+    )
     files = [f for f in chunk_files(tmp_path / "bank") if "/params/down/" in f]
     assert len(files) == 2 * len(ids) // blocks_per_shard  # one object per (shard of) half
 
@@ -69,15 +83,19 @@ def _two_processes(exchange):
 
     def boxes(exchange_, shape):
         from jax.sharding import NamedSharding
+
         view = (1,) + shape
         where = NamedSharding(exchange.mesh, exchange.spec(view))
         out = {}
         for device, index in where.devices_indices_map(view).items():
-            box = tuple((s.start or 0, shape[a] if s.stop is None else s.stop)
-                        for a, s in enumerate(index[1:]))
+            box = tuple(
+                (s.start or 0, shape[a] if s.stop is None else s.stop)
+                for a, s in enumerate(index[1:])
+            )
             out.setdefault(device.id // 4, []).append(box)
         assert set(real(exchange_, shape)) == {0}
         return out
+
     return boxes
 
 
@@ -95,8 +113,9 @@ def test_each_piece_needs_a_process_that_holds_all_of_it(tmp_path, monkeypatch, 
             parts_lib.process_parts(exchange, store.layouts, store.split_axes, store.splits, 0)
         return
     for pid in (0, 1):
-        parts = parts_lib.process_parts(exchange, store.layouts, store.split_axes, store.splits,
-                                        pid)
+        parts = parts_lib.process_parts(
+            exchange, store.layouts, store.split_axes, store.splits, pid
+        )
         part = parts["l2"]["params/down"]
         axis = store.split_axes["l2"]["params/down"]
         assert part.held[axis] == ((0, 16), (16, 32))[pid]

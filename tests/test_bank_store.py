@@ -13,7 +13,9 @@ from hmem_jax.config import HierarchyConfig, MemoryConfig, ModelConfig
 
 GEOMETRY = BankGeometry.from_configs(
     ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, head_dim=16),
-    MemoryConfig(kind="ffn", level_sizes=(4, 2)), HierarchyConfig(branching=4, depth=2))
+    MemoryConfig(kind="ffn", level_sizes=(4, 2)),
+    HierarchyConfig(branching=4, depth=2),
+)
 
 
 def open_store(path, seed=0, **kwargs):
@@ -22,8 +24,12 @@ def open_store(path, seed=0, **kwargs):
 
 
 def chunk_files(path):
-    return [os.path.join(d, f) for d, _, files in os.walk(path) for f in files
-            if "/c/" in os.path.join(d, f) + "/" and f != "zarr.json"]
+    return [
+        os.path.join(d, f)
+        for d, _, files in os.walk(path)
+        for f in files
+        if "/c/" in os.path.join(d, f) + "/" and f != "zarr.json"
+    ]
 
 
 def bumped(rows, by=1.0):
@@ -85,8 +91,9 @@ def test_a_memory_kvstore_holds_a_bank():
     store = open_store({"driver": "memory", "path": "bank/"})
     rows = bumped(store.read("l1", np.array([2])))
     store.write("l1", np.array([2]), rows)
-    np.testing.assert_array_equal(store.read("l1", np.array([2]))["params/gate"],
-                                  rows["params/gate"])
+    np.testing.assert_array_equal(
+        store.read("l1", np.array([2]))["params/gate"], rows["params/gate"]
+    )
 
 
 def test_a_manifest_that_does_not_match_the_config_is_a_clear_error(tmp_path):
@@ -110,8 +117,11 @@ def test_a_corrupted_or_missing_chunk_is_a_clear_error(tmp_path, damage):
     reopened = open_store(tmp_path / "bank")
     reopened.restore(1)
     expected = "Digest mismatch" if damage == "corrupt" else "missing"
-    with pytest.raises(BankCorruptionError, match=rf"Blocks \[7\] of level l2 \(params/up.*"
-                                                  rf"{expected}.*store is damaged"):
+    with pytest.raises(
+        BankCorruptionError,
+        match=rf"Blocks \[7\] of level l2 \(params/up.*"
+        rf"{expected}.*store is damaged",
+    ):
         reopened.read("l2", np.array([7]))
 
 

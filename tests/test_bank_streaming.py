@@ -10,6 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from test_memory_training import _config as memory_config
 
 from hmem_jax import sharding
 from hmem_jax.bank.store import BankStore
@@ -17,7 +18,6 @@ from hmem_jax.config import MeshConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.train.loop import fingerprint, train
 from hmem_jax.train.memory import MemoryPlan
-from test_memory_training import _config as memory_config
 
 
 def bank_config(params, **overrides):
@@ -27,19 +27,34 @@ def bank_config(params, **overrides):
 
 def run(cfg, prepared, workdir, **kwargs):
     loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed)
-    result = train(cfg, str(workdir), loader, fingerprint(loader.fingerprint),
-                   devices=jax.devices()[:1], **kwargs)
+    result = train(
+        cfg,
+        str(workdir),
+        loader,
+        fingerprint(loader.fingerprint),
+        devices=jax.devices()[:1],
+        **kwargs,
+    )
     return result, loader
 
 
 def streamed_bank(cfg, spec, version=None):
     """level key -> {field: [clusters, ...]} of the store's latest (or given) version."""
     plan = MemoryPlan.from_config(cfg)
-    store = BankStore(spec, plan.geometry, plan.with_generic, cfg.memory.bank_dtype,
-                      cfg.memory.moment_dtype, cfg.memory.init_seed, create=False, writer=False)
+    store = BankStore(
+        spec,
+        plan.geometry,
+        plan.with_generic,
+        cfg.memory.bank_dtype,
+        cfg.memory.moment_dtype,
+        cfg.memory.init_seed,
+        create=False,
+        writer=False,
+    )
     store.restore(store.versions()[-1] if version is None else version)
-    return {key: store.read(key, np.arange(layout.clusters))
-            for key, layout in store.layouts.items()}
+    return {
+        key: store.read(key, np.arange(layout.clusters)) for key, layout in store.layouts.items()
+    }
 
 
 def assert_banks_equal(device_bank, streamed, exact=True):
@@ -62,8 +77,9 @@ def device_run(tmp_path_factory, small_prepared_tree_data):
     return result
 
 
-def test_streamed_and_device_tiers_give_the_same_losses_and_bank(tmp_path, device_run,
-                                                                 small_prepared_tree_data):
+def test_streamed_and_device_tiers_give_the_same_losses_and_bank(
+    tmp_path, device_run, small_prepared_tree_data
+):
     prepared, _, params = small_prepared_tree_data
     device = device_run
     # Without prefetch here; the tiny-cache test below prefetches 2 steps ahead.
@@ -74,35 +90,55 @@ def test_streamed_and_device_tiers_give_the_same_losses_and_bank(tmp_path, devic
     assert_banks_equal(device.state.bank, streamed_bank(cfg, streamed.bank_store))
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4), MeshConfig(data=8, fsdp=1)],
-                         ids=["d2-f4", "d8"])
+@pytest.mark.parametrize(
+    "mesh", [MeshConfig(data=2, fsdp=4), MeshConfig(data=8, fsdp=1)], ids=["d2-f4", "d8"]
+)
 def test_a_streamed_bank_on_8_devices_trains_like_the_device_bank_on_one(
-        tmp_path, device_run, small_prepared_tree_data, mesh):
+    tmp_path, device_run, small_prepared_tree_data, mesh
+):
     """Per-shard blocks from a host tier's rows: the same losses and final bank, to float
     tolerance (8 shards sum a shared block's gradient in another order)."""
     prepared, _, params = small_prepared_tree_data
     cfg = bank_config(params, mesh=mesh, memory={"bank_tier": "streaming", "prefetch_steps": 1})
-    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
-                    batch_shards=sharding.batch_shards_for(cfg.mesh, 8))
-    streamed = train(cfg, str(tmp_path / "streamed"), loader, fingerprint(loader.fingerprint),
-                     devices=jax.devices())
+    loader = Loader(
+        prepared,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.seed,
+        batch_shards=sharding.batch_shards_for(cfg.mesh, 8),
+    )
+    streamed = train(
+        cfg,
+        str(tmp_path / "streamed"),
+        loader,
+        fingerprint(loader.fingerprint),
+        devices=jax.devices(),
+    )
     steps = sorted(device_run.losses)
-    np.testing.assert_allclose([streamed.losses[k] for k in steps],
-                               [device_run.losses[k] for k in steps], rtol=2e-5)
+    np.testing.assert_allclose(
+        [streamed.losses[k] for k in steps], [device_run.losses[k] for k in steps], rtol=2e-5
+    )
     final = streamed_bank(cfg, streamed.bank_store)
     for key, level in device_run.state.bank.items():
         for kind in ("params", "mu", "nu"):
             for name, value in getattr(level, kind).items():
-                np.testing.assert_allclose(final[key][f"{kind}/{name}"], np.asarray(value),
-                                           rtol=1e-3, atol=1e-4, err_msg=f"{key} {kind}/{name}")
+                np.testing.assert_allclose(
+                    final[key][f"{kind}/{name}"],
+                    np.asarray(value),
+                    rtol=1e-3,
+                    atol=1e-4,
+                    err_msg=f"{key} {kind}/{name}",
+                )
         np.testing.assert_array_equal(final[key]["count"], np.asarray(level.count))
 
 
-def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(tmp_path, device_run,
-                                                             small_prepared_tree_data):
+def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(
+    tmp_path, device_run, small_prepared_tree_data
+):
     prepared, _, params = small_prepared_tree_data
-    cfg = bank_config(params, memory={"bank_tier": "streaming", "host_cache_bytes": 1,
-                                      "prefetch_steps": 2})
+    cfg = bank_config(
+        params, memory={"bank_tier": "streaming", "host_cache_bytes": 1, "prefetch_steps": 2}
+    )
     streamed, _ = run(cfg, prepared, tmp_path / "tiny_cache")
     assert streamed.losses == device_run.losses
     assert_banks_equal(device_run.state.bank, streamed_bank(cfg, streamed.bank_store))
@@ -139,25 +175,41 @@ KILLED_RUN = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.ci
 def test_kill_9_during_write_back_then_resume_follows_the_uninterrupted_run(
-        tmp_path, device_run, small_prepared_tree_data):
+    tmp_path, device_run, small_prepared_tree_data
+):
     prepared, _, params = small_prepared_tree_data
     memory = {"bank_tier": "streaming", "prefetch_steps": 1}
     cfg = bank_config(params, memory=memory)
     workdir = tmp_path / "killed"
     child_params = list(params) + [
-        "TrainConfig.batch_size = 8", "TrainConfig.steps = 6", "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 3", "TrainConfig.async_checkpointing = False",
-        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
-        "MemoryConfig.lr = 1e-2", "MemoryConfig.end_lr = 1e-3", "MemoryConfig.warmup_steps = 1",
-        "MeshConfig.fsdp = 1", "MeshConfig.data = 1"]
-    args = {"params": child_params, "memory": memory, "prepared": prepared,
-            "workdir": str(workdir)}
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    child = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(args)],
-                           capture_output=True, text=True, timeout=300, env=env,
-                           cwd=os.path.dirname(os.path.dirname(__file__)))
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.steps = 6",
+        "TrainConfig.log_every = 1",
+        "TrainConfig.checkpoint_every = 3",
+        "TrainConfig.async_checkpointing = False",
+        "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (8, 4)",
+        "MemoryConfig.lr = 1e-2",
+        "MemoryConfig.end_lr = 1e-3",
+        "MemoryConfig.warmup_steps = 1",
+        "MeshConfig.fsdp = 1",
+        "MeshConfig.data = 1",
+    ]
+    args = {"params": child_params, "memory": memory, "prepared": prepared, "workdir": str(workdir)}
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == 3
     resumed, _ = run(cfg, prepared, workdir)

@@ -7,8 +7,15 @@ from hmem_jax.main.common import load_train_config
 
 
 def test_gin_bindings_reach_nested_dataclasses():
-    cfg = load_train_config((), ("TrainConfig.steps = 7", "ModelConfig.d_model = 96",
-                                 "MeshConfig.tensor = 2", "OptimConfig.peak_lr = 1e-3"))
+    cfg = load_train_config(
+        (),
+        (
+            "TrainConfig.steps = 7",
+            "ModelConfig.d_model = 96",
+            "MeshConfig.tensor = 2",
+            "OptimConfig.peak_lr = 1e-3",
+        ),
+    )
     assert cfg.steps == 7 and cfg.model.d_model == 96 and cfg.mesh.tensor == 2
     assert cfg.optim.peak_lr == 1e-3
 
@@ -19,31 +26,46 @@ def test_the_default_experiment_file_loads_by_name():
 
 
 def test_a_paper_preset_is_selected_through_gin():
-    cfg = load_train_config((), ("TrainConfig.model = @model_preset()",
-                                 "model_preset.name = '410m'", "DataConfig.vocab_size = 2048"))
+    cfg = load_train_config(
+        (),
+        (
+            "TrainConfig.model = @model_preset()",
+            "model_preset.name = '410m'",
+            "DataConfig.vocab_size = 2048",
+        ),
+    )
     assert (cfg.model.num_layers, cfg.model.d_model, cfg.model.tie_embeddings) == (24, 1024, False)
 
 
-@pytest.mark.parametrize("files, params, fragment", [
-    (("no_such_experiment",), (), "no such file"),
-    ((), ("ModelConfig.no_such_field = 1",), "no_such_field"),
-    ((), ("NoSuchConfig.steps = 1",), "NoSuchConfig"),
-    ((), ("TrainConfig.steps = 0",), "TrainConfig.steps must be > 0"),
-    ((), ("TrainConfig.batch_size = 10", "TrainConfig.grad_accum_steps = 4"), "divisible"),
-    ((), ("model_preset.name = 'huge'", "TrainConfig.model = @model_preset()"), "huge"),
-    ((), ("OptimConfig.schedule = 'linear'",), "schedule"),
-    ((), ("TrainConfig.steps = ",), "Invalid gin"),
-])
+@pytest.mark.parametrize(
+    "files, params, fragment",
+    [
+        (("no_such_experiment",), (), "no such file"),
+        ((), ("ModelConfig.no_such_field = 1",), "no_such_field"),
+        ((), ("NoSuchConfig.steps = 1",), "NoSuchConfig"),
+        ((), ("TrainConfig.steps = 0",), "TrainConfig.steps must be > 0"),
+        ((), ("TrainConfig.batch_size = 10", "TrainConfig.grad_accum_steps = 4"), "divisible"),
+        ((), ("model_preset.name = 'huge'", "TrainConfig.model = @model_preset()"), "huge"),
+        ((), ("OptimConfig.schedule = 'linear'",), "schedule"),
+        ((), ("TrainConfig.steps = ",), "Invalid gin"),
+    ],
+)
 def test_bad_configuration_is_a_clear_error(files, params, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_train_config(files, params)
 
 
-@pytest.mark.parametrize("name, anchor, bank, fetched", [
-    ("paper_160m", 163_510_016, 4.62e9, 18.06e6), ("paper_410m", 411_665_408, 12.68e9, 49.5e6),
-    ("paper_1p4b", 1_439_893_504, 21.14e9, 153.4e6)])
+@pytest.mark.parametrize(
+    "name, anchor, bank, fetched",
+    [
+        ("paper_160m", 163_510_016, 4.62e9, 18.06e6),
+        ("paper_410m", 411_665_408, 12.68e9, 49.5e6),
+        ("paper_1p4b", 1_439_893_504, 21.14e9, 153.4e6),
+    ],
+)
 def test_info_reports_the_papers_anchor_bank_and_fetched_sizes(name, anchor, bank, fetched):
     from hmem_jax.main.info import describe
+
     info = describe(load_train_config((name,), ("TrainConfig.init_from = 'runs/anchor'",)))
     assert info["anchor_params"] == anchor
     assert info["bank_params"] == pytest.approx(bank, rel=5e-3)
@@ -55,14 +77,27 @@ def test_cotraining_without_an_anchor_to_start_from_is_a_clear_error():
     with pytest.raises(ConfigError, match="init_from"):
         cfg.check_startable()
     with pytest.raises(ConfigError, match="scratch"):
-        load_train_config((), ("MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 1",
-                               "MemoryConfig.level_sizes = (4,)",
-                               "TrainConfig.init_from = 'runs/anchor'"))
+        load_train_config(
+            (),
+            (
+                "MemoryConfig.kind = 'ffn'",
+                "HierarchyConfig.depth = 1",
+                "MemoryConfig.level_sizes = (4,)",
+                "TrainConfig.init_from = 'runs/anchor'",
+            ),
+        )
 
 
 def test_memory_levels_must_match_the_tree_depth():
     from hmem_jax.main.info import describe
-    cfg = load_train_config((), ("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (4, 2)",
-                                 "HierarchyConfig.depth = 3"))
+
+    cfg = load_train_config(
+        (),
+        (
+            "MemoryConfig.kind = 'ffn'",
+            "MemoryConfig.level_sizes = (4, 2)",
+            "HierarchyConfig.depth = 3",
+        ),
+    )
     with pytest.raises(ConfigError, match="HierarchyConfig.depth = 3"):
         describe(cfg)

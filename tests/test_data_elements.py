@@ -10,8 +10,14 @@ from hmem_jax.infer.probe import element_probes
 
 def test_names_and_aliases_are_counted_as_whole_words_case_insensitively():
     counter = elements.ElementCounter()
-    counter.add(["Xenon and xenon glow; XENON lamps.", "Aluminum, aluminium and Aluminiumoxide",
-                 "Sulphur smells like sulfur.", "Neonatal care is not neon."])
+    counter.add(
+        [
+            "Xenon and xenon glow; XENON lamps.",
+            "Aluminum, aluminium and Aluminiumoxide",
+            "Sulphur smells like sulfur.",
+            "Neonatal care is not neon.",
+        ]
+    )
     assert counter.counts["Xenon"] == 3
     assert counter.counts["Aluminium"] == 2  # 'Aluminiumoxide' is another word
     assert counter.counts["Sulfur"] == 2
@@ -22,8 +28,12 @@ def test_names_and_aliases_are_counted_as_whole_words_case_insensitively():
 
 
 def test_prepare_stores_the_counts_and_the_probe_buckets_by_them(tmp_path):
-    texts = (["Iron is common. Iron rusts."] * 40 + ["Gold is rare but gold shines."] * 3
-             + ["Xenon is a noble gas."] + ["Rivers run to the sea."] * 20)
+    texts = (
+        ["Iron is common. Iron rusts."] * 40
+        + ["Gold is rare but gold shines."] * 3
+        + ["Xenon is a noble gas."]
+        + ["Rivers run to the sea."] * 20
+    )
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
     data = DataConfig(source="jsonl", path=str(path), vocab_size=300, prepare_workers=0)

@@ -36,7 +36,7 @@ def test_recorded_mentions_equal_name_occurrences_in_text(corpus):
 
 def test_mentions_have_a_long_tail(corpus):
     mentions = np.sort([e.mentions for e in corpus.entities])[::-1]
-    top_decile_share = mentions[:NUM_ENTITIES // 10].sum() / mentions.sum()
+    top_decile_share = mentions[: NUM_ENTITIES // 10].sum() / mentions.sum()
     assert top_decile_share > 0.25  # uniform would be 0.1 (the floor of passages flattens it)
     assert mentions[0] > 10 * np.median(mentions)
 
@@ -62,7 +62,8 @@ def test_every_probe_is_answered_verbatim_somewhere(corpus):
     for probe in corpus.probes:
         stated = f"{probe.prompt} {probe.answer}."
         assert any(stated in t for t in texts) or any(
-            probe.entity in t and probe.answer in t for t in texts), probe
+            probe.entity in t and probe.answer in t for t in texts
+        ), probe
 
 
 def test_probes_cover_every_entity_with_integer_answers(corpus):

@@ -16,16 +16,24 @@ from hmem_jax.hierarchy.embedders import get_embedder
 from hmem_jax.hierarchy.tree import ClusterTree
 
 SEQ_LEN = 64
-DATA = DataConfig(embedded_entities=120, embedded_seed=5, vocab_size=500, prepare_workers=0,
-                  prepare_chunk_documents=64)
+DATA = DataConfig(
+    embedded_entities=120,
+    embedded_seed=5,
+    vocab_size=500,
+    prepare_workers=0,
+    prepare_chunk_documents=64,
+)
 
 
 @pytest.fixture(scope="module")
 def tree_dir(tmp_path_factory):
     texts = [d.text for d in read_documents(DATA)]
     embeddings = get_embedder("hashed").embed(texts)
-    tree = ClusterTree.fit(embeddings, HierarchyConfig(branching=3, depth=2, em_steps=3,
-                                                       samples_per_step=400), "hashed")
+    tree = ClusterTree.fit(
+        embeddings,
+        HierarchyConfig(branching=3, depth=2, em_steps=3, samples_per_step=400),
+        "hashed",
+    )
     directory = str(tmp_path_factory.mktemp("tree"))
     tree.save(directory)
     return directory
@@ -52,8 +60,11 @@ def _records(directory):
     token_bytes = SEQ_LEN * np.dtype(loader.manifest["token_dtype"]).itemsize
     for index, raw in enumerate(loader._source.__getitems__(range(loader.num_records))):
         array = np.frombuffer(raw, dtype=np.uint8)
-        yield (int(leaves[index]), array[:token_bytes].view(loader.manifest["token_dtype"]),
-               array[token_bytes:].view(loader.manifest["segment_dtype"]))
+        yield (
+            int(leaves[index]),
+            array[:token_bytes].view(loader.manifest["token_dtype"]),
+            array[token_bytes:].view(loader.manifest["segment_dtype"]),
+        )
 
 
 def _documents_per_leaf(directory, tree_dir):
@@ -65,8 +76,9 @@ def _documents_per_leaf(directory, tree_dir):
     else:
         router = prepare_lib.TreeRouter.load(tree_dir)
         keys = [tuple(p) for p in router.route([d.text for d in documents]).tolist()]
-    leaf_paths = (np.load(os.path.join(directory, prepare_lib.LEAF_PATHS_FILE)).tolist()
-                  if tree_dir else [[]])
+    leaf_paths = (
+        np.load(os.path.join(directory, prepare_lib.LEAF_PATHS_FILE)).tolist() if tree_dir else [[]]
+    )
     leaf_of = {tuple(path): leaf for leaf, path in enumerate(leaf_paths)}
     expected = collections.defaultdict(list)
     for key, document in zip(keys, documents):
@@ -77,8 +89,9 @@ def _documents_per_leaf(directory, tree_dir):
 def _pieces(document):
     """A document as packing must store it: whole if it fits, else seq_len chunks + the rest."""
     whole = (len(document) - 1) // SEQ_LEN * SEQ_LEN
-    return [tuple(document[i:i + SEQ_LEN]) for i in range(0, whole, SEQ_LEN)] + \
-        [tuple(document[whole:])]
+    return [tuple(document[i : i + SEQ_LEN]) for i in range(0, whole, SEQ_LEN)] + [
+        tuple(document[whole:])
+    ]
 
 
 @pytest.mark.parametrize("routed", [True, False])
@@ -89,13 +102,17 @@ def test_each_leaf_holds_exactly_its_documents_uncut(routed, routed_dir, plain_d
         for segment in np.unique(segment_ids[segment_ids > 0]):
             found[leaf][tuple(tokens[segment_ids == segment].tolist())] += 1
     expected = _documents_per_leaf(directory, tree_dir if routed else None)
-    assert len(found) == len(expected) == json.load(
-        open(os.path.join(directory, "manifest.json")))["leaves"]["count"]
+    assert (
+        len(found)
+        == len(expected)
+        == json.load(open(os.path.join(directory, "manifest.json")))["leaves"]["count"]
+    )
     for leaf, documents in expected.items():
         # no token of another cluster, none lost or repeated, and every document that fits
         # in a sequence is one segment (only longer ones are cut, at seq_len)
         assert found[leaf] == collections.Counter(
-            piece for document in documents for piece in _pieces(document)), leaf
+            piece for document in documents for piece in _pieces(document)
+        ), leaf
     if routed:
         assert len(expected) > 3
     assert any(len(d) > SEQ_LEN for documents in expected.values() for d in documents)
@@ -126,10 +143,11 @@ def test_segments_positions_and_eot_are_consistent(routed_dir):
     loader = Loader(routed_dir, global_batch_size=16, seq_len=SEQ_LEN, seed=0)
     eot = loader.tokenizer.eot_id
     batch = loader.batch(0)
-    for tokens, segments, positions in zip(batch["tokens"], batch["segment_ids"],
-                                           batch["positions"]):
+    for tokens, segments, positions in zip(
+        batch["tokens"], batch["segment_ids"], batch["positions"]
+    ):
         used = segments > 0
-        assert np.all(used[:used.sum()])  # padding only at the end
+        assert np.all(used[: used.sum()])  # padding only at the end
         ids = segments[used]
         assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)
         for segment in np.unique(ids):
@@ -146,7 +164,7 @@ def test_one_epoch_reads_every_record_once_and_counts_every_token(routed_dir, tr
     batch_size = 8
     loader = Loader(routed_dir, batch_size, SEQ_LEN, seed=3)
     steps = -(-loader.num_records // batch_size)
-    rows = np.concatenate([loader.record_indices(s) for s in range(steps)])[:loader.num_records]
+    rows = np.concatenate([loader.record_indices(s) for s in range(steps)])[: loader.num_records]
     assert sorted(rows.tolist()) == list(range(loader.num_records))
     counted = collections.Counter()
     delivered = 0
@@ -200,8 +218,10 @@ def test_resume_is_a_jump_with_prefetch(routed_dir):
 
 def test_two_process_slices_union_to_the_one_process_batch(routed_dir):
     whole = Loader(routed_dir, 8, SEQ_LEN, seed=2, batch_shards=2).batch(7)
-    halves = [Loader(routed_dir, 8, SEQ_LEN, seed=2, process_index=p, process_count=2).batch(7)
-              for p in range(2)]
+    halves = [
+        Loader(routed_dir, 8, SEQ_LEN, seed=2, process_index=p, process_count=2).batch(7)
+        for p in range(2)
+    ]
     for key in whole:
         if key.startswith("block_union"):  # the global batch's distinct ids: the same everywhere
             for half in halves:
@@ -230,10 +250,10 @@ def test_per_shard_ids_and_slots_reconstruct_every_path(routed_dir, tree_dir, sh
                 valid = ids[s][ids[s] != padding]
                 assert np.all(np.diff(valid) > 0)  # sorted, unique
                 assert set(valid) == set(expected_ids[rows, level - 1])
-                assert np.all(ids[s][len(valid):] == padding)
+                assert np.all(ids[s][len(valid) :] == padding)
             distinct = np.unique(expected_ids[:, level - 1])
-            np.testing.assert_array_equal(union[:len(distinct)], distinct)
-            assert np.all(union[len(distinct):] == padding)
+            np.testing.assert_array_equal(union[: len(distinct)], distinct)
+            assert np.all(union[len(distinct) :] == padding)
 
 
 def test_plain_data_has_no_paths(plain_dir):
@@ -309,10 +329,15 @@ def test_bad_documents_are_reported_in_the_manifest(tmp_path):
     path = tmp_path / "docs.jsonl"
     good = [{"text": f"Document number {i} talks about rivers and cities."} for i in range(30)]
     lines = [json.dumps(g) for g in good] + ['{"text": ""}', "garbage"]
-    path.write_bytes("\n".join(lines).encode() + b'\n{"text": "bad \xff byte"}\n'
-                     + json.dumps({"text": "long " * 400}).encode() + b"\n")
-    data = DataConfig(source="jsonl", path=str(path), vocab_size=300, prepare_workers=2,
-                      max_document_chars=500)
+    path.write_bytes(
+        "\n".join(lines).encode()
+        + b'\n{"text": "bad \xff byte"}\n'
+        + json.dumps({"text": "long " * 400}).encode()
+        + b"\n"
+    )
+    data = DataConfig(
+        source="jsonl", path=str(path), vocab_size=300, prepare_workers=2, max_document_chars=500
+    )
     manifest = prepare_lib.prepare(data, 32, str(tmp_path / "out"), progress=False)
     assert manifest["corpus"]["empty_skipped"] == 1
     assert manifest["corpus"]["malformed_skipped"] == 1

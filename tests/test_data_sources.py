@@ -16,8 +16,9 @@ def _read(config):
 
 def test_jsonl_reads_text_and_ids_with_line_number_fallback(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text(json.dumps({"text": "alpha", "id": "a"}) + "\n" + json.dumps({"text": "beta"})
-                    + "\n")
+    path.write_text(
+        json.dumps({"text": "alpha", "id": "a"}) + "\n" + json.dumps({"text": "beta"}) + "\n"
+    )
     documents, stats = _read(DataConfig(source="jsonl", path=str(path)))
     assert [(d.id, d.text) for d in documents] == [("a", "alpha"), ("docs:2", "beta")]
     assert stats.documents == 2 and not stats.problems()
@@ -25,8 +26,10 @@ def test_jsonl_reads_text_and_ids_with_line_number_fallback(tmp_path):
 
 def test_jsonl_skips_empty_and_malformed_and_repairs_non_utf8(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"text": "   "}\nnot json\n{"id": 3}\n{"text": "caf\xe9 ok"}\n'
-                     b'{"text": "lone \\ud800 surrogate"}\n')
+    path.write_bytes(
+        b'{"text": "   "}\nnot json\n{"id": 3}\n{"text": "caf\xe9 ok"}\n'
+        b'{"text": "lone \\ud800 surrogate"}\n'
+    )
     documents, stats = _read(DataConfig(source="jsonl", path=str(path)))
     assert [d.text for d in documents] == ["caf\ufffd ok", "lone \ufffd surrogate"]
     assert (stats.empty_skipped, stats.malformed_skipped, stats.non_utf8_replaced) == (1, 2, 2)
@@ -53,8 +56,9 @@ def test_text_dir_is_recursive_sorted_and_streams_huge_files(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
     huge = "line of text\n" * 2000  # 26,000 chars, streamed in pieces of <= 500
     (tmp_path / "c_huge.txt").write_text(huge)
-    documents, stats = _read(DataConfig(source="text_dir", path=str(tmp_path),
-                                        max_document_chars=500))
+    documents, stats = _read(
+        DataConfig(source="text_dir", path=str(tmp_path), max_document_chars=500)
+    )
     ids = [d.id for d in documents]
     assert ids[:1] == ["a.txt"] and ids[-1] == "c_huge.txt#" + str(len(ids) - 2)
     assert [d.text for d in documents if d.id == "b/two.txt"] == ["second \ufffd file"]
@@ -95,8 +99,13 @@ def test_seqio_task_text_feature_becomes_documents():
             name,
             source=seqio.FunctionDataSource(
                 lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
-                    {"text": lines}), splits=["train"]),
-            preprocessors=[], output_features={})
+                    {"text": lines}
+                ),
+                splits=["train"],
+            ),
+            preprocessors=[],
+            output_features={},
+        )
     documents, stats = _read(DataConfig(source="seqio", path=name))
     assert [d.text for d in documents] == ["first seqio document", "second one"]
     assert stats.empty_skipped == 1

@@ -32,14 +32,16 @@ def test_sentencepiece_special_ids_are_distinct_and_in_vocab(sentencepiece_token
 
 
 def test_digits_are_split_one_per_token(sentencepiece_tokenizer):
-    pieces = [sentencepiece_tokenizer.decode([i]) for i in
-              sentencepiece_tokenizer.encode("is 1071")]
+    pieces = [
+        sentencepiece_tokenizer.decode([i]) for i in sentencepiece_tokenizer.encode("is 1071")
+    ]
     assert pieces[-4:] == ["1", "0", "7", "1"]
 
 
 def test_encode_batch_equals_encode(sentencepiece_tokenizer, texts):
     assert sentencepiece_tokenizer.encode_batch(texts[:5]) == [
-        sentencepiece_tokenizer.encode(t) for t in texts[:5]]
+        sentencepiece_tokenizer.encode(t) for t in texts[:5]
+    ]
 
 
 def test_tokenizer_survives_pickling_for_worker_processes(sentencepiece_tokenizer):
@@ -67,8 +69,9 @@ def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
 
 def test_load_tokenizer_rejects_a_swapped_file(sentencepiece_tokenizer, texts, tmp_path):
     sentencepiece_tokenizer.save(str(tmp_path))
-    (tmp_path / "manifest.json").write_text(json.dumps(
-        {"tokenizer": sentencepiece_tokenizer.describe()}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"tokenizer": sentencepiece_tokenizer.describe()})
+    )
     assert tokenizer_lib.load_tokenizer(str(tmp_path)).sha256 == sentencepiece_tokenizer.sha256
     tokenizer_lib.train_sentencepiece(texts[:40], vocab_size=400).save(str(tmp_path))
     with pytest.raises(tokenizer_lib.TokenizerError, match="does not match"):

@@ -10,23 +10,32 @@ import pytest
 
 def _train(workdir, params, probe_limit=0):
     from conftest import run_entry_point
-    return run_entry_point("hmem_jax.main.train", workdir, params, 2,
-                           f"--probe_limit={probe_limit}")
+
+    return run_entry_point(
+        "hmem_jax.main.train", workdir, params, 2, f"--probe_limit={probe_limit}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.ci
 def test_train_command_clusters_prepares_trains_with_memory_and_resumes(tmp_path):
     from conftest import SMALL_TREE_PARAMS
+
     workdir = tmp_path / "run"
     params = list(SMALL_TREE_PARAMS) + [
-        "TrainConfig.batch_size = 16", "TrainConfig.log_every = 10",
-        "TrainConfig.checkpoint_every = 40", "OptimConfig.warmup_steps = 10",
-        "OptimConfig.peak_lr = 1e-2", "MemoryConfig.kind = 'ffn'",
-        "MemoryConfig.level_sizes = (16, 8)", "MemoryConfig.lr = 1e-2",
+        "TrainConfig.batch_size = 16",
+        "TrainConfig.log_every = 10",
+        "TrainConfig.checkpoint_every = 40",
+        "OptimConfig.warmup_steps = 10",
+        "OptimConfig.peak_lr = 1e-2",
+        "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (16, 8)",
+        "MemoryConfig.lr = 1e-2",
         "MemoryConfig.warmup_steps = 10",
         # A 2-device training mesh: the probe afterwards must still load the run on one device.
-        "MeshConfig.data = 2", "MeshConfig.fsdp = 1"]
+        "MeshConfig.data = 2",
+        "MeshConfig.fsdp = 1",
+    ]
     first = _train(workdir, params + ["TrainConfig.steps = 80"], probe_limit=20)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "long-tail probe" in first.stdout and "fetched" in first.stdout
@@ -51,11 +60,18 @@ def test_train_command_reports_a_bad_binding_without_a_traceback(tmp_path):
 
 
 def test_hmem_console_script_dispatches_to_the_entry_points():
-    out = subprocess.run([sys.executable, "-m", "hmem_jax.main.cli", "info",
-                          "--gin_file=experiments/default.gin"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "hmem_jax.main.cli", "info", "--gin_file=experiments/default.gin"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["fetched_params"] == 129_024
-    bad = subprocess.run([sys.executable, "-m", "hmem_jax.main.cli", "trian"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hmem_jax.main.cli", "trian"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "train" in bad.stderr

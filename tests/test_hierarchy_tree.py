@@ -30,7 +30,7 @@ def brute_force_paths(tree, queries):
     for row, query in enumerate(queries.astype(np.float64)):
         cluster = 0
         for level, centroids in enumerate(tree.levels):
-            children = centroids[cluster * tree.branching:(cluster + 1) * tree.branching]
+            children = centroids[cluster * tree.branching : (cluster + 1) * tree.branching]
             child = int(np.argmin(((children.astype(np.float64) - query) ** 2).sum(axis=1)))
             paths[row, level] = child
             cluster = cluster * tree.branching + child
@@ -104,8 +104,11 @@ def test_route_texts_embeds_and_routes_like_route():
     embedder = get_embedder("hashed")
     texts = [f"Fact {i}: element {i} has {i % 7} isotopes." for i in range(200)]
     embeddings = embedder.embed(texts)
-    tree = ClusterTree.fit(embeddings, HierarchyConfig(branching=4, depth=2, em_steps=4,
-                                                       samples_per_step=200), "hashed")
+    tree = ClusterTree.fit(
+        embeddings,
+        HierarchyConfig(branching=4, depth=2, em_steps=4, samples_per_step=200),
+        "hashed",
+    )
     np.testing.assert_array_equal(tree.route_texts(texts, embedder), tree.route(embeddings))
 
 
@@ -123,11 +126,13 @@ def test_a_tree_remembers_the_embedder_version_and_rejects_another(tmp_path):
 
 def fitted_idf_tree(tmp_path):
     embedder = get_embedder("hashed_idf")
-    texts = [f"Element Zor{chr(97 + i % 26)}ium {i} was found in the year {1700 + i}."
-             for i in range(64)]
+    texts = [
+        f"Element Zor{chr(97 + i % 26)}ium {i} was found in the year {1700 + i}." for i in range(64)
+    ]
     embedder.fit(texts)
-    tree = ClusterTree.fit(embedder.embed(texts), HierarchyConfig(branching=4, depth=2,
-                                                                  samples_per_step=64), embedder)
+    tree = ClusterTree.fit(
+        embedder.embed(texts), HierarchyConfig(branching=4, depth=2, samples_per_step=64), embedder
+    )
     tree.save(tmp_path)
     return tree, embedder, texts
 
@@ -136,8 +141,9 @@ def test_a_tree_keeps_its_embedders_statistics_and_routes_with_them(tmp_path):
     tree, embedder, texts = fitted_idf_tree(tmp_path)
     loaded = ClusterTree.load(tmp_path)
     assert loaded.content_hash == tree.content_hash and loaded.embedder_name == "hashed_idf"
-    np.testing.assert_array_equal(loaded.route_texts(texts, loaded.make_embedder()),
-                                  tree.route_texts(texts, embedder))
+    np.testing.assert_array_equal(
+        loaded.route_texts(texts, loaded.make_embedder()), tree.route_texts(texts, embedder)
+    )
     with pytest.raises(ValueError, match="make_embedder"):
         loaded.route_texts(texts[:2], get_embedder("hashed_idf"))  # no statistics
     refitted = get_embedder("hashed_idf")

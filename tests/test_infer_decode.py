@@ -12,8 +12,9 @@ from hmem_jax.model import Transformer
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.model.cache import init_cache
 
-CFG = ModelConfig(vocab_size=61, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, d_ff=48)
+CFG = ModelConfig(
+    vocab_size=61, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48
+)
 PROMPTS = [[5, 9, 11, 2, 7], [3], [8, 8, 1]]
 
 
@@ -24,13 +25,18 @@ def _params(cfg=CFG):
 
 def _memory(kind="ffn", batch=3):
     """Per-sequence memory [layers, B, ...] with random (non-zero) blocks for each row."""
-    geometry = BankGeometry.from_configs(CFG, MemoryConfig(kind=kind, level_sizes=(4, 2)),
-                                         HierarchyConfig(branching=4, depth=2))
+    geometry = BankGeometry.from_configs(
+        CFG, MemoryConfig(kind=kind, level_sizes=(4, 2)), HierarchyConfig(branching=4, depth=2)
+    )
     fetched = {}
     for level in geometry.active_levels:
-        fetched[level] = {name: 0.3 * jax.random.normal(
-            jax.random.key(10 * level + i), (batch,) + geometry.block_shape(name, level))
-                          for i, name in enumerate(sorted(geometry.matrices))}
+        fetched[level] = {
+            name: 0.3
+            * jax.random.normal(
+                jax.random.key(10 * level + i), (batch,) + geometry.block_shape(name, level)
+            )
+            for i, name in enumerate(sorted(geometry.matrices))
+        }
     slots = {level: jnp.arange(batch) for level in geometry.active_levels}
     rank_axes = {n: m.rank_axis for n, m in geometry.matrices.items()}
     return memory_lib.sequence_memory(fetched, slots, rank_axes)
@@ -42,7 +48,7 @@ def _full_logits_batch(model, params, sequences, memory):
     tokens = np.zeros((len(sequences), width), np.int32)
     segments = np.zeros_like(tokens)
     for row, ids in enumerate(sequences):
-        tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+        tokens[row, : len(ids)], segments[row, : len(ids)] = ids, 1
     positions = np.broadcast_to(np.arange(width), tokens.shape)
     return model.apply({"params": params}, tokens, segments, positions, memory)
 
@@ -54,15 +60,15 @@ def test_cached_logits_equal_full_recomputation_at_every_step(kind):
     params = _params()
     model = Transformer(CFG, lora_scale=0.5)
     memory = None if kind is None else _memory(kind)
-    extend = jax.jit(lambda *args: model.apply({"params": params}, *args,
-                                               method=Transformer.extend))
+    extend = jax.jit(
+        lambda *args: model.apply({"params": params}, *args, method=Transformer.extend)
+    )
     batch = left_pad(PROMPTS, pad_id=0)
     steps = 4
     cache = init_cache(CFG, len(PROMPTS), batch["tokens"].shape[1] + steps)
-    logits, cache = extend(batch["tokens"], batch["segment_ids"], batch["positions"], cache,
-                           memory)
+    logits, cache = extend(batch["tokens"], batch["segment_ids"], batch["positions"], cache, memory)
     sequences = [list(p) for p in PROMPTS]
-    cached = [[logits[row, -len(p):]] for row, p in enumerate(PROMPTS)]
+    cached = [[logits[row, -len(p) :]] for row, p in enumerate(PROMPTS)]
     for _ in range(steps):
         token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         positions = jnp.asarray([[len(s)] for s in sequences], jnp.int32)
@@ -73,8 +79,12 @@ def test_cached_logits_equal_full_recomputation_at_every_step(kind):
             cached[row].append(logits[row, -1:])
     full = _full_logits_batch(model, params, sequences, memory)
     for row, ids in enumerate(sequences):
-        np.testing.assert_allclose(jnp.concatenate(cached[row])[:len(ids) - 1],
-                                   full[row, :len(ids) - 1], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            jnp.concatenate(cached[row])[: len(ids) - 1],
+            full[row, : len(ids) - 1],
+            atol=2e-5,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("with_memory", [False, True])
@@ -86,7 +96,7 @@ def test_greedy_generate_equals_argmax_of_full_recomputation(with_memory):
     full = jnp.argmax(_full_logits_batch(Transformer(CFG), params, sequences, memory), axis=-1)
     for row, prompt in enumerate(PROMPTS):
         # Each generated token is the argmax of the full pass over everything before it.
-        assert out[row] == [int(t) for t in full[row, len(prompt) - 1:len(sequences[row]) - 1]]
+        assert out[row] == [int(t) for t in full[row, len(prompt) - 1 : len(sequences[row]) - 1]]
 
 
 def test_generation_stops_at_a_stop_id():
@@ -94,8 +104,9 @@ def test_generation_stops_at_a_stop_id():
     greedy = Decoder(Transformer(CFG), params).generate(PROMPTS, Sampling(max_new_tokens=6))
     stop = greedy[0][2]
     cut = Decoder(Transformer(CFG), params).generate(
-        PROMPTS, Sampling(max_new_tokens=6, stop_ids=(stop,)))
-    assert cut[0] == greedy[0][:greedy[0].index(stop)]
+        PROMPTS, Sampling(max_new_tokens=6, stop_ids=(stop,))
+    )
+    assert cut[0] == greedy[0][: greedy[0].index(stop)]
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

@@ -17,8 +17,16 @@ from hmem_jax.interop.hf_export import export_hf  # noqa: E402
 from hmem_jax.model import Transformer  # noqa: E402
 from hmem_jax.model import memory as memory_lib  # noqa: E402
 
-BASE = dict(vocab_size=97, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=12,
-            d_ff=40, rope_base=10_000.0)
+BASE = dict(
+    vocab_size=97,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    d_ff=40,
+    rope_base=10_000.0,
+)
 
 
 def random_params(cfg, seed=0):
@@ -27,17 +35,25 @@ def random_params(cfg, seed=0):
     params = Transformer(cfg).init(jax.random.key(seed), ids, ids + 1, ids)["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        tree, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
 
 
 def one_path_memory(cfg, kind="ffn"):
-    geometry = BankGeometry.from_configs(cfg, MemoryConfig(kind=kind, level_sizes=(6, 3)),
-                                         HierarchyConfig(branching=4, depth=2))
-    fetched = {level: {name: 0.3 * jax.random.normal(jax.random.key(7 * level + i),
-                                                     (1,) + geometry.block_shape(name, level))
-                       for i, name in enumerate(sorted(geometry.matrices))}
-               for level in geometry.active_levels}
+    geometry = BankGeometry.from_configs(
+        cfg, MemoryConfig(kind=kind, level_sizes=(6, 3)), HierarchyConfig(branching=4, depth=2)
+    )
+    fetched = {
+        level: {
+            name: 0.3
+            * jax.random.normal(
+                jax.random.key(7 * level + i), (1,) + geometry.block_shape(name, level)
+            )
+            for i, name in enumerate(sorted(geometry.matrices))
+        }
+        for level in geometry.active_levels
+    }
     slots = {level: jnp.zeros((1,), jnp.int32) for level in geometry.active_levels}
     rank_axes = {n: m.rank_axis for n, m in geometry.matrices.items()}
     return memory_lib.sequence_memory(fetched, slots, rank_axes)
@@ -45,7 +61,8 @@ def one_path_memory(cfg, kind="ffn"):
 
 def hf_logits(path, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=True, dtype=torch.float32)
+        path, local_files_only=True, trust_remote_code=True, dtype=torch.float32
+    )
     model.eval()
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens))).logits.numpy()
@@ -53,8 +70,11 @@ def hf_logits(path, tokens):
 
 def ours(cfg, params, tokens, memory=None, lora_scale=1.0):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return np.asarray(Transformer(cfg, lora_scale=lora_scale).apply(
-        {"params": params}, tokens, jnp.ones_like(tokens), positions, memory))
+    return np.asarray(
+        Transformer(cfg, lora_scale=lora_scale).apply(
+            {"params": params}, tokens, jnp.ones_like(tokens), positions, memory
+        )
+    )
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 11)), jnp.int32)
@@ -91,8 +111,9 @@ def test_anchor_plus_one_path_exports_as_a_wider_ffn_with_the_same_logits(tmp_pa
     params = random_params(cfg)
     memory = one_path_memory(cfg)
     export_hf(str(tmp_path), cfg, params, memory)
-    config = transformers.AutoConfig.from_pretrained(str(tmp_path), local_files_only=True,
-                                                     trust_remote_code=True)
+    config = transformers.AutoConfig.from_pretrained(
+        str(tmp_path), local_files_only=True, trust_remote_code=True
+    )
     assert config.intermediate_size == cfg.d_ff + 9
     batch_memory = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=1), memory)
     expected = ours(cfg, params, TOKENS, batch_memory)
@@ -127,6 +148,7 @@ def test_a_tokenizers_json_is_exported_loadable_by_autotokenizer(tmp_path):
 
 def _prepared_with(tokenizer, folder):
     import json
+
     folder.mkdir()
     tokenizer.save(str(folder))
     (folder / "manifest.json").write_text(json.dumps({"tokenizer": tokenizer.describe()}))
@@ -136,8 +158,11 @@ def _prepared_with(tokenizer, folder):
 def test_a_sentencepiece_tokenizer_loads_without_remote_code_and_encodes_like_ours(tmp_path):
     from hmem_jax.data.tokenizer import train_sentencepiece
 
-    texts = ["The atomic number of Brium is 42.", "Hugo was born in the year 1874.",
-             "Zhouium \u00fc  two  spaces\nand a new line"] * 40
+    texts = [
+        "The atomic number of Brium is 42.",
+        "Hugo was born in the year 1874.",
+        "Zhouium \u00fc  two  spaces\nand a new line",
+    ] * 40
     tokenizer = train_sentencepiece(texts, 300)
     prepared = _prepared_with(tokenizer, tmp_path / "prepared")
     cfg = ModelConfig(**{**BASE, "vocab_size": 300})  # qk_norm 'full': the model needs remote code
@@ -153,17 +178,24 @@ def _always_end_of_text(cfg, params, eot_id):
     token embedding), embedding dimension 0 positive, final norm reading only that dimension,
     and a head whose only non-zero row is the end-of-text token's."""
     import flax.linen as nn
+
     params = jax.tree.map(np.asarray, nn.unbox(params))
-    blocks = jax.tree.map(lambda x: np.ones_like(x) if x.ndim == 2 else np.zeros_like(x),
-                          params["blocks"])
+    blocks = jax.tree.map(
+        lambda x: np.ones_like(x) if x.ndim == 2 else np.zeros_like(x), params["blocks"]
+    )
     embedding = params["embedding"].copy()
     embedding[:, 0] = np.abs(embedding[:, 0]) + 1.0
     scale = np.zeros_like(params["final_norm"]["scale"])
     scale[0] = 1.0
     head = np.zeros_like(params["lm_head"])
     head[0, eot_id] = 10.0
-    return {**params, "blocks": blocks, "embedding": embedding,
-            "final_norm": {"scale": scale}, "lm_head": head}
+    return {
+        **params,
+        "blocks": blocks,
+        "embedding": embedding,
+        "final_norm": {"scale": scale},
+        "lm_head": head,
+    }
 
 
 def test_exported_generate_stops_at_end_of_text_as_hmem_generate_does(tmp_path):
@@ -176,12 +208,16 @@ def test_exported_generate_stops_at_end_of_text_as_hmem_generate_does(tmp_path):
     params = _always_end_of_text(cfg, random_params(cfg), tokenizer.eot_id)
     prompt = tokenizer.encode("The atomic number of")
     ours_out = Decoder(Transformer(cfg), params).generate(
-        [prompt], Sampling(max_new_tokens=6, stop_ids=(tokenizer.eot_id,)), None,
-        pad_id=tokenizer.pad_id)[0]
+        [prompt],
+        Sampling(max_new_tokens=6, stop_ids=(tokenizer.eot_id,)),
+        None,
+        pad_id=tokenizer.pad_id,
+    )[0]
     assert list(ours_out) == []  # the first token is end-of-text: nothing before the stop
     export_hf(str(tmp_path / "hf"), cfg, params, prepared_dir=prepared)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"),
-                                                              local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), local_files_only=True
+    )
     assert model.generation_config.eos_token_id == tokenizer.eot_id
     out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-    assert out[0, len(prompt):].tolist() == [tokenizer.eot_id]  # stopped there too
+    assert out[0, len(prompt) :].tolist() == [tokenizer.eot_id]  # stopped there too

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw, stochastic_round
 from hmem_jax import sharding
+from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw, stochastic_round
 from hmem_jax.config import MemoryConfig, MeshConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.main.common import load_train_config
@@ -20,21 +20,39 @@ from hmem_jax.train.memory import MemoryPlan
 
 def _config(params, **overrides):
     memory = overrides.pop("memory", {})
-    cfg = load_train_config((), params + (
-        "TrainConfig.batch_size = 8", "TrainConfig.steps = 6", "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 3", "TrainConfig.async_checkpointing = False",
-        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
-        "MemoryConfig.lr = 1e-2", "MemoryConfig.end_lr = 1e-3", "MemoryConfig.warmup_steps = 1",
-        "MeshConfig.fsdp = 1", "MeshConfig.data = 1"))
+    cfg = load_train_config(
+        (),
+        params
+        + (
+            "TrainConfig.batch_size = 8",
+            "TrainConfig.steps = 6",
+            "TrainConfig.log_every = 1",
+            "TrainConfig.checkpoint_every = 3",
+            "TrainConfig.async_checkpointing = False",
+            "MemoryConfig.kind = 'ffn'",
+            "MemoryConfig.level_sizes = (8, 4)",
+            "MemoryConfig.lr = 1e-2",
+            "MemoryConfig.end_lr = 1e-3",
+            "MemoryConfig.warmup_steps = 1",
+            "MeshConfig.fsdp = 1",
+            "MeshConfig.data = 1",
+        ),
+    )
     return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
 
 
 def _train(cfg, prepared, workdir, devices=None, **kwargs):
     devices = devices if devices is not None else jax.devices()[:1]
-    loader = Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
-                    batch_shards=sharding.batch_shards_for(cfg.mesh, len(devices)))
-    return train(cfg, str(workdir), loader, fingerprint(loader.fingerprint), devices=devices,
-                 **kwargs), loader
+    loader = Loader(
+        prepared,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.seed,
+        batch_shards=sharding.batch_shards_for(cfg.mesh, len(devices)),
+    )
+    return train(
+        cfg, str(workdir), loader, fingerprint(loader.fingerprint), devices=devices, **kwargs
+    ), loader
 
 
 def _losses(result):
@@ -42,19 +60,21 @@ def _losses(result):
 
 
 @pytest.mark.parametrize("mesh", [None, MeshConfig(data=2, fsdp=4)], ids=["1", "d2-f4"])
-def test_only_fetched_blocks_change_and_counts_equal_fetches(tmp_path, small_prepared_tree_data,
-                                                             mesh):
+def test_only_fetched_blocks_change_and_counts_equal_fetches(
+    tmp_path, small_prepared_tree_data, mesh
+):
     prepared, _, params = small_prepared_tree_data
     cfg = _config(params, steps=5, **({"mesh": mesh} if mesh else {}))
-    result, loader = _train(cfg, prepared, tmp_path / "run",
-                            devices=jax.devices() if mesh else None)
+    result, loader = _train(
+        cfg, prepared, tmp_path / "run", devices=jax.devices() if mesh else None
+    )
     initial = MemoryPlan.from_config(cfg).init_bank()
     for level in (1, 2):
         key = f"l{level}"
-        fetched = np.zeros(4 ** level, int)
+        fetched = np.zeros(4**level, int)
         for step in range(cfg.steps):
             ids = np.unique(loader.batch(step)[f"block_ids_l{level}"])  # one update per step
-            np.add.at(fetched, ids[ids < 4 ** level], 1)
+            np.add.at(fetched, ids[ids < 4**level], 1)
         bank = result.state.bank[key]
         np.testing.assert_array_equal(np.asarray(bank.count), fetched)
         untouched = fetched == 0
@@ -77,17 +97,20 @@ def test_lazy_adamw_on_a_block_equals_optax_adamw_on_that_block_alone():
     rows = {"w": param[None]}
     mu, nu = {"w": jnp.zeros((1, 3, 4))}, {"w": jnp.zeros((1, 3, 4))}
     count = jnp.zeros(1, jnp.int32)
-    for step in range(6):
+    for _ in range(6):
         grad = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
         updates, opt_state = opt.update(grad, opt_state, reference)
         reference = optax.apply_updates(reference, updates)
-        rows, mu, nu, count = sparse_adamw(rows, {"w": grad[None]}, mu, nu, count,
-                                           jnp.array([True]), jnp.float32(0.05), cfg)
-    np.testing.assert_allclose(np.asarray(rows["w"][0]), np.asarray(reference), rtol=1e-5,
-                               atol=1e-6)
+        rows, mu, nu, count = sparse_adamw(
+            rows, {"w": grad[None]}, mu, nu, count, jnp.array([True]), jnp.float32(0.05), cfg
+        )
+    np.testing.assert_allclose(
+        np.asarray(rows["w"][0]), np.asarray(reference), rtol=1e-5, atol=1e-6
+    )
     assert int(count[0]) == 6
-    frozen, *_ = sparse_adamw(rows, {"w": jnp.ones((1, 3, 4))}, mu, nu, count,
-                              jnp.array([False]), jnp.float32(0.05), cfg)
+    frozen, *_ = sparse_adamw(
+        rows, {"w": jnp.ones((1, 3, 4))}, mu, nu, count, jnp.array([False]), jnp.float32(0.05), cfg
+    )
     np.testing.assert_array_equal(np.asarray(frozen["w"]), np.asarray(rows["w"]))
 
 
@@ -116,24 +139,29 @@ def test_a_run_split_over_8_devices_resumes_on_one(tmp_path, small_prepared_tree
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
 
-def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(tmp_path,
-                                                                     small_prepared_tree_data):
+def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(
+    tmp_path, small_prepared_tree_data
+):
     prepared, _, params = small_prepared_tree_data
     anchor_cfg = _config(params, steps=3, memory={"kind": "none"})
     anchor, _ = _train(anchor_cfg, prepared, tmp_path / "anchor")
-    frozen_cfg = _config(params, steps=3, init_from=str(tmp_path / "anchor"),
-                         memory={"mode": "frozen_anchor"})
+    frozen_cfg = _config(
+        params, steps=3, init_from=str(tmp_path / "anchor"), memory={"mode": "frozen_anchor"}
+    )
     frozen, _ = _train(frozen_cfg, prepared, tmp_path / "frozen")
     for a, b in zip(jax.tree.leaves(anchor.state.params), jax.tree.leaves(frozen.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(frozen.state.bank["l1"].count.sum()) > 0
     # The memory starts with no effect: the first loss is the trained anchor's on that batch.
-    cotrain_cfg = _config(params, steps=3, init_from=str(tmp_path / "anchor"),
-                          memory={"mode": "cotrain"})
+    cotrain_cfg = _config(
+        params, steps=3, init_from=str(tmp_path / "anchor"), memory={"mode": "cotrain"}
+    )
     cotrain, _ = _train(cotrain_cfg, prepared, tmp_path / "cotrain")
     assert cotrain.losses[1] == pytest.approx(frozen.losses[1], rel=1e-6)
-    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-             zip(jax.tree.leaves(anchor.state.params), jax.tree.leaves(cotrain.state.params))]
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(anchor.state.params), jax.tree.leaves(cotrain.state.params))
+    ]
     assert all(moved)
 
 
@@ -141,14 +169,18 @@ def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(tmp_path,
 def anchor_only_losses(tmp_path_factory, small_prepared_tree_data):
     """Losses of 2 steps without memory: what every freshly initialised memory must reproduce."""
     prepared, _, params = small_prepared_tree_data
-    base, _ = _train(_config(params, steps=2, memory={"kind": "none"}), prepared,
-                     tmp_path_factory.mktemp("anchor_only"))
+    base, _ = _train(
+        _config(params, steps=2, memory={"kind": "none"}),
+        prepared,
+        tmp_path_factory.mktemp("anchor_only"),
+    )
     return base.losses
 
 
 @pytest.mark.parametrize("kind", ["lora_qk", "lora_ov", "lora_ffn", "kv"])
-def test_other_memory_types_start_without_effect_and_train(tmp_path, small_prepared_tree_data,
-                                                           anchor_only_losses, kind):
+def test_other_memory_types_start_without_effect_and_train(
+    tmp_path, small_prepared_tree_data, anchor_only_losses, kind
+):
     prepared, _, params = small_prepared_tree_data
     result, _ = _train(_config(params, steps=2, memory={"kind": kind}), prepared, tmp_path / "m")
     assert result.losses[1] == pytest.approx(anchor_only_losses[1], rel=1e-6)
@@ -156,20 +188,30 @@ def test_other_memory_types_start_without_effect_and_train(tmp_path, small_prepa
     assert float(jnp.abs(result.state.bank["l1"].params[zero_init]).max()) > 0
 
 
-@pytest.mark.parametrize("mesh", [MeshConfig(data=2, fsdp=4), MeshConfig(data=8, fsdp=1),
-                                  MeshConfig(data=2, fsdp=1, tensor=2, memory=2)],
-                         ids=["d2-f4", "d8", "d2-t2-m2"])
-def test_memory_training_on_8_devices_matches_one_device(
-        tmp_path, small_prepared_tree_data, mesh):
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        MeshConfig(data=2, fsdp=4),
+        MeshConfig(data=8, fsdp=1),
+        MeshConfig(data=2, fsdp=1, tensor=2, memory=2),
+    ],
+    ids=["d2-f4", "d8", "d2-t2-m2"],
+)
+def test_memory_training_on_8_devices_matches_one_device(tmp_path, small_prepared_tree_data, mesh):
     _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh)
 
 
-@pytest.mark.parametrize("mesh, variant", [
-    (MeshConfig(data=2, fsdp=2, memory=2), {"grad_accum_steps": 2}),
-    (MeshConfig(data=2, fsdp=4), {"memory": {"application": "grouped"}})],
-    ids=["d2-f2-m2-2-micro-batches", "d2-f4-grouped"])
+@pytest.mark.parametrize(
+    "mesh, variant",
+    [
+        (MeshConfig(data=2, fsdp=2, memory=2), {"grad_accum_steps": 2}),
+        (MeshConfig(data=2, fsdp=4), {"memory": {"application": "grouped"}}),
+    ],
+    ids=["d2-f2-m2-2-micro-batches", "d2-f4-grouped"],
+)
 def test_per_shard_blocks_with_micro_batches_and_grouped_application_match_one_device(
-        tmp_path, small_prepared_tree_data, mesh, variant):
+    tmp_path, small_prepared_tree_data, mesh, variant
+):
     """Micro-batches keep each shard's rows together; the grouped application addresses the
     shards' blocks by global slot."""
     _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh, **variant)
@@ -196,32 +238,37 @@ def _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh, **varia
 
 
 def test_stochastic_rounding_is_unbiased_and_keeps_representable_values():
-    x = jnp.full((20000,), 1.0 + 2.0 ** -10, jnp.float32)  # 1/8 of the way to the next bf16
+    x = jnp.full((20000,), 1.0 + 2.0**-10, jnp.float32)  # 1/8 of the way to the next bf16
     rounded = stochastic_round(x, jnp.bfloat16, jax.random.key(0)).astype(jnp.float32)
     assert set(np.unique(np.asarray(rounded))) == {1.0, 1.0078125}
-    assert abs(float(rounded.mean()) - (1.0 + 2.0 ** -10)) < 1e-4  # nearest is off by 9.8e-4
+    assert abs(float(rounded.mean()) - (1.0 + 2.0**-10)) < 1e-4  # nearest is off by 9.8e-4
     exact = jnp.asarray(np.random.default_rng(0).normal(size=512), jnp.bfloat16)
     np.testing.assert_array_equal(
         np.asarray(stochastic_round(exact.astype(jnp.float32), jnp.bfloat16, jax.random.key(1))),
-        np.asarray(exact))
+        np.asarray(exact),
+    )
 
 
 def _drift(dtype, rounding, steps=200, lr=1e-4):
     """Total movement of a [2, 32, 32] bank after `steps` lazy AdamW steps on noisy, consistent
     gradients, with entries of size 0.06-0.12 (bf16 spacing 4.9e-4 there: half of it > lr)."""
     rng = np.random.default_rng(0)
-    start = (rng.uniform(0.06, 0.12, (2, 32, 32)) * rng.choice([-1, 1], (2, 32, 32)))
+    start = rng.uniform(0.06, 0.12, (2, 32, 32)) * rng.choice([-1, 1], (2, 32, 32))
     direction = rng.normal(size=(2, 32, 32))
     cfg = MemoryConfig(kind="ffn", level_sizes=(2,), bank_rounding=rounding, weight_decay=0.0)
     rows = {"w": jnp.asarray(start, dtype)}
     mu = nu = {"w": jnp.zeros((2, 32, 32), jnp.float32)}
     count, ids = jnp.zeros(2, jnp.int32), jnp.arange(2)
-    update = jax.jit(lambda r, g, m, v, c, k: sparse_adamw(r, g, m, v, c, jnp.ones(2, bool),
-                                                           jnp.float32(lr), cfg, k))
+    update = jax.jit(
+        lambda r, g, m, v, c, k: sparse_adamw(
+            r, g, m, v, c, jnp.ones(2, bool), jnp.float32(lr), cfg, k
+        )
+    )
     for step in range(steps):
         grad = {"w": jnp.asarray(direction + 0.5 * rng.normal(size=direction.shape), jnp.float32)}
-        rows, mu, nu, count = update(rows, grad, mu, nu, count,
-                                     row_rounding_keys(0, jnp.int32(step), 1, ids))
+        rows, mu, nu, count = update(
+            rows, grad, mu, nu, count, row_rounding_keys(0, jnp.int32(step), 1, ids)
+        )
     return np.asarray(rows["w"], np.float32) - np.asarray(jnp.asarray(start, dtype), np.float32)
 
 
@@ -241,13 +288,16 @@ def test_bf16_bank_with_stochastic_rounding_moves_like_the_float32_bank():
 
 
 def test_bf16_bank_trains_and_reports_the_share_of_entries_updates_change(
-        tmp_path, small_prepared_tree_data):
+    tmp_path, small_prepared_tree_data
+):
     prepared, _, params = small_prepared_tree_data
     changed = {}
     losses = {}
-    for name, memory in (("float32", {}),
-                         ("nearest", {"bank_dtype": "bfloat16", "bank_rounding": "nearest"}),
-                         ("stochastic", {"bank_dtype": "bfloat16"})):
+    for name, memory in (
+        ("float32", {}),
+        ("nearest", {"bank_dtype": "bfloat16", "bank_rounding": "nearest"}),
+        ("stochastic", {"bank_dtype": "bfloat16"}),
+    ):
         cfg = _config(params, steps=4, memory={"lr": 1e-4, "end_lr": 1e-4, **memory})
         result, _ = _train(cfg, prepared, tmp_path / name)
         losses[name] = _losses(result)
@@ -256,7 +306,8 @@ def test_bf16_bank_trains_and_reports_the_share_of_entries_updates_change(
         changed[name] = np.mean(shares) if name != "float32" else None
         assert (shares[0] is None) == (name == "float32")  # reported for narrow banks only
         assert result.state.bank["l1"].params["down"].dtype == jnp.dtype(
-            memory.get("bank_dtype", "float32"))
+            memory.get("bank_dtype", "float32")
+        )
     # At lr 1e-4 rounding to nearest loses the updates of every entry larger than ~0.05
     # (the gate and up matrices); the metric shows it, and stochastic rounding moves more.
     assert changed["nearest"] < 0.6

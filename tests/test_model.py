@@ -12,8 +12,9 @@ from hmem_jax.model.layers import document_causal_mask, rotary
 TINY = ModelConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, head_dim=8, d_ff=64)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("160m", 163_510_016), ("410m", 411_665_408), ("1p4b", 1_439_893_504)])
+@pytest.mark.parametrize(
+    "name, expected", [("160m", 163_510_016), ("410m", 411_665_408), ("1p4b", 1_439_893_504)]
+)
 def test_paper_presets_have_the_papers_exact_parameter_counts(name, expected):
     assert count_params(init_abstract(model_preset(name))) == expected
 
@@ -25,8 +26,14 @@ def _init(cfg, length=12, batch=2, seed=0):
 
 
 def _apply(model, params, tokens, segment_ids, positions):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(segment_ids),
-                                  jnp.asarray(positions)))
+    return np.asarray(
+        model.apply(
+            {"params": params},
+            jnp.asarray(tokens),
+            jnp.asarray(segment_ids),
+            jnp.asarray(positions),
+        )
+    )
 
 
 def test_packed_documents_equal_each_document_run_alone():
@@ -74,6 +81,7 @@ def test_rotary_is_a_relative_encoding():
         rq = rotary(q, jnp.array([[pq]]), 100_000.0)
         rk = rotary(k, jnp.array([[pk]]), 100_000.0)
         return float(jnp.sum(rq * rk))
+
     assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
 
@@ -88,17 +96,20 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     for name in ("wk", "wv"):
         w = np.asarray(params["blocks"]["attn"][name].value).reshape(2, 32, 2, 8)
         full["blocks"]["attn"][name] = params["blocks"]["attn"][name].replace_boxed(
-            jnp.asarray(np.repeat(w, 2, axis=2).reshape(2, 32, 32)))
+            jnp.asarray(np.repeat(w, 2, axis=2).reshape(2, 32, 32))
+        )
     for norm in ("k_norm",):
         g = np.asarray(params["blocks"]["attn"][norm]["scale"].value).reshape(2, 2, 8)
-        full["blocks"]["attn"][norm]["scale"] = params["blocks"]["attn"][norm]["scale"] \
-            .replace_boxed(jnp.asarray(np.repeat(g, 2, axis=1).reshape(2, 32)))
+        full["blocks"]["attn"][norm]["scale"] = params["blocks"]["attn"][norm][
+            "scale"
+        ].replace_boxed(jnp.asarray(np.repeat(g, 2, axis=1).reshape(2, 32)))
     tokens = np.arange(10)[None] % 97
     ones = np.ones((1, 10))
     pos = np.arange(10)[None]
     # Repeating kv heads keeps the key vector's mean square, so full-width k-norm agrees too.
-    np.testing.assert_allclose(_apply(model, params, tokens, ones, pos),
-                               _apply(mha, full, tokens, ones, pos), atol=1e-5)
+    np.testing.assert_allclose(
+        _apply(model, params, tokens, ones, pos), _apply(mha, full, tokens, ones, pos), atol=1e-5
+    )
 
 
 def test_untied_model_has_a_separate_head_and_per_head_qk_norm_has_head_dim_gains():
@@ -117,8 +128,9 @@ def test_bfloat16_parameters_and_compute_give_float32_logits_close_to_float32():
     ones, pos = np.ones((1, 12)), np.arange(12)[None]
     out16 = model16.apply({"params": params16}, tokens, ones, pos)
     assert out16.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out16), _apply(model32, params, tokens, ones, pos),
-                               atol=0.1)
+    np.testing.assert_allclose(
+        np.asarray(out16), _apply(model32, params, tokens, ones, pos), atol=0.1
+    )
 
 
 def test_remat_does_not_change_the_gradient():
@@ -129,15 +141,23 @@ def test_remat_does_not_change_the_gradient():
 
     def loss(m, p):
         return jnp.mean(m.apply({"params": p}, tokens, ones, pos) ** 2)
+
     g1 = jax.grad(lambda p: loss(model, p))(params)
     g2 = jax.grad(lambda p: loss(remat, p))(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("num_kv_heads", 3, "must divide"), ("head_dim", 7, "even"), ("qk_norm", "l2", "qk_norm"),
-    ("dtype", "int8", "dtype"), ("d_model", 0, "d_model")])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("num_kv_heads", 3, "must divide"),
+        ("head_dim", 7, "even"),
+        ("qk_norm", "l2", "qk_norm"),
+        ("dtype", "int8", "dtype"),
+        ("d_model", 0, "d_model"),
+    ],
+)
 def test_bad_model_values_are_clear_errors(field, value, fragment):
     with pytest.raises(ConfigError, match=fragment):
         ModelConfig(**{**TINY.__dict__, field: value})

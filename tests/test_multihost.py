@@ -13,8 +13,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _train_command(workdir, params, extra=()):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}",
-            "--probe_limit=0"]
+    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}", "--probe_limit=0"]
     args += [f"--gin_param={p}" for p in params] + list(extra)
     return args
 
@@ -34,20 +33,39 @@ def _losses(workdir):
 @pytest.mark.slow  # CI runs the streamed-bank 2-process test below, which covers this too
 def test_two_processes_train_together_and_match_one_process(tmp_path, small_prepared_data):
     prepared, params = small_prepared_data
-    params = params + ("TrainConfig.steps = 6", "TrainConfig.batch_size = 8",
-                       "TrainConfig.log_every = 1", "TrainConfig.checkpoint_every = 3",
-                       "MeshConfig.data = 2", "MeshConfig.fsdp = -1")
+    params = params + (
+        "TrainConfig.steps = 6",
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.log_every = 1",
+        "TrainConfig.checkpoint_every = 3",
+        "MeshConfig.data = 2",
+        "MeshConfig.fsdp = -1",
+    )
     single = tmp_path / "single"
-    subprocess.run(_train_command(single, params), env=_env(8), check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run(
+        _train_command(single, params), env=_env(8), check=True, timeout=600, capture_output=True
+    )
 
     multi = tmp_path / "multi"
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(
-        _train_command(multi, params, [f"--coordinator_address=127.0.0.1:{port}",
-                                       "--num_processes=2", f"--process_id={i}"]),
-        env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _train_command(
+                multi,
+                params,
+                [
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+            ),
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
@@ -99,41 +117,69 @@ def _store_log(prefix, pid):
 def _final_bank(workdir):
     """level -> field -> value of every block in the run's latest bank version."""
     import gin
-    from hmem_jax.main.common import load_train_config
     from test_bank_streaming import streamed_bank
+
+    from hmem_jax.main.common import load_train_config
+
     gin.clear_config()
     cfg = load_train_config((os.path.join(workdir, "config.gin"),), ())
     return streamed_bank(cfg, {"driver": "file", "path": os.path.join(workdir, "bank") + "/"})
 
 
 def test_two_processes_stream_one_bank_each_reading_and_writing_only_its_half(
-        tmp_path, small_prepared_tree_data):
+    tmp_path, small_prepared_tree_data
+):
     """Streamed bank, 2 processes: each reads and writes only the half of every block its
     devices hold (the store keeps one chunk per half), every piece of every updated block is
     written exactly once, and losses and final bank equal one process's."""
     prepared, _, params = small_prepared_tree_data
     params = params + (
-        "TrainConfig.steps = 6", "TrainConfig.batch_size = 8", "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 3", "MeshConfig.data = 2", "MeshConfig.fsdp = -1",
-        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 4)",
-        "MemoryConfig.lr = 1e-2", "MemoryConfig.warmup_steps = 1",
-        "MemoryConfig.bank_tier = 'streaming'", "MemoryConfig.prefetch_steps = 1")
+        "TrainConfig.steps = 6",
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.log_every = 1",
+        "TrainConfig.checkpoint_every = 3",
+        "MeshConfig.data = 2",
+        "MeshConfig.fsdp = -1",
+        "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (8, 4)",
+        "MemoryConfig.lr = 1e-2",
+        "MemoryConfig.warmup_steps = 1",
+        "MemoryConfig.bank_tier = 'streaming'",
+        "MemoryConfig.prefetch_steps = 1",
+    )
 
     def command(workdir, extra=()):
         return [sys.executable, "-c", LOGGED_TRAIN] + _train_command(workdir, params, extra)[3:]
 
     single = tmp_path / "single"
-    done = subprocess.run(command(single), env=dict(_env(8), STORE_LOG=str(tmp_path / "s1")),
-                          timeout=600, capture_output=True, text=True)
+    done = subprocess.run(
+        command(single),
+        env=dict(_env(8), STORE_LOG=str(tmp_path / "s1")),
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(
-        command(multi, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}"]),
-        env=dict(_env(4), STORE_LOG=str(tmp_path / "s2")), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            command(
+                multi,
+                [
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+            ),
+            env=dict(_env(4), STORE_LOG=str(tmp_path / "s2")),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
@@ -180,8 +226,9 @@ def test_two_processes_stream_one_bank_each_reading_and_writing_only_its_half(
                 if e["field"] != "count":
                     assert e["box"] == halves[(e["level"], e["field"])][pid], e
                 for block in e["ids"]:
-                    pieces.setdefault((e["generation"], e["level"], e["field"], block),
-                                      []).append((tuple(map(tuple, e["box"])), pid))
+                    pieces.setdefault((e["generation"], e["level"], e["field"], block), []).append(
+                        (tuple(map(tuple, e["box"])), pid)
+                    )
     assert {p for written in pieces.values() for _, p in written} == {0, 1}
     for where, written in pieces.items():
         writers = {}
@@ -199,7 +246,10 @@ def test_two_processes_stream_one_bank_each_reading_and_writing_only_its_half(
         touched = np.nonzero(got[key]["count"])[0]
         assert len(touched) and {b for _, level, _, b in pieces if level == key} >= set(touched)
         for field, value in fields.items():
-            np.testing.assert_allclose(got[key][field].astype(np.float32),
-                                       value.astype(np.float32), rtol=1e-4,
-                                       atol=1e-3 * movement if field.startswith("params") else 1e-6,
-                                       err_msg=f"{key} {field}")
+            np.testing.assert_allclose(
+                got[key][field].astype(np.float32),
+                value.astype(np.float32),
+                rtol=1e-4,
+                atol=1e-3 * movement if field.startswith("params") else 1e-6,
+                err_msg=f"{key} {field}",
+            )

@@ -9,6 +9,7 @@ import pytest
 
 def _recipe(workdir, params):
     from conftest import run_entry_point
+
     return run_entry_point("hmem_jax.main.recipe", workdir, params, 1)
 
 
@@ -16,18 +17,30 @@ def _recipe(workdir, params):
 @pytest.mark.ci
 def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp_path):
     from conftest import SMALL_TREE_PARAMS
+
     workdir = tmp_path / "recipe"
     params = list(SMALL_TREE_PARAMS) + [
-        "TrainConfig.batch_size = 8", "TrainConfig.log_every = 10", "TrainConfig.steps = 20",
-        "RecipeConfig.anchor_steps = 20", "RecipeConfig.probe_limit = 20",
-        "MemoryConfig.kind = 'ffn'", "MemoryConfig.level_sizes = (8, 8)",
-        "MemoryConfig.mode = 'cotrain'", "MemoryConfig.lr = 1e-2"]
+        "TrainConfig.batch_size = 8",
+        "TrainConfig.log_every = 10",
+        "TrainConfig.steps = 20",
+        "RecipeConfig.anchor_steps = 20",
+        "RecipeConfig.probe_limit = 20",
+        "MemoryConfig.kind = 'ffn'",
+        "MemoryConfig.level_sizes = (8, 8)",
+        "MemoryConfig.mode = 'cotrain'",
+        "MemoryConfig.lr = 1e-2",
+    ]
     done = _recipe(workdir, params)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "baseline, anchor only (40 steps)" in out
-    for row in ("memory run, fetched", "memory run, memory removed", "memory run, generic",
-                "memory run, blocked", "memory run, oracle"):
+    for row in (
+        "memory run, fetched",
+        "memory run, memory removed",
+        "memory run, generic",
+        "memory run, blocked",
+        "memory run, oracle",
+    ):
         assert row in out
     baseline = workdir / "baseline"
     assert sorted(os.listdir(baseline / "checkpoints"))[-1] == "40"
@@ -45,8 +58,14 @@ def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp
 
 
 def test_recipe_needs_a_memory_run_that_starts_from_the_anchor(tmp_path):
-    done = _recipe(tmp_path / "r", ["MemoryConfig.kind = 'ffn'", "HierarchyConfig.depth = 1",
-                                    "MemoryConfig.level_sizes = (4,)"])
+    done = _recipe(
+        tmp_path / "r",
+        [
+            "MemoryConfig.kind = 'ffn'",
+            "HierarchyConfig.depth = 1",
+            "MemoryConfig.level_sizes = (4,)",
+        ],
+    )
     assert done.returncode == 2 and "cotrain" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -60,10 +79,13 @@ def test_a_runs_own_tree_of_another_embedder_is_refused_with_the_fix(tmp_path):
     from hmem_jax.train.layout import ensure_tree
 
     vectors = np.eye(8, dtype=np.float32)
-    ClusterTree.fit(vectors, HierarchyConfig(branching=2, depth=1, samples_per_step=8),
-                    "hashed").save(tmp_path / "tree")
-    cfg = TrainConfig(memory=MemoryConfig(kind="ffn", level_sizes=(4,)),
-                      hierarchy=HierarchyConfig(embedder="hashed_idf", branching=2, depth=1))
+    ClusterTree.fit(
+        vectors, HierarchyConfig(branching=2, depth=1, samples_per_step=8), "hashed"
+    ).save(tmp_path / "tree")
+    cfg = TrainConfig(
+        memory=MemoryConfig(kind="ffn", level_sizes=(4,)),
+        hierarchy=HierarchyConfig(embedder="hashed_idf", branching=2, depth=1),
+    )
     with pytest.raises(ConfigError, match="HierarchyConfig.embedder = 'hashed'\" to continue"):
         ensure_tree(cfg, str(tmp_path))
     same = dataclasses.replace(cfg, hierarchy=dataclasses.replace(cfg.hierarchy, embedder="hashed"))

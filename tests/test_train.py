@@ -7,19 +7,35 @@ import jax
 import numpy as np
 import pytest
 
-from hmem_jax.config import (ConfigError, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
-                             DataConfig)
+from hmem_jax.config import (
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from hmem_jax.train.checkpoint import CheckpointMismatchError
 from hmem_jax.train.loop import train
 
-MODEL = ModelConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
-                    head_dim=16, d_ff=128)
+MODEL = ModelConfig(
+    vocab_size=512, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128
+)
 
 
 def _config(**overrides):
-    base = dict(model=MODEL, optim=OptimConfig(peak_lr=3e-3, warmup_steps=2),
-                mesh=MeshConfig(), data=DataConfig(vocab_size=512), steps=6, batch_size=8,
-                seq_len=32, log_every=2, checkpoint_every=3, async_checkpointing=False)
+    base = dict(
+        model=MODEL,
+        optim=OptimConfig(peak_lr=3e-3, warmup_steps=2),
+        mesh=MeshConfig(),
+        data=DataConfig(vocab_size=512),
+        steps=6,
+        batch_size=8,
+        seq_len=32,
+        log_every=2,
+        checkpoint_every=3,
+        async_checkpointing=False,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -34,10 +50,12 @@ def _losses(result):
 
 
 def test_sharded_training_on_8_devices_matches_one_device(tmp_path, random_batches):
-    one = _run(tmp_path, "one", _config(mesh=MeshConfig(fsdp=1)), random_batches,
-               devices=jax.devices()[:1])
-    eight = _run(tmp_path, "eight", _config(mesh=MeshConfig(data=2, fsdp=2, tensor=2)),
-                 random_batches)
+    one = _run(
+        tmp_path, "one", _config(mesh=MeshConfig(fsdp=1)), random_batches, devices=jax.devices()[:1]
+    )
+    eight = _run(
+        tmp_path, "eight", _config(mesh=MeshConfig(data=2, fsdp=2, tensor=2)), random_batches
+    )
     np.testing.assert_allclose(_losses(one), _losses(eight), rtol=2e-5)
     w = eight.state.params["blocks"]["mlp"]["w_up"]
     assert w.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -49,6 +67,7 @@ def test_loss_falls_on_learnable_data(tmp_path, random_batches):
     class Repeating(random_batches):
         def batch_at(self, step):
             return super().batch_at(0)  # one batch over and over: memorisable
+
     result = _run(tmp_path, "fit", _config(steps=12, checkpoint_every=100), Repeating)
     losses = _losses(result)
     assert losses[-1] < losses[0] - 1.0
@@ -85,8 +104,14 @@ def test_metrics_go_to_jsonl_and_tensorboard_with_stable_names(tmp_path, random_
     _run(tmp_path, "metrics", _config(), random_batches)
     rows = [json.loads(line) for line in open(tmp_path / "metrics" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4, 6]
-    for name in ("train/loss", "train/grad_norm", "train/lr", "perf/step_time_s",
-                 "perf/tokens_per_s", "perf/mfu"):
+    for name in (
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "perf/step_time_s",
+        "perf/tokens_per_s",
+        "perf/mfu",
+    ):
         assert all(np.isfinite(r[name]) for r in rows), name
     assert os.listdir(tmp_path / "metrics" / "tensorboard")
     out = capsys.readouterr().out
@@ -102,13 +127,19 @@ def test_resuming_with_another_model_is_a_clear_error(tmp_path, random_batches):
 
 def test_a_batch_that_does_not_divide_over_the_mesh_is_a_clear_error(tmp_path, random_batches):
     with pytest.raises(ValueError, match="batch shards"):
-        _run(tmp_path, "bad", _config(batch_size=4, mesh=MeshConfig(data=8, fsdp=1)),
-             random_batches)
+        _run(
+            tmp_path, "bad", _config(batch_size=4, mesh=MeshConfig(data=8, fsdp=1)), random_batches
+        )
 
 
-@pytest.mark.parametrize("mesh, fragment", [
-    (dict(data=3, fsdp=1), "needs 3 devices"), (dict(data=-1, fsdp=-1), "at most one axis"),
-    (dict(data=3), "does not divide")])
+@pytest.mark.parametrize(
+    "mesh, fragment",
+    [
+        (dict(data=3, fsdp=1), "needs 3 devices"),
+        (dict(data=-1, fsdp=-1), "at most one axis"),
+        (dict(data=3), "does not divide"),
+    ],
+)
 def test_bad_mesh_shapes_are_clear_errors(tmp_path, random_batches, mesh, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _run(tmp_path, "bad", _config(mesh=MeshConfig(**mesh)), random_batches)

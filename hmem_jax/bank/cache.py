@@ -112,9 +112,10 @@ class BlockCache:
         with self._lock:
             if self.nbytes <= self.capacity_bytes:
                 return 0
-            order = sorted((k for k, e in self._entries.items() if not e.dirty),
-                           key=lambda k: (k in protected, -level_depth(k[0]),
-                                          self._entries[k].last_use))
+            order = sorted(
+                (k for k, e in self._entries.items() if not e.dirty),
+                key=lambda k: (k in protected, -level_depth(k[0]), self._entries[k].last_use),
+            )
             for key in order:
                 if self.nbytes <= self.capacity_bytes:
                     break

@@ -51,12 +51,15 @@ def _init_matrix(key: Array, spec: MatrixSpec, shape: tuple[int, ...], dtype: An
         return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
     std = 1.0 / math.sqrt(spec.fan_in)
     # Truncated to ±2σ and rescaled so the standard deviation is `std`.
-    return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-            * (std / 0.87962566103423978)).astype(dtype)
+    return (
+        jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+        * (std / 0.87962566103423978)
+    ).astype(dtype)
 
 
-def init_block(geometry: BankGeometry, rank: int, seed: int, level: int | str,
-               block_id: Array, dtype: Any) -> dict[str, Array]:
+def init_block(
+    geometry: BankGeometry, rank: int, seed: int, level: int | str, block_id: Array, dtype: Any
+) -> dict[str, Array]:
     """One block's matrices [layers, ...] from (seed, level, block id) alone."""
     level_index = 0 if level == GENERIC else int(level)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), level_index), block_id)
@@ -67,8 +70,9 @@ def init_block(geometry: BankGeometry, rank: int, seed: int, level: int | str,
     return out
 
 
-def init_level(geometry: BankGeometry, level: int | str, seed: int, dtype: Any,
-               moment_dtype: Any) -> LevelBank:
+def init_level(
+    geometry: BankGeometry, level: int | str, seed: int, dtype: Any, moment_dtype: Any
+) -> LevelBank:
     """All blocks of a level (or the one generic block), initialised and with zero moments."""
     if level == GENERIC:
         clusters, rank = 1, geometry.fetched_rank
@@ -77,15 +81,19 @@ def init_level(geometry: BankGeometry, level: int | str, seed: int, dtype: Any,
     ids = jnp.arange(clusters)
     params = jax.vmap(lambda i: init_block(geometry, rank, seed, level, i, dtype))(ids)
     zeros = {n: jnp.zeros(p.shape, moment_dtype) for n, p in params.items()}
-    return LevelBank(params=params, mu=zeros, nu=dict(zeros),
-                     count=jnp.zeros((clusters,), jnp.int32))
+    return LevelBank(
+        params=params, mu=zeros, nu=dict(zeros), count=jnp.zeros((clusters,), jnp.int32)
+    )
 
 
-def init_bank(geometry: BankGeometry, seed: int, dtype: Any, moment_dtype: Any,
-              with_generic: bool) -> dict[str, LevelBank]:
+def init_bank(
+    geometry: BankGeometry, seed: int, dtype: Any, moment_dtype: Any, with_generic: bool
+) -> dict[str, LevelBank]:
     """The whole device bank: one LevelBank per level with memory (+ the generic block)."""
-    bank = {level_key(l): init_level(geometry, l, seed, dtype, moment_dtype)
-            for l in geometry.active_levels}
+    bank = {
+        level_key(l): init_level(geometry, l, seed, dtype, moment_dtype)
+        for l in geometry.active_levels
+    }
     if with_generic:
         bank[GENERIC] = init_level(geometry, GENERIC, seed, dtype, moment_dtype)
     return bank
@@ -99,5 +107,6 @@ def fetch(level: LevelBank, ids: Array) -> LevelBank:
 
 def commit(level: LevelBank, ids: Array, rows: LevelBank) -> LevelBank:
     """Write `rows` back at `ids`; padding ids (>= clusters) are dropped."""
-    return jax.tree.map(lambda full, new: full.at[ids].set(new.astype(full.dtype), mode="drop"),
-                        level, rows)
+    return jax.tree.map(
+        lambda full, new: full.at[ids].set(new.astype(full.dtype), mode="drop"), level, rows
+    )

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -85,7 +85,7 @@ class BlockExchange:
     slice_axes: tuple[str, ...]
 
     @classmethod
-    def for_mesh(cls, mesh: Mesh, rules: Any) -> "BlockExchange":
+    def for_mesh(cls, mesh: Mesh, rules: Any) -> BlockExchange:
         return cls(mesh, mesh_axes(rules, "batch"), slice_mesh_axes(rules, mesh.axis_names))
 
     @property
@@ -115,8 +115,9 @@ class BlockExchange:
         return {name: self.spec(tuple(x.shape)) for name, x in params.items()}
 
     def _map(self, body: Callable, in_specs: tuple, out_specs: Any) -> Callable:
-        return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
+        return jax.shard_map(
+            body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
 
     def _all_ids(self, ids: Array) -> Array:
         """Inside the map: every device's ids [C] -> [P, C], in slice order."""
@@ -166,8 +167,9 @@ class BlockExchange:
 
         def body(shard_grads: Params, shard_ids: Array) -> tuple:
             every = self._all_ids(shard_ids[0]).reshape(-1)
-            union, inverse = jnp.unique(every, size=union_size, fill_value=blocks,
-                                        return_inverse=True)
+            union, inverse = jnp.unique(
+                every, size=union_size, fill_value=blocks, return_inverse=True
+            )
             inverse = inverse.reshape(-1)
             keep = self._first_of_shard()
             summed, split_sq, whole_sq = {}, jnp.zeros(()), jnp.zeros(())
@@ -179,10 +181,12 @@ class BlockExchange:
                     summed[name] = jax.ops.segment_sum(every_g, inverse, union_size)
                     whole_sq = whole_sq + jnp.sum(jnp.square(summed[name].astype(jnp.float32)))
                     continue
-                parts = g.reshape(g.shape[:axis] + (slices, g.shape[axis] // slices)
-                                  + g.shape[axis + 1:])
-                parts = jax.lax.all_to_all(jnp.moveaxis(parts, axis, 0), self.slice_axes, 0, 0,
-                                           tiled=True)  # [P, C, ..., size/P, ...]
+                parts = g.reshape(
+                    g.shape[:axis] + (slices, g.shape[axis] // slices) + g.shape[axis + 1 :]
+                )
+                parts = jax.lax.all_to_all(
+                    jnp.moveaxis(parts, axis, 0), self.slice_axes, 0, 0, tiled=True
+                )  # [P, C, ..., size/P, ...]
                 parts = parts.reshape((union_size,) + parts.shape[2:])
                 summed[name] = jax.ops.segment_sum(parts, inverse, union_size)
                 split_sq = split_sq + jnp.sum(jnp.square(summed[name].astype(jnp.float32)))
@@ -190,8 +194,8 @@ class BlockExchange:
             return union, summed, square_sum
 
         union, summed, square_sum = self._map(
-            body, (batch, batch), (PartitionSpec(), self._specs(view), PartitionSpec()))(
-                dict(grads), ids)
+            body, (batch, batch), (PartitionSpec(), self._specs(view), PartitionSpec())
+        )(dict(grads), ids)
         return Reduced(union=union, grads=summed, square_sum=square_sum)
 
     def update(self, view: Any, reduced: Reduced, rule: Callable, scalars: Any) -> tuple:
@@ -221,15 +225,17 @@ class BlockExchange:
                 offset = index * row[axis]
                 row[axis] *= slices
                 places[name] = (axis, offset, tuple(row))
-            new_rows, (split, whole) = rule(bank_lib.fetch(local, union), grads, union, places,
-                                            values)
+            new_rows, (split, whole) = rule(
+                bank_lib.fetch(local, union), grads, union, places, values
+            )
             new_view = bank_lib.commit(local, union, new_rows)
-            extras = jax.tree.map(lambda s, w: jax.lax.psum(s, self.slice_axes) + w,
-                                  split, whole)
+            extras = jax.tree.map(lambda s, w: jax.lax.psum(s, self.slice_axes) + w, split, whole)
             return new_view, extras
 
         view_specs = jax.tree.map(lambda x: self.spec(tuple(x.shape)), view)
-        mapped = self._map(body, (view_specs, PartitionSpec(), self._specs(params),
-                                  PartitionSpec()),
-                           (view_specs, PartitionSpec()))
+        mapped = self._map(
+            body,
+            (view_specs, PartitionSpec(), self._specs(params), PartitionSpec()),
+            (view_specs, PartitionSpec()),
+        )
         return mapped(view, reduced.union, reduced.grads, scalars)

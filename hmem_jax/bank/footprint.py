@@ -48,8 +48,9 @@ class MemoryFootprint:
         return dataclasses.asdict(self)
 
 
-def memory_footprint(cfg: TrainConfig, devices: int,
-                     per_device_batch: int | None = None) -> MemoryFootprint:
+def memory_footprint(
+    cfg: TrainConfig, devices: int, per_device_batch: int | None = None
+) -> MemoryFootprint:
     """The footprint of `cfg`'s memory on a mesh of `devices` (`MeshConfig` resolved for it).
 
     `per_device_batch`: sequences per batch shard; default `TrainConfig.batch_size` divided
@@ -64,9 +65,15 @@ def memory_footprint(cfg: TrainConfig, devices: int,
         per_device_batch = max(1, cfg.batch_size // shards)
     batch = per_device_batch * shards
     slices = math.prod(shape[a] for a in slice_mesh_axes(rules, sharding.MESH_AXES))
-    bank = jax.eval_shape(lambda: init_bank(
-        geometry, 0, jnp.dtype(memory.bank_dtype), jnp.dtype(memory.moment_dtype),
-        memory.generic_probability > 0))
+    bank = jax.eval_shape(
+        lambda: init_bank(
+            geometry,
+            0,
+            jnp.dtype(memory.bank_dtype),
+            jnp.dtype(memory.moment_dtype),
+            memory.generic_probability > 0,
+        )
+    )
     streamed = memory.bank_tier == "streaming"
     total = resident = union_bytes = shard_bytes = streamed_rows = 0
     for level in bank.values():
@@ -82,10 +89,16 @@ def memory_footprint(cfg: TrainConfig, devices: int,
         streamed_rows += union * sum(_bytes(x) // rows // n for x, n in zip(leaves, share))
     if streamed:
         resident, shard_bytes = 0, streamed_rows
-    return MemoryFootprint(devices=devices, batch_shards=shards,
-                           per_device_batch=per_device_batch, global_batch=batch,
-                           bank_bytes=total, bank_bytes_per_device=resident,
-                           memory_step_bytes=union_bytes, memory_step_bytes_per_device=shard_bytes)
+    return MemoryFootprint(
+        devices=devices,
+        batch_shards=shards,
+        per_device_batch=per_device_batch,
+        global_batch=batch,
+        bank_bytes=total,
+        bank_bytes_per_device=resident,
+        memory_step_bytes=union_bytes,
+        memory_step_bytes_per_device=shard_bytes,
+    )
 
 
 def _bytes(x: jax.ShapeDtypeStruct) -> int:

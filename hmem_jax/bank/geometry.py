@@ -45,13 +45,18 @@ def matrix_specs(kind: str, model: ModelConfig) -> dict[str, MatrixSpec]:
     q_w, kv_w = model.num_heads * model.head_dim, model.kv_heads * model.head_dim
     if kind == "ffn":
         # Every memory type starts with no effect: the down projection is zero.
-        return {"gate": MatrixSpec((d, None), "normal", d),
-                "up": MatrixSpec((d, None), "normal", d),
-                "down": MatrixSpec((None, d), "zeros", 0)}
+        return {
+            "gate": MatrixSpec((d, None), "normal", d),
+            "up": MatrixSpec((d, None), "normal", d),
+            "down": MatrixSpec((None, d), "zeros", 0),
+        }
 
     def lora(name: str, fan_in: int, fan_out: int) -> dict[str, MatrixSpec]:
-        return {f"{name}_a": MatrixSpec((fan_in, None), "kaiming_uniform", fan_in),
-                f"{name}_b": MatrixSpec((None, fan_out), "zeros", 0)}
+        return {
+            f"{name}_a": MatrixSpec((fan_in, None), "kaiming_uniform", fan_in),
+            f"{name}_b": MatrixSpec((None, fan_out), "zeros", 0),
+        }
+
     if kind == "lora_ffn":
         return {**lora("gate", d, d_ff), **lora("up", d, d_ff), **lora("down", d_ff, d)}
     if kind == "lora_qk":
@@ -59,8 +64,10 @@ def matrix_specs(kind: str, model: ModelConfig) -> dict[str, MatrixSpec]:
     if kind == "lora_ov":
         return {**lora("v", d, kv_w), **lora("o", q_w, d)}
     if kind == "kv":
-        return {"keys": MatrixSpec((None, q_w), "normal", model.head_dim),
-                "values": MatrixSpec((None, q_w), "zeros", 0)}
+        return {
+            "keys": MatrixSpec((None, q_w), "normal", model.head_dim),
+            "values": MatrixSpec((None, q_w), "zeros", 0),
+        }
     raise ConfigError(f"MemoryConfig.kind = {kind!r} has no block layout.")
 
 
@@ -75,17 +82,22 @@ class BankGeometry:
     matrices: dict[str, MatrixSpec]
 
     @classmethod
-    def from_configs(cls, model: ModelConfig, memory: MemoryConfig,
-                     hierarchy: HierarchyConfig) -> "BankGeometry":
+    def from_configs(
+        cls, model: ModelConfig, memory: MemoryConfig, hierarchy: HierarchyConfig
+    ) -> BankGeometry:
         if len(memory.level_sizes) != hierarchy.depth:
             raise ConfigError(
                 f"MemoryConfig.level_sizes = {tuple(memory.level_sizes)} has "
                 f"{len(memory.level_sizes)} levels but HierarchyConfig.depth = {hierarchy.depth}; "
-                "give one size per level (0 for a level without memory).")
-        return cls(kind=memory.kind, branching=hierarchy.branching,
-                   level_sizes=tuple(int(r) for r in memory.level_sizes),
-                   layers=memory_layers(model.num_layers, memory),
-                   matrices=matrix_specs(memory.kind, model))
+                "give one size per level (0 for a level without memory)."
+            )
+        return cls(
+            kind=memory.kind,
+            branching=hierarchy.branching,
+            level_sizes=tuple(int(r) for r in memory.level_sizes),
+            layers=memory_layers(model.num_layers, memory),
+            matrices=matrix_specs(memory.kind, model),
+        )
 
     @property
     def depth(self) -> int:
@@ -102,7 +114,7 @@ class BankGeometry:
         return sum(self.level_sizes)
 
     def clusters(self, level: int) -> int:
-        return self.branching ** level
+        return self.branching**level
 
     def per_rank_params(self) -> int:
         """Parameters of a rank-1 block over all memory layers."""
@@ -133,10 +145,14 @@ class BankGeometry:
 
     def describe(self) -> dict:
         return {
-            "kind": self.kind, "branching": self.branching, "level_sizes": list(self.level_sizes),
-            "memory_layers": len(self.layers), "fetched_rank": self.fetched_rank,
+            "kind": self.kind,
+            "branching": self.branching,
+            "level_sizes": list(self.level_sizes),
+            "memory_layers": len(self.layers),
+            "fetched_rank": self.fetched_rank,
             "clusters_per_level": [self.clusters(l) for l in range(1, self.depth + 1)],
-            "bank_params": self.bank_params, "fetched_params": self.fetched_params,
+            "bank_params": self.bank_params,
+            "fetched_params": self.fetched_params,
             "params_per_level": [self.level_params(l) for l in range(1, self.depth + 1)],
         }
 
@@ -146,8 +162,10 @@ def memory_layers(num_layers: int, memory: MemoryConfig) -> tuple[int, ...]:
     if memory.placement == "all":
         return tuple(range(num_layers))
     if memory.placement_layers > num_layers:
-        raise ConfigError(f"MemoryConfig.placement_layers = {memory.placement_layers} exceeds the "
-                          f"anchor's {num_layers} layers.")
+        raise ConfigError(
+            f"MemoryConfig.placement_layers = {memory.placement_layers} exceeds the "
+            f"anchor's {num_layers} layers."
+        )
     if memory.placement == "first":
         return tuple(range(memory.placement_layers))
     return tuple(range(num_layers - memory.placement_layers, num_layers))

@@ -22,7 +22,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt parameters, from glibc's malloc.h
 _M_ARENA_MAX = -8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def return_freed_blocks_to_os(mmap_threshold: int = 1 << 20, arena_max: int = 2) -> bool:
     """Set glibc's mmap threshold and arena cap for this process; False if not glibc.
 
@@ -39,4 +39,5 @@ def return_freed_blocks_to_os(mmap_threshold: int = 1 << 20, arena_max: int = 2)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-        mallopt(_M_ARENA_MAX, int(arena_max)))
+        mallopt(_M_ARENA_MAX, int(arena_max))
+    )

@@ -39,21 +39,26 @@ class LevelLayout:
 
     @property
     def param_bytes(self) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for name, (shape, dtype)
-                   in self.fields.items() if name.startswith("params/"))
+        return sum(
+            math.prod(shape) * dtype.itemsize
+            for name, (shape, dtype) in self.fields.items()
+            if name.startswith("params/")
+        )
 
     def empty_rows(self, n: int) -> dict[str, np.ndarray]:
         return {f: np.zeros((n,) + shape, dtype) for f, (shape, dtype) in self.fields.items()}
 
 
-def level_layouts(geometry: BankGeometry, with_generic: bool, bank_dtype: str,
-                  moment_dtype: str) -> dict[str, LevelLayout]:
+def level_layouts(
+    geometry: BankGeometry, with_generic: bool, bank_dtype: str, moment_dtype: str
+) -> dict[str, LevelLayout]:
     """level key -> layout for every level with memory (and the generic block)."""
     import jax.numpy as jnp  # jnp.dtype knows bfloat16
 
     p_dtype, m_dtype = np.dtype(jnp.dtype(bank_dtype)), np.dtype(jnp.dtype(moment_dtype))
     levels: list[tuple[int | str, int, int]] = [
-        (l, geometry.clusters(l), geometry.level_sizes[l - 1]) for l in geometry.active_levels]
+        (l, geometry.clusters(l), geometry.level_sizes[l - 1]) for l in geometry.active_levels
+    ]
     if with_generic:
         levels.append((bank_lib.GENERIC, 1, geometry.fetched_rank))
     out = {}
@@ -83,8 +88,10 @@ def kvstore_spec(location: str, workdir: str) -> dict[str, Any]:
         try:
             spec = json.loads(location)
         except json.JSONDecodeError as err:
-            raise ValueError(f"MemoryConfig.bank_store looks like a JSON kvstore spec but does not "
-                             f"parse ({err}): {location!r}.") from err
+            raise ValueError(
+                f"MemoryConfig.bank_store looks like a JSON kvstore spec but does not "
+                f"parse ({err}): {location!r}."
+            ) from err
     elif "://" in location:
         spec = ts.KvStore.Spec(location).to_json()
     else:

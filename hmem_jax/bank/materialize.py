@@ -37,9 +37,13 @@ class Materializer:
             if layout.key not in self._fns:
                 dtype = next(d for f, (_, d) in layout.fields.items() if f.startswith("params/"))
                 geometry, rank, seed, level = self.geometry, layout.rank, self.seed, layout.level
-                self._fns[layout.key] = jax.jit(jax.vmap(
-                    lambda i: bank_lib.init_block(geometry, rank, seed, level, i,
-                                                  jnp.dtype(dtype))))
+                self._fns[layout.key] = jax.jit(
+                    jax.vmap(
+                        lambda i: bank_lib.init_block(
+                            geometry, rank, seed, level, i, jnp.dtype(dtype)
+                        )
+                    )
+                )
             return self._fns[layout.key]
 
     def rows(self, layout: LevelLayout, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -49,10 +53,10 @@ class Materializer:
             return out
         # Pad to a power of two so a run compiles a handful of shapes, not one per count.
         padded = np.zeros(1 << (len(ids) - 1).bit_length(), np.int32)
-        padded[:len(ids)] = ids
+        padded[: len(ids)] = ids
         with jax.default_device(self._cpu):
             params = jax.device_get(self._fn(layout)(jnp.asarray(padded)))
         for name, value in params.items():
-            out[f"params/{name}"][...] = np.asarray(value)[:len(ids)]
+            out[f"params/{name}"][...] = np.asarray(value)[: len(ids)]
         out[COUNT][...] = 0
         return out

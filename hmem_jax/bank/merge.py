@@ -36,8 +36,9 @@ def owning_subtree(level: int, ids: np.ndarray, branching: int) -> np.ndarray:
     return np.asarray(ids) // branching ** (level - 1)
 
 
-def merge_banks(banks: Sequence[Mapping[str, LevelBank]], subtrees: Sequence[int],
-                branching: int) -> dict[str, LevelBank]:
+def merge_banks(
+    banks: Sequence[Mapping[str, LevelBank]], subtrees: Sequence[int], branching: int
+) -> dict[str, LevelBank]:
     """One bank: every level's blocks from the job of their level-1 subtree (see above)."""
     banks = [jax.tree.map(np.asarray, bank) for bank in banks]
     merged: dict[str, LevelBank] = {}
@@ -67,6 +68,7 @@ def _mean_generic(generic: Sequence[LevelBank]) -> LevelBank:
     def mean(*arrays: np.ndarray) -> np.ndarray:
         total = sum(w * a.astype(np.float32) for w, a in zip(weights, arrays))
         return total.astype(arrays[0].dtype)
+
     params = {n: mean(*[g.params[n] for g in generic]) for n in generic[0].params}
     mu = {n: mean(*[g.mu[n] for g in generic]) for n in generic[0].mu}
     nu = {n: mean(*[g.nu[n] for g in generic]) for n in generic[0].nu}
@@ -91,27 +93,41 @@ def merge_subtree_runs(run_dirs: Sequence[str], out_dir: str) -> str:
         cfg = run.cfg
         where = run.workdir
         if cfg.subtree < 0 or cfg.memory.mode != "frozen_anchor":
-            raise ConfigError(f"{where} is not a subtree job (TrainConfig.subtree >= 0 with "
-                              "MemoryConfig.mode = 'frozen_anchor').")
+            raise ConfigError(
+                f"{where} is not a subtree job (TrainConfig.subtree >= 0 with "
+                "MemoryConfig.mode = 'frozen_anchor')."
+            )
         if run.bank is None:
-            raise ConfigError(f"{where} keeps its bank in a store (bank_tier 'streaming'); "
-                              "merging covers device-tier jobs.")
+            raise ConfigError(
+                f"{where} keeps its bank in a store (bank_tier 'streaming'); "
+                "merging covers device-tier jobs."
+            )
         same = (cfg.model, cfg.memory, cfg.hierarchy, cfg.init_from)
-        if same != (first.model, first.memory, first.hierarchy, first.init_from) \
-                or run.tree.content_hash != runs[0].tree.content_hash:
-            raise ConfigError(f"{where} differs from {runs[0].workdir} in model, memory, "
-                              "hierarchy, tree or init_from; subtree jobs must share all five.")
+        if (
+            same != (first.model, first.memory, first.hierarchy, first.init_from)
+            or run.tree.content_hash != runs[0].tree.content_hash
+        ):
+            raise ConfigError(
+                f"{where} differs from {runs[0].workdir} in model, memory, "
+                "hierarchy, tree or init_from; subtree jobs must share all five."
+            )
         if cfg.subtree in subtrees:
             raise ConfigError(f"Two jobs trained subtree {cfg.subtree}; merge one of them.")
         subtrees.append(cfg.subtree)
         for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(runs[0].params)):
             if not np.array_equal(np.asarray(a), np.asarray(b)):
-                raise ConfigError(f"The anchor of {where} differs from {runs[0].workdir}'s: "
-                                  "subtree jobs must freeze the same anchor.")
+                raise ConfigError(
+                    f"The anchor of {where} differs from {runs[0].workdir}'s: "
+                    "subtree jobs must freeze the same anchor."
+                )
     bank = merge_banks([run.bank for run in runs], subtrees, first.hierarchy.branching)
     step = max(run.step for run in runs)
-    state = TrainState(step=np.asarray(step, np.int32), params=runs[0].params,
-                       opt_state=runs[0].opt_state, bank=bank)
+    state = TrainState(
+        step=np.asarray(step, np.int32),
+        params=runs[0].params,
+        opt_state=runs[0].opt_state,
+        bank=bank,
+    )
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(runs[0].workdir, "config.gin")) as handle:
         gin_text = handle.read()
@@ -120,8 +136,9 @@ def merge_subtree_runs(run_dirs: Sequence[str], out_dir: str) -> str:
     merged_cfg = dataclasses.replace(first, subtree=-1)
     with open(os.path.join(out_dir, "config.json"), "w") as handle:
         json.dump(dataclasses.asdict(merged_cfg), handle, indent=1, default=str)
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), every=1, keep=1,
-                                async_save=False)
+    checkpointer = Checkpointer(
+        os.path.join(out_dir, "checkpoints"), every=1, keep=1, async_save=False
+    )
     try:
         record = {"merged_from": [run.workdir for run in runs], "subtrees": subtrees}
         checkpointer.save(step, state, record, force=True)

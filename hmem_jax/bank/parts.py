@@ -52,8 +52,10 @@ def store_chunks(shape: Sequence[int], axis: int | None, splits: int) -> list[Bo
     if axis is None or splits == 1:
         return [whole(shape)]
     step = shape[axis] // splits
-    return [tuple((i * step, (i + 1) * step) if a == axis else (0, int(n))
-                  for a, n in enumerate(shape)) for i in range(splits)]
+    return [
+        tuple((i * step, (i + 1) * step) if a == axis else (0, int(n)) for a, n in enumerate(shape))
+        for i in range(splits)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +76,9 @@ def _device_boxes(exchange: BlockExchange, shape: tuple[int, ...]) -> dict[int, 
     sharding = NamedSharding(exchange.mesh, exchange.spec(view))
     out: dict[int, list[Box]] = {}
     for device, index in sharding.devices_indices_map(view).items():
-        box = tuple((s.start or 0, shape[a] if s.stop is None else s.stop)
-                    for a, s in enumerate(index[1:]))
+        box = tuple(
+            (s.start or 0, shape[a] if s.stop is None else s.stop) for a, s in enumerate(index[1:])
+        )
         out.setdefault(device.process_index, []).append(box)
     return out
 
@@ -92,13 +95,19 @@ def _covers(boxes: list[Box], chunk: Box, axis: int | None) -> bool:
 
 
 def _bounding(boxes: list[Box]) -> Box:
-    return tuple((min(b[a][0] for b in boxes), max(b[a][1] for b in boxes))
-                 for a in range(len(boxes[0])))
+    return tuple(
+        (min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(len(boxes[0]))
+    )
 
 
-def process_parts(exchange: BlockExchange, layouts: Mapping[str, LevelLayout],
-                  split_axes: Mapping[str, Mapping[str, int | None]], splits: int,
-                  process_index: int, where: str = "the bank") -> dict[str, dict[str, FieldPart]]:
+def process_parts(
+    exchange: BlockExchange,
+    layouts: Mapping[str, LevelLayout],
+    split_axes: Mapping[str, Mapping[str, int | None]],
+    splits: int,
+    process_index: int,
+    where: str = "the bank",
+) -> dict[str, dict[str, FieldPart]]:
     """level key -> field -> this process's part (see module doc).
 
     `split_axes[key][field]` is the store's split axis of the field (block coordinates).
@@ -113,8 +122,9 @@ def process_parts(exchange: BlockExchange, layouts: Mapping[str, LevelLayout],
             mesh_axis = None if view_axis is None else view_axis - 1
             writes = []
             for chunk in store_chunks(shape, split_axes[key][field], splits):
-                holders = tuple(sorted(p for p, held in boxes.items()
-                                       if _covers(held, chunk, mesh_axis)))
+                holders = tuple(
+                    sorted(p for p, held in boxes.items() if _covers(held, chunk, mesh_axis))
+                )
                 if not holders:
                     raise BankMismatchError(
                         f"{where} stores each block of {key} ({field}) in {splits} piece(s), "
@@ -123,7 +133,8 @@ def process_parts(exchange: BlockExchange, layouts: Mapping[str, LevelLayout],
                         "bank into a store cut in one piece per process (python -m "
                         "hmem_jax.main.bank copy --store=... --copy_to=NEW --gin_param="
                         f"MemoryConfig.store_splits={len(boxes)}) and point "
-                        "MemoryConfig.bank_store at it.")
+                        "MemoryConfig.bank_store at it."
+                    )
                 if process_index in holders:
                     writes.append((chunk, holders))
             parts[key][field] = FieldPart(_bounding(boxes[process_index]), tuple(writes))
@@ -132,21 +143,32 @@ def process_parts(exchange: BlockExchange, layouts: Mapping[str, LevelLayout],
 
 def single_process_parts(store: Any) -> dict[str, dict[str, FieldPart]]:
     """Whole blocks, every chunk written by process 0 (a one-process run, or a reader)."""
-    return {key: {field: FieldPart(whole(shape), tuple(
-        (chunk, (0,)) for chunk in store_chunks(shape, store.split_axes[key][field],
-                                                store.splits)))
-        for field, (shape, _) in layout.fields.items()}
-        for key, layout in store.layouts.items()}
+    return {
+        key: {
+            field: FieldPart(
+                whole(shape),
+                tuple(
+                    (chunk, (0,))
+                    for chunk in store_chunks(shape, store.split_axes[key][field], store.splits)
+                ),
+            )
+            for field, (shape, _) in layout.fields.items()
+        }
+        for key, layout in store.layouts.items()
+    }
 
 
-def to_global(part: np.ndarray, held: Box, shape: tuple[int, ...],
-              sharding: NamedSharding) -> jax.Array:
+def to_global(
+    part: np.ndarray, held: Box, shape: tuple[int, ...], sharding: NamedSharding
+) -> jax.Array:
     """A step's view leaf [U, *block] on the mesh from this process's part [U, *held]."""
     part = np.asarray(part)
 
     def local(index: tuple[slice, ...]) -> np.ndarray:
-        inner = tuple(slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
-                      for s, (lo, _), n in zip(index[1:], held, shape[1:]))
+        inner = tuple(
+            slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
+            for s, (lo, _), n in zip(index[1:], held, shape[1:])
+        )
         return part[(index[0],) + inner]
 
     return jax.make_array_from_callback(shape, sharding, local)
@@ -160,7 +182,9 @@ def from_global(array: jax.Array, held: Box) -> np.ndarray:
         return np.asarray(shards[0].data)  # a view on a CPU device: no copy
     out = np.empty(out_shape, array.dtype)
     for shard in shards:
-        inner = tuple(slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
-                      for s, (lo, _), n in zip(shard.index[1:], held, array.shape[1:]))
+        inner = tuple(
+            slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
+            for s, (lo, _), n in zip(shard.index[1:], held, array.shape[1:])
+        )
         out[(shard.index[0],) + inner] = np.asarray(shard.data)
     return out

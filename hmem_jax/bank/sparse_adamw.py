@@ -62,8 +62,9 @@ def uniform_at(key: Array, counters: Array) -> Array:
     return (x >> 8).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
 
 
-def element_counters(shape: tuple[int, ...], whole: tuple[int, ...] | None = None,
-                     axis: int = 0, offset: Any = 0) -> Array:
+def element_counters(
+    shape: tuple[int, ...], whole: tuple[int, ...] | None = None, axis: int = 0, offset: Any = 0
+) -> Array:
     """uint32[shape]: each element's flat index in a whole row of shape `whole`, for a slice
     of it that starts at `offset` along `axis` (the whole row itself by default)."""
     grid = list(jnp.indices(shape, dtype=jnp.int32))
@@ -96,10 +97,18 @@ def row_rounding_keys(seed: int, step: Array, level: int, ids: Array) -> Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
-def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
-                 mu: Mapping[str, Array], nu: Mapping[str, Array], count: Array, valid: Array,
-                 lr: Array, cfg: MemoryConfig, rounding_keys: Array | None = None,
-                 counters: Mapping[str, Array] | None = None) -> tuple[dict, dict, dict, Array]:
+def sparse_adamw(
+    params: Mapping[str, Array],
+    grads: Mapping[str, Array],
+    mu: Mapping[str, Array],
+    nu: Mapping[str, Array],
+    count: Array,
+    valid: Array,
+    lr: Array,
+    cfg: MemoryConfig,
+    rounding_keys: Array | None = None,
+    counters: Mapping[str, Array] | None = None,
+) -> tuple[dict, dict, dict, Array]:
     """One lazy AdamW step on gathered rows.
 
     params/grads/mu/nu[name]: [U, ...]; count: int32[U] updates received so far;
@@ -111,8 +120,8 @@ def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
     Returns (params, mu, nu, count), the rows to write back.
     """
     t = (count + 1).astype(jnp.float32)
-    correction1 = 1.0 - cfg.b1 ** t
-    correction2 = 1.0 - cfg.b2 ** t
+    correction1 = 1.0 - cfg.b1**t
+    correction2 = 1.0 - cfg.b2**t
     new_params, new_mu, new_nu = {}, {}, {}
     for i, (name, p) in enumerate(sorted(params.items())):
         g = grads[name].astype(jnp.float32)
@@ -124,8 +133,14 @@ def sparse_adamw(params: Mapping[str, Array], grads: Mapping[str, Array],
         p32 = p.astype(jnp.float32)
         updated = p32 - lr * (m_hat / (jnp.sqrt(v_hat) + cfg.eps) + cfg.weight_decay * p32)
         keep = valid.reshape(shape)
-        new_params[name] = _store(jnp.where(keep, updated, p32), p.dtype, cfg, rounding_keys, i,
-                                  None if counters is None else counters[name])
+        new_params[name] = _store(
+            jnp.where(keep, updated, p32),
+            p.dtype,
+            cfg,
+            rounding_keys,
+            i,
+            None if counters is None else counters[name],
+        )
         new_mu[name] = jnp.where(keep, m, mu[name]).astype(mu[name].dtype)
         new_nu[name] = jnp.where(keep, v, nu[name]).astype(nu[name].dtype)
     return new_params, new_mu, new_nu, jnp.where(valid, count + 1, count)
@@ -136,12 +151,14 @@ def is_narrow(dtype: Any) -> bool:
     return jnp.dtype(dtype).itemsize < jnp.dtype(jnp.float32).itemsize
 
 
-def _store(x: Array, dtype: Any, cfg: MemoryConfig, keys: Array | None, index: int,
-           counters: Array | None) -> Array:
+def _store(
+    x: Array, dtype: Any, cfg: MemoryConfig, keys: Array | None, index: int, counters: Array | None
+) -> Array:
     """Updated float32 rows in the bank's dtype: rounded stochastically or to nearest."""
     if keys is None or cfg.bank_rounding != "stochastic" or not is_narrow(dtype):
         return x.astype(dtype)
     if counters is None:
         counters = element_counters(x.shape[1:])
-    return jax.vmap(lambda k, row: stochastic_round(row, dtype, jax.random.fold_in(k, index),
-                                                    counters))(keys, x)
+    return jax.vmap(
+        lambda k, row: stochastic_round(row, dtype, jax.random.fold_in(k, index), counters)
+    )(keys, x)

@@ -46,21 +46,30 @@ FORMAT_VERSION = 1
 UNTOUCHED = -1
 
 
-def manifest_for(geometry: BankGeometry, with_generic: bool, bank_dtype: str, moment_dtype: str,
-                 init_seed: int) -> dict[str, Any]:
+def manifest_for(
+    geometry: BankGeometry, with_generic: bool, bank_dtype: str, moment_dtype: str, init_seed: int
+) -> dict[str, Any]:
     """Everything that fixes the values a block id stands for (compared at open)."""
     return {
-        "format_version": FORMAT_VERSION, "kind": geometry.kind, "branching": geometry.branching,
-        "level_sizes": list(geometry.level_sizes), "memory_layers": list(geometry.layers),
-        "matrices": {n: [s if s is not None else "rank" for s in m.shape]
-                     for n, m in sorted(geometry.matrices.items())},
-        "bank_dtype": bank_dtype, "moment_dtype": moment_dtype, "init_seed": init_seed,
+        "format_version": FORMAT_VERSION,
+        "kind": geometry.kind,
+        "branching": geometry.branching,
+        "level_sizes": list(geometry.level_sizes),
+        "memory_layers": list(geometry.layers),
+        "matrices": {
+            n: [s if s is not None else "rank" for s in m.shape]
+            for n, m in sorted(geometry.matrices.items())
+        },
+        "bank_dtype": bank_dtype,
+        "moment_dtype": moment_dtype,
+        "init_seed": init_seed,
         "with_generic": with_generic,
     }
 
 
-def _codecs(block_shape: tuple[int, ...], blocks_per_shard: int, axis: int | None,
-            splits: int) -> tuple[list[int], list]:
+def _codecs(
+    block_shape: tuple[int, ...], blocks_per_shard: int, axis: int | None, splits: int
+) -> tuple[list[int], list]:
     """(chunk shape, codecs): one (inner) chunk per block, or per 1/`splits` of a block along
     `axis`; crc32c on every chunk."""
     piece = list(block_shape)
@@ -69,8 +78,12 @@ def _codecs(block_shape: tuple[int, ...], blocks_per_shard: int, axis: int | Non
     inner = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     if blocks_per_shard == 1:
         return [1, *piece], inner
-    return [blocks_per_shard, *piece], [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": [1, *piece], "codecs": inner, "index_codecs": inner}}]
+    return [blocks_per_shard, *piece], [
+        {
+            "name": "sharding_indexed",
+            "configuration": {"chunk_shape": [1, *piece], "codecs": inner, "index_codecs": inner},
+        }
+    ]
 
 
 def _split_axis(block_shape: tuple[int, ...], splits: int) -> int | None:
@@ -93,14 +106,25 @@ class BankStore:
     training loop seals versions concurrently.
     """
 
-    def __init__(self, spec: Mapping[str, Any], geometry: BankGeometry, with_generic: bool,
-                 bank_dtype: str, moment_dtype: str, init_seed: int, blocks_per_shard: int = 1,
-                 create: bool = True, writer: bool = True, splits: int = 1) -> None:
+    def __init__(
+        self,
+        spec: Mapping[str, Any],
+        geometry: BankGeometry,
+        with_generic: bool,
+        bank_dtype: str,
+        moment_dtype: str,
+        init_seed: int,
+        blocks_per_shard: int = 1,
+        create: bool = True,
+        writer: bool = True,
+        splits: int = 1,
+    ) -> None:
         self.spec = dict(spec)
         self.where = describe_location(self.spec)
         self.geometry = geometry
-        self.layouts: dict[str, LevelLayout] = level_layouts(geometry, with_generic, bank_dtype,
-                                                             moment_dtype)
+        self.layouts: dict[str, LevelLayout] = level_layouts(
+            geometry, with_generic, bank_dtype, moment_dtype
+        )
         self._context = ts.Context()
         self._kv = ts.KvStore.open(self.spec, context=self._context).result()
         self._lock = threading.RLock()
@@ -110,21 +134,32 @@ class BankStore:
         found = self._read_json("manifest.json")
         if found is None:
             if not create:
-                raise BankStoreError(f"No bank at {self.where} (manifest.json is missing). "
-                                     "Create it first (python -m hmem_jax.main.bank create).")
-            found = {**expected, "blocks_per_shard": int(blocks_per_shard),
-                     "splits": int(splits), "uid": uuid.uuid4().hex}
+                raise BankStoreError(
+                    f"No bank at {self.where} (manifest.json is missing). "
+                    "Create it first (python -m hmem_jax.main.bank create)."
+                )
+            found = {
+                **expected,
+                "blocks_per_shard": int(blocks_per_shard),
+                "splits": int(splits),
+                "uid": uuid.uuid4().hex,
+            }
             self._write_json("manifest.json", found)
         self._check_manifest(found, expected)
         self.manifest = found
         self.uid: str = found["uid"]
         self.blocks_per_shard = int(found["blocks_per_shard"])
         self.splits = int(found.get("splits", 1))
-        self.split_axes = {key: {field: _split_axis(shape, self.splits)
-                                 for field, (shape, _) in layout.fields.items()}
-                           for key, layout in self.layouts.items()}
+        self.split_axes = {
+            key: {
+                field: _split_axis(shape, self.splits)
+                for field, (shape, _) in layout.fields.items()
+            }
+            for key, layout in self.layouts.items()
+        }
         self.gen_map: dict[str, np.ndarray] = {
-            k: np.full(l.clusters, UNTOUCHED, np.int32) for k, l in self.layouts.items()}
+            k: np.full(l.clusters, UNTOUCHED, np.int32) for k, l in self.layouts.items()
+        }
         self.version: int | None = None
         self.current_gen = self._start_generation() if writer else -1
         self._written_now: dict[str, set[int]] = {k: set() for k in self.layouts}
@@ -143,14 +178,18 @@ class BankStore:
         self._kv.write(key, json.dumps(value, indent=1, sort_keys=True).encode()).result()
 
     def _check_manifest(self, found: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-        diffs = [f"{k}: store has {found.get(k)!r}, this run has {v!r}"
-                 for k, v in expected.items() if found.get(k) != v]
+        diffs = [
+            f"{k}: store has {found.get(k)!r}, this run has {v!r}"
+            for k, v in expected.items()
+            if found.get(k) != v
+        ]
         if diffs:
             raise BankMismatchError(
                 f"The bank at {self.where} was created for a different bank than this run's "
                 f"MemoryConfig/ModelConfig/HierarchyConfig ({'; '.join(diffs)}). Use the "
                 "configuration it was created with, or point MemoryConfig.bank_store at a new "
-                "location.")
+                "location."
+            )
 
     def _start_generation(self) -> int:
         """Claim a generation no earlier process has written to (torn writes stay unreferenced)."""
@@ -161,18 +200,24 @@ class BankStore:
 
     # ----- arrays ----------------------------------------------------------------------------
 
-    def _array_spec(self, gen: int, key: str, field: str,
-                    keep_fill_chunks: bool = True) -> dict[str, Any]:
+    def _array_spec(
+        self, gen: int, key: str, field: str, keep_fill_chunks: bool = True
+    ) -> dict[str, Any]:
         layout = self.layouts[key]
         shape, dtype = layout.fields[field]
-        chunk, codecs = _codecs(shape, self.blocks_per_shard, self.split_axes[key][field],
-                                self.splits)
+        chunk, codecs = _codecs(
+            shape, self.blocks_per_shard, self.split_axes[key][field], self.splits
+        )
         path = f"{self.spec.get('path', '')}g{gen:08d}/{key}/{field}/"
         return {
-            "driver": "zarr3", "kvstore": {**self.spec, "path": path},
-            "metadata": {"shape": [layout.clusters, *shape], "data_type": dtype.name,
-                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-                         "codecs": codecs},
+            "driver": "zarr3",
+            "kvstore": {**self.spec, "path": path},
+            "metadata": {
+                "shape": [layout.clusters, *shape],
+                "data_type": dtype.name,
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+                "codecs": codecs,
+            },
             # A missing chunk is an error, never silent zeros; an all-zero block (a zero-
             # initialised matrix, fresh moments) is still stored.
             "fill_missing_data_reads": False,
@@ -192,13 +237,15 @@ class BankStore:
             raise BankCorruptionError(
                 f"Generation {gen} of level {key} ({field}) at {self.where} cannot be opened "
                 f"({err}). The bank version {self.version} references it; the store is damaged: "
-                "restore it from a copy, or resume from an older checkpoint.") from err
+                "restore it from a copy, or resume from an older checkpoint."
+            ) from err
         with self._lock:
             self._arrays[handle] = array
         return array
 
-    def read(self, key: str, ids: np.ndarray,
-             boxes: Mapping[str, Box] | None = None) -> dict[str, np.ndarray]:
+    def read(
+        self, key: str, ids: np.ndarray, boxes: Mapping[str, Box] | None = None
+    ) -> dict[str, np.ndarray]:
         """field -> [len(ids), ...]: the current value of blocks `ids` (all < clusters), or of
         the part `boxes[field]` of each block (a process's part, `bank/parts.py`)."""
         layout = self.layouts[key]
@@ -206,8 +253,10 @@ class BankStore:
         with self._lock:
             gens = self.gen_map[key][ids].copy()
         boxes = {f: boxes[f] if boxes else whole(shape) for f, (shape, _) in layout.fields.items()}
-        out = {f: np.zeros((len(ids),) + box_shape(boxes[f]), dtype)
-               for f, (_, dtype) in layout.fields.items()}
+        out = {
+            f: np.zeros((len(ids),) + box_shape(boxes[f]), dtype)
+            for f, (_, dtype) in layout.fields.items()
+        }
         fresh = gens == UNTOUCHED
         if fresh.any():
             init = self._materializer.rows(layout, ids[fresh])
@@ -222,8 +271,7 @@ class BankStore:
                 array = self._array(int(gen), key, field, write=False)
                 dest = ts.array(out[field], copy=False, write=True)
                 part = box_index(boxes[field])
-                futures = [dest[int(slot)].write(array[(int(ids[slot]),) + part])
-                           for slot in where]
+                futures = [dest[int(slot)].write(array[(int(ids[slot]),) + part]) for slot in where]
                 reads.append((where, field, int(gen), futures))
         for where, field, gen, futures in reads:
             try:
@@ -234,21 +282,25 @@ class BankStore:
                     f"Blocks {ids[where].tolist()} of level {key} ({field}, generation {gen}) at "
                     f"{self.where} cannot be read: {err}. The store is damaged: restore it from "
                     "a copy, or resume from an older checkpoint whose version does not use "
-                    "these blocks.") from err
+                    "these blocks."
+                ) from err
         return out
 
-    def write(self, key: str, ids: np.ndarray, rows: Mapping[str, np.ndarray],
-              mark: bool = True) -> None:
+    def write(
+        self, key: str, ids: np.ndarray, rows: Mapping[str, np.ndarray], mark: bool = True
+    ) -> None:
         """Store whole rows of blocks `ids` (sorted, unique) in the current generation; durable
         on return. `mark=False` leaves the block map as it was (see `write_pieces`)."""
         layout = self.layouts[key]
-        self.write_pieces(key, [(f, ids, rows[f], whole(layout.fields[f][0]))
-                                for f in layout.fields])
+        self.write_pieces(
+            key, [(f, ids, rows[f], whole(layout.fields[f][0])) for f in layout.fields]
+        )
         if mark:
             self.mark_written(key, ids)
 
-    def write_pieces(self, key: str,
-                     pieces: Iterable[tuple[str, np.ndarray, np.ndarray, Box]]) -> None:
+    def write_pieces(
+        self, key: str, pieces: Iterable[tuple[str, np.ndarray, np.ndarray, Box]]
+    ) -> None:
         """Store (field, ids, values [len(ids), *box], box) pieces in the current generation;
         durable on return. The block map is not changed: the caller publishes the writes with
         `mark_written` (on every process of a multi-process run, once every process's writes
@@ -275,7 +327,7 @@ class BankStore:
     def versions(self) -> list[int]:
         """Steps of the saved versions, ascending."""
         keys = self._kv.list(ts.KvStore.KeyRange("versions/", "versions0")).result()
-        return sorted(int(k.decode()[len("versions/"):-len(".npz")]) for k in keys)
+        return sorted(int(k.decode()[len("versions/") : -len(".npz")]) for k in keys)
 
     def _version_key(self, step: int) -> str:
         return f"versions/{step:012d}.npz"
@@ -296,8 +348,9 @@ class BankStore:
         if claim:
             if any(len(v) for v in written.values()):
                 self._kv.write(f"g{sealed:08d}/written.npz", _npz_bytes(written)).result()
-            self._kv.write(self._version_key(step),
-                           _npz_bytes({**gen_map, "__gen__": np.array(sealed)})).result()
+            self._kv.write(
+                self._version_key(step), _npz_bytes({**gen_map, "__gen__": np.array(sealed)})
+            ).result()
             new_gen = self._start_generation()
         with self._lock:
             self.current_gen, self.version = new_gen, step
@@ -315,14 +368,17 @@ class BankStore:
             raise BankCorruptionError(
                 f"Bank version {step} is missing from {self.where} (versions/ holds "
                 f"{self.versions()}). The checkpoint names a bank this store does not hold: point "
-                "MemoryConfig.bank_store at the run's bank, or start a fresh run.")
+                "MemoryConfig.bank_store at the run's bank, or start a fresh run."
+            )
         with np.load(io.BytesIO(raw)) as data:
             maps = {k: data[k] for k in self.layouts}
         for key, layout in self.layouts.items():
             if maps[key].shape != (layout.clusters,):
-                raise BankCorruptionError(f"Bank version {step} at {self.where} has a map of "
-                                          f"shape {maps[key].shape} for level {key}, expected "
-                                          f"({layout.clusters},).")
+                raise BankCorruptionError(
+                    f"Bank version {step} at {self.where} has a map of "
+                    f"shape {maps[key].shape} for level {key}, expected "
+                    f"({layout.clusters},)."
+                )
         return maps
 
     def restore(self, step: int) -> None:
@@ -356,8 +412,9 @@ class BankStore:
             if step in keep:
                 mark(self.load_version_map(step))
             else:
-                self._kv.delete_range(ts.KvStore.KeyRange(self._version_key(step),
-                                                          self._version_key(step) + "\0")).result()
+                self._kv.delete_range(
+                    ts.KvStore.KeyRange(self._version_key(step), self._version_key(step) + "\0")
+                ).result()
                 dropped += 1
         with self._lock:
             mark(self.gen_map)
@@ -385,17 +442,24 @@ class BankStore:
             if freed_blocks:
                 self._kv.write(prefix + "written.npz", _npz_bytes(kept)).result()
         floor = min([g for g in live if g < current] + [current])
-        self._write_json("generation.json", {"next": max(int(state["next"]), current + 1),
-                                             "floor": floor})
-        return {"versions_dropped": dropped, "generations_deleted": deleted_gens,
-                "blocks_freed": freed_blocks}
+        self._write_json(
+            "generation.json", {"next": max(int(state["next"]), current + 1), "floor": floor}
+        )
+        return {
+            "versions_dropped": dropped,
+            "generations_deleted": deleted_gens,
+            "blocks_freed": freed_blocks,
+        }
 
     def _erase(self, gen: int, key: str, ids: np.ndarray) -> None:
         """Delete stored blocks: writing the fill value with fill-elision on removes the chunks."""
         layout = self.layouts[key]
         for field, (shape, dtype) in layout.fields.items():
-            eraser = ts.open(self._array_spec(gen, key, field, keep_fill_chunks=False),
-                             context=self._context, open=True).result()
+            eraser = ts.open(
+                self._array_spec(gen, key, field, keep_fill_chunks=False),
+                context=self._context,
+                open=True,
+            ).result()
             eraser[np.asarray(ids, np.int64)].write(np.zeros((len(ids),) + shape, dtype)).result()
 
     def close(self) -> None:

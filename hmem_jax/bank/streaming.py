@@ -38,8 +38,7 @@ from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.cache import BlockCache, Key
 from hmem_jax.bank.host_memory import return_freed_blocks_to_os
 from hmem_jax.bank.layout import COUNT
-from hmem_jax.bank.parts import (FieldPart, box_index, box_shape, process_parts,
-                                 single_process_parts)
+from hmem_jax.bank.parts import FieldPart, box_index, box_shape, process_parts, single_process_parts
 from hmem_jax.bank.store import BankStore
 
 StepIds = Mapping[str, np.ndarray]  # level key -> int32[U] ids (>= clusters: padding)
@@ -48,6 +47,7 @@ StepIds = Mapping[str, np.ndarray]  # level key -> int32[U] ids (>= clusters: pa
 def _barrier(name: str, process_count: int) -> None:
     if process_count > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -56,6 +56,7 @@ def _agree(value: int, process_count: int) -> int:
     if process_count == 1:
         return value
     from jax.experimental import multihost_utils
+
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
@@ -66,15 +67,19 @@ def to_level_bank(rows: Mapping[str, np.ndarray]) -> bank_lib.LevelBank:
         if field != COUNT:
             kind, name = field.split("/", 1)
             tree[kind][name] = value
-    return bank_lib.LevelBank(params=tree["params"], mu=tree["mu"], nu=tree["nu"],
-                              count=rows[COUNT])
+    return bank_lib.LevelBank(
+        params=tree["params"], mu=tree["mu"], nu=tree["nu"], count=rows[COUNT]
+    )
 
 
 def from_level_bank(bank: bank_lib.LevelBank, convert: Any = np.asarray) -> dict[str, Any]:
     """A LevelBank as field -> [U, ...] (host arrays, or the leaves as they are: convert=None)."""
     convert = convert or (lambda x: x)
-    rows = {f"{kind}/{name}": convert(value) for kind in ("params", "mu", "nu")
-            for name, value in getattr(bank, kind).items()}
+    rows = {
+        f"{kind}/{name}": convert(value)
+        for kind in ("params", "mu", "nu")
+        for name, value in getattr(bank, kind).items()
+    }
     rows[COUNT] = convert(bank.count)
     return rows
 
@@ -82,13 +87,20 @@ def from_level_bank(bank: bank_lib.LevelBank, convert: Any = np.asarray) -> dict
 class StreamedBank:
     """fetch / commit / snapshot of a streamed bank for a training loop (see module doc)."""
 
-    def __init__(self, store: BankStore, cache_bytes: int, prefetch_steps: int,
-                 process_index: int = 0, process_count: int = 1,
-                 parts: Mapping[str, Mapping[str, FieldPart]] | None = None) -> None:
+    def __init__(
+        self,
+        store: BankStore,
+        cache_bytes: int,
+        prefetch_steps: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        parts: Mapping[str, Mapping[str, FieldPart]] | None = None,
+    ) -> None:
         self.store = store
         self.parts = parts if parts is not None else single_process_parts(store)
-        self._boxes = {key: {f: part.held for f, part in fields.items()}
-                       for key, fields in self.parts.items()}
+        self._boxes = {
+            key: {f: part.held for f, part in fields.items()} for key, fields in self.parts.items()
+        }
         self.cache = BlockCache(cache_bytes)
         self.prefetch_steps = prefetch_steps
         self.process_index, self.process_count = process_index, process_count
@@ -106,8 +118,9 @@ class StreamedBank:
         ids = np.asarray(ids)
         return np.unique(ids[ids < self.store.layouts[key].clusters]).astype(np.int64)
 
-    def _read_into_cache(self, key: str, ids: np.ndarray,
-                         epochs: Sequence[int]) -> dict[str, np.ndarray]:
+    def _read_into_cache(
+        self, key: str, ids: np.ndarray, epochs: Sequence[int]
+    ) -> dict[str, np.ndarray]:
         rows = self.store.read(key, ids, self._boxes[key])
         self._counters["read_bytes"] += sum(v.nbytes for v in rows.values())
         for i, (block, epoch) in enumerate(zip(ids, epochs)):
@@ -119,9 +132,11 @@ class StreamedBank:
         for step_ids in upcoming:
             for key, ids in step_ids.items():
                 with self._pending_lock:
-                    todo = [int(b) for b in self._valid(key, ids)
-                            if (key, int(b)) not in self.cache
-                            and (key, int(b)) not in self._pending]
+                    todo = [
+                        int(b)
+                        for b in self._valid(key, ids)
+                        if (key, int(b)) not in self.cache and (key, int(b)) not in self._pending
+                    ]
                     if not todo:
                         continue
                     epochs = [self.cache.epoch((key, b)) for b in todo]
@@ -164,11 +179,14 @@ class StreamedBank:
 
     def empty_rows(self, key: str, n: int) -> dict[str, np.ndarray]:
         """field -> zeros [n, *this process's part of a block]."""
-        return {f: np.zeros((n,) + box_shape(self._boxes[key][f]), dtype)
-                for f, (_, dtype) in self.store.layouts[key].fields.items()}
+        return {
+            f: np.zeros((n,) + box_shape(self._boxes[key][f]), dtype)
+            for f, (_, dtype) in self.store.layouts[key].fields.items()
+        }
 
-    def _fill_missing(self, key: str, rows: dict[str, np.ndarray],
-                      missing: list[tuple[int, int]]) -> None:
+    def _fill_missing(
+        self, key: str, rows: dict[str, np.ndarray], missing: list[tuple[int, int]]
+    ) -> None:
         with self._pending_lock:
             waits = {self._pending[(key, b)] for _, b in missing if (key, b) in self._pending}
         for future in waits:
@@ -184,8 +202,9 @@ class StreamedBank:
         if still:
             # Absent from the cache means not dirty: the store holds the latest value.
             blocks = np.array([b for _, b in still])
-            read = self._read_into_cache(key, blocks, [self.cache.epoch((key, int(b)))
-                                                       for b in blocks])
+            read = self._read_into_cache(
+                key, blocks, [self.cache.epoch((key, int(b))) for b in blocks]
+            )
             for i, (slot, _) in enumerate(still):
                 for field, value in read.items():
                     rows[field][slot] = value[i]
@@ -210,15 +229,19 @@ class StreamedBank:
         self.store.write_pieces(key, pieces)
         self._counters["write_bytes"] += sum(values.nbytes for _, _, values, _ in pieces)
 
-    def _pieces(self, key: str, ids: np.ndarray, rows: Sequence[Mapping[str, np.ndarray]]
-                ) -> list[tuple[str, np.ndarray, np.ndarray, Any]]:
+    def _pieces(
+        self, key: str, ids: np.ndarray, rows: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[tuple[str, np.ndarray, np.ndarray, Any]]:
         """The store pieces this process writes of blocks `ids` (values `rows`, its parts)."""
         pieces = []
         per_shard = self.store.blocks_per_shard
         for field, part in self.parts[key].items():
             for chunk, holders in part.writes:
-                mine = [i for i, b in enumerate(ids)
-                        if part.writer(holders, int(b), per_shard) == self.process_index]
+                mine = [
+                    i
+                    for i, b in enumerate(ids)
+                    if part.writer(holders, int(b), per_shard) == self.process_index
+                ]
                 if mine:
                     inner = box_index(chunk, part.held)
                     values = np.stack([rows[i][field][inner] for i in mine])
@@ -237,9 +260,12 @@ class StreamedBank:
             if pieces:
                 self._in_flight.append(self._writer.submit(self._write, key, pieces))
 
-    def commit(self, updated: Mapping[str, tuple[Any, bank_lib.LevelBank]],
-               counts_before: Mapping[str, np.ndarray],
-               upcoming: Sequence[StepIds] = ()) -> None:
+    def commit(
+        self,
+        updated: Mapping[str, tuple[Any, bank_lib.LevelBank]],
+        counts_before: Mapping[str, np.ndarray],
+        upcoming: Sequence[StepIds] = (),
+    ) -> None:
         """Take a step's updated rows (host arrays); write back what the next steps do not use.
 
         Only rows whose count moved from `counts_before` (the fetched rows'
@@ -254,10 +280,13 @@ class StreamedBank:
             clusters = self.store.layouts[key].clusters
             moved = (ids < clusters) & (rows[COUNT] != np.asarray(counts_before[key]))
             for slot in np.nonzero(moved)[0]:
-                self.cache.put_update((key, int(ids[slot])),
-                                      {f: v[slot] for f, v in rows.items()})
-        soon = {(key, int(b)) for step_ids in upcoming for key, ids in step_ids.items()
-                for b in self._valid(key, ids)}
+                self.cache.put_update((key, int(ids[slot])), {f: v[slot] for f, v in rows.items()})
+        soon = {
+            (key, int(b))
+            for step_ids in upcoming
+            for key, ids in step_ids.items()
+            for b in self._valid(key, ids)
+        }
         self._schedule([d for d in self.cache.dirty() if d[0] not in soon])
         if self.cache.evict(protect=soon) and self.process_count == 1:
             # Over budget with dirty blocks: write them now (backpressure), then evict.
@@ -288,10 +317,13 @@ class StreamedBank:
     def metrics(self) -> dict[str, float]:
         """Counters since the last call: cache hit rate, store bytes, fetch wait."""
         c = self._counters
-        out = {"mem/cache_hit_rate": c["hits"] / max(c["lookups"], 1),
-               "mem/store_read_bytes": float(c["read_bytes"]),
-               "mem/store_write_bytes": float(c["write_bytes"]),
-               "mem/fetch_wait_s": c["wait_s"], "mem/cache_bytes": float(self.cache.nbytes)}
+        out = {
+            "mem/cache_hit_rate": c["hits"] / max(c["lookups"], 1),
+            "mem/store_read_bytes": float(c["read_bytes"]),
+            "mem/store_write_bytes": float(c["write_bytes"]),
+            "mem/fetch_wait_s": c["wait_s"],
+            "mem/cache_bytes": float(self.cache.nbytes),
+        }
         self._counters = dict(hits=0, lookups=0, read_bytes=0, write_bytes=0, wait_s=0.0)
         return out
 
@@ -303,8 +335,13 @@ class StreamedBank:
         self.store.close()
 
 
-def open_streamed_bank(spec: Mapping[str, Any], plan: Any, process_index: int = 0,
-                       process_count: int = 1, exchange: Any = None) -> StreamedBank:
+def open_streamed_bank(
+    spec: Mapping[str, Any],
+    plan: Any,
+    process_index: int = 0,
+    process_count: int = 1,
+    exchange: Any = None,
+) -> StreamedBank:
     """The streamed bank of a run's MemoryPlan; process 0 creates the store, the others join.
 
     `exchange` (the step's `BlockExchange`) fixes which part of each block this process
@@ -314,9 +351,19 @@ def open_streamed_bank(spec: Mapping[str, Any], plan: Any, process_index: int = 
     cfg = plan.config
 
     def open_store(claim: bool) -> BankStore:
-        return BankStore(spec, plan.geometry, plan.with_generic, cfg.bank_dtype, cfg.moment_dtype,
-                         cfg.init_seed, cfg.blocks_per_shard, create=claim, writer=claim,
-                         splits=cfg.store_splits or process_count)
+        return BankStore(
+            spec,
+            plan.geometry,
+            plan.with_generic,
+            cfg.bank_dtype,
+            cfg.moment_dtype,
+            cfg.init_seed,
+            cfg.blocks_per_shard,
+            create=claim,
+            writer=claim,
+            splits=cfg.store_splits or process_count,
+        )
+
     store = open_store(process_index == 0) if process_index == 0 else None
     _barrier("hmem_jax.bank.created", process_count)
     if store is None:
@@ -324,7 +371,14 @@ def open_streamed_bank(spec: Mapping[str, Any], plan: Any, process_index: int = 
     store.use_generation(_agree(store.current_gen, process_count))
     parts = None
     if exchange is not None:
-        parts = process_parts(exchange, store.layouts, store.split_axes, store.splits,
-                              process_index, f"The bank at {store.where}")
-    return StreamedBank(store, cfg.host_cache_bytes, cfg.prefetch_steps, process_index,
-                        process_count, parts)
+        parts = process_parts(
+            exchange,
+            store.layouts,
+            store.split_axes,
+            store.splits,
+            process_index,
+            f"The bank at {store.where}",
+        )
+    return StreamedBank(
+        store, cfg.host_cache_bytes, cfg.prefetch_steps, process_index, process_count, parts
+    )

@@ -33,8 +33,7 @@ from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.layout import kvstore_spec
 from hmem_jax.bank.parts import from_global, to_global
 from hmem_jax.bank.store import BankMismatchError
-from hmem_jax.bank.streaming import (StreamedBank, from_level_bank, open_streamed_bank,
-                                     to_level_bank)
+from hmem_jax.bank.streaming import StreamedBank, from_level_bank, open_streamed_bank, to_level_bank
 from hmem_jax.config import TrainConfig
 from hmem_jax.train.memory import MemoryPlan, ids_key
 
@@ -50,7 +49,8 @@ class DeviceTier:
         if "bank_version" in record:
             raise BankMismatchError(
                 f"Checkpoint {where} was written with a streamed bank "
-                "(MemoryConfig.bank_tier = 'streaming'); resume with that tier.")
+                "(MemoryConfig.bank_tier = 'streaming'); resume with that tier."
+            )
 
     def checkpoint_hooks(self) -> tuple[Callable | None, Callable | None]:
         """(seal the bank at a step -> record entries, drop versions not in steps)."""
@@ -74,8 +74,14 @@ class StreamedTier:
 
     in_state = False
 
-    def __init__(self, bank: StreamedBank, plan: MemoryPlan, mesh: jax.sharding.Mesh,
-                 rules: Any, exchange: BlockExchange) -> None:
+    def __init__(
+        self,
+        bank: StreamedBank,
+        plan: MemoryPlan,
+        mesh: jax.sharding.Mesh,
+        rules: Any,
+        exchange: BlockExchange,
+    ) -> None:
         self.bank, self.plan = bank, plan
         self._mesh, self._rules, self._exchange = mesh, rules, exchange
         self._replicated = sharding.replicated(mesh)
@@ -97,30 +103,33 @@ class StreamedTier:
             raise BankMismatchError(
                 f"Checkpoint {where} holds a device-resident bank, but this run has "
                 "MemoryConfig.bank_tier = 'streaming'; resume with bank_tier = 'device', or "
-                "start the streamed run in a fresh --workdir.")
+                "start the streamed run in a fresh --workdir."
+            )
         if record.get("bank_uid") != self.bank.store.uid:
             raise BankMismatchError(
                 f"Checkpoint {where} names bank {record.get('bank_uid')}, but "
                 f"MemoryConfig.bank_store points at bank {self.bank.store.uid} "
-                f"({self.bank.store.where}); point it at the run's own bank.")
+                f"({self.bank.store.where}); point it at the run's own bank."
+            )
         self.bank.restore(int(record["bank_version"]))
 
-    def checkpoint_hooks(self) -> tuple[Callable[[int], dict], Callable[[Iterable[int]], Any]
-                                        | None]:
+    def checkpoint_hooks(
+        self,
+    ) -> tuple[Callable[[int], dict], Callable[[Iterable[int]], Any] | None]:
         """Seal the bank with each checkpoint; process 0 drops versions no checkpoint keeps."""
         collect = self.bank.store.collect_garbage if jax.process_index() == 0 else None
         return self.bank.snapshot, collect
 
-    def _positions(self, local_batch: Mapping[str, Any], key: str, union: np.ndarray
-                   ) -> np.ndarray:
+    def _positions(self, local_batch: Mapping[str, Any], key: str, union: np.ndarray) -> np.ndarray:
         """This process's shards' block ids as positions in the step's rows (padding: len)."""
         if key == GENERIC:
             shards = local_batch[ids_key(self.plan.levels[0])].shape[0]
             return np.zeros((shards, 1), np.int32)
         ids = np.asarray(local_batch[ids_key(int(key[1:]))])
         positions = np.searchsorted(union, ids).astype(np.int32)
-        return np.where(ids < self.bank.store.layouts[key].clusters, positions,
-                        len(union)).astype(np.int32)
+        return np.where(ids < self.bank.store.layouts[key].clusters, positions, len(union)).astype(
+            np.int32
+        )
 
     def _place(self, key: str, rows: bank_lib.LevelBank) -> bank_lib.LevelBank:
         """This process's part of a level's rows -> the step's view leaves on the mesh."""
@@ -133,8 +142,12 @@ class StreamedTier:
 
     def _take(self, key: str, rows: bank_lib.LevelBank) -> bank_lib.LevelBank:
         """This process's part of a level's updated rows (its devices' slices; no transfer)."""
-        return to_level_bank({field: from_global(x, self.bank.parts[key][field].held)
-                              for field, x in from_level_bank(rows, convert=None).items()})
+        return to_level_bank(
+            {
+                field: from_global(x, self.bank.parts[key][field].held)
+                for field, x in from_level_bank(rows, convert=None).items()
+            }
+        )
 
     def rows(self, local_batch: Mapping[str, Any]) -> dict[str, tuple]:
         """The step's views: (each shard's positions in the rows, the rows laid out like the
@@ -144,8 +157,9 @@ class StreamedTier:
         self._ids = {key: np.asarray(ids) for key, (ids, _) in fetched.items()}
         views = {}
         for key, (union, rows) in fetched.items():
-            positions = sharding.global_batch({"p": self._positions(local_batch, key, union)},
-                                              self._mesh, self._rules)["p"]
+            positions = sharding.global_batch(
+                {"p": self._positions(local_batch, key, union)}, self._mesh, self._rules
+            )["p"]
             ids = jax.make_array_from_process_local_data(self._replicated, np.asarray(union))
             views[key] = (positions, self._place(key, rows), ids)
         return views
@@ -173,8 +187,9 @@ class StreamedTier:
         self.bank.close()
 
 
-def open_tier(cfg: TrainConfig, plan: MemoryPlan | None, workdir: str,
-              mesh: jax.sharding.Mesh, rules: Any) -> DeviceTier | StreamedTier:
+def open_tier(
+    cfg: TrainConfig, plan: MemoryPlan | None, workdir: str, mesh: jax.sharding.Mesh, rules: Any
+) -> DeviceTier | StreamedTier:
     """The run's bank tier; a run without memory gets the (empty) device tier."""
     if plan is None or cfg.memory.bank_tier != "streaming":
         return DeviceTier()

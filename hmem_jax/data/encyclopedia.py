@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import json
 import random
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from hmem_jax.data.sources import Document
 
@@ -46,35 +46,159 @@ _ZIPF_EXPONENT = 0.9
 _FILLER_DOCUMENT_FRACTION = 0.15
 _KIND_WEIGHTS = (("element", 0.4), ("person", 0.35), ("city", 0.25))
 
-_ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n",
-           "p", "pr", "r", "s", "sh", "st", "t", "tr", "th", "v", "z", "zh", "qu")
+_ONSETS = (
+    "b",
+    "br",
+    "c",
+    "ch",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pr",
+    "r",
+    "s",
+    "sh",
+    "st",
+    "t",
+    "tr",
+    "th",
+    "v",
+    "z",
+    "zh",
+    "qu",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "y")
 _CODAS = ("", "", "", "n", "r", "l", "s", "th", "x", "m", "k")
 _ELEMENT_ENDINGS = ("ium", "on", "ine", "ite", "ogen", "yx")
 _CITY_ENDINGS = ("", "ford", "burg", "ora", "heim", "mouth", "vale", "port")
-_FIRST_NAMES = ("Ada", "Boris", "Celia", "Dmitri", "Elin", "Farid", "Greta", "Hugo", "Ines",
-                "Jonas", "Kira", "Lorenz", "Mira", "Nils", "Olga", "Pavel", "Quinn", "Rosa",
-                "Sven", "Talia", "Ugo", "Vera", "Wim", "Xenia", "Yusuf", "Zora", "Anton",
-                "Beatrix", "Cyril", "Dora", "Emil", "Flora", "Gustav", "Helena", "Ivo",
-                "Johanna", "Karel", "Lena", "Matteo", "Nadia")
-_PROFESSIONS = ("chemist", "physicist", "cartographer", "botanist", "engineer", "astronomer",
-                "geologist", "physician", "mathematician", "architect", "historian", "poet")
-_COLORS = ("silvery", "pale yellow", "deep blue", "grey", "reddish", "greenish", "black",
-           "white", "violet", "copper-colored")
+_FIRST_NAMES = (
+    "Ada",
+    "Boris",
+    "Celia",
+    "Dmitri",
+    "Elin",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Lorenz",
+    "Mira",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Talia",
+    "Ugo",
+    "Vera",
+    "Wim",
+    "Xenia",
+    "Yusuf",
+    "Zora",
+    "Anton",
+    "Beatrix",
+    "Cyril",
+    "Dora",
+    "Emil",
+    "Flora",
+    "Gustav",
+    "Helena",
+    "Ivo",
+    "Johanna",
+    "Karel",
+    "Lena",
+    "Matteo",
+    "Nadia",
+)
+_PROFESSIONS = (
+    "chemist",
+    "physicist",
+    "cartographer",
+    "botanist",
+    "engineer",
+    "astronomer",
+    "geologist",
+    "physician",
+    "mathematician",
+    "architect",
+    "historian",
+    "poet",
+)
+_COLORS = (
+    "silvery",
+    "pale yellow",
+    "deep blue",
+    "grey",
+    "reddish",
+    "greenish",
+    "black",
+    "white",
+    "violet",
+    "copper-colored",
+)
 _STATES = ("solid", "liquid", "gas")
 _RIVER_SUFFIX = " River"
 
-_EVERYDAY_SUBJECTS = ("The farmer", "A teacher", "The old sailor", "My neighbour", "The baker",
-                      "A young student", "The mayor", "Her brother", "The travellers",
-                      "The children")
-_EVERYDAY_VERBS = ("carried", "painted", "found", "sold", "cleaned", "borrowed", "repaired",
-                   "counted", "opened", "brought")
-_EVERYDAY_OBJECTS = ("the basket", "a small boat", "the wooden door", "two bags of flour",
-                     "the old map", "a letter", "the garden gate", "three lamps", "the bicycle",
-                     "a box of apples")
-_EVERYDAY_PLACES = ("at the market", "near the harbour", "in the morning", "before dinner",
-                    "after the rain", "in the village square", "on the hill", "by the river",
-                    "during the festival", "at the station")
+_EVERYDAY_SUBJECTS = (
+    "The farmer",
+    "A teacher",
+    "The old sailor",
+    "My neighbour",
+    "The baker",
+    "A young student",
+    "The mayor",
+    "Her brother",
+    "The travellers",
+    "The children",
+)
+_EVERYDAY_VERBS = (
+    "carried",
+    "painted",
+    "found",
+    "sold",
+    "cleaned",
+    "borrowed",
+    "repaired",
+    "counted",
+    "opened",
+    "brought",
+)
+_EVERYDAY_OBJECTS = (
+    "the basket",
+    "a small boat",
+    "the wooden door",
+    "two bags of flour",
+    "the old map",
+    "a letter",
+    "the garden gate",
+    "three lamps",
+    "the bicycle",
+    "a box of apples",
+)
+_EVERYDAY_PLACES = (
+    "at the market",
+    "near the harbour",
+    "in the morning",
+    "before dinner",
+    "after the rain",
+    "in the village square",
+    "on the hill",
+    "by the river",
+    "during the festival",
+    "at the station",
+)
 _COMMON_FACTS = (
     "Water freezes at zero degrees Celsius and boils at one hundred degrees at sea level.",
     "A week has seven days, and a year has twelve months.",
@@ -89,10 +213,35 @@ _COMMON_FACTS = (
     "Rivers flow from higher ground towards the sea.",
     "Winter is colder than summer in most places far from the equator.",
 )
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                 "nine", "ten", "eleven", "twelve")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-           "September", "October", "November", "December")
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 
 @dataclasses.dataclass
@@ -150,8 +299,10 @@ def read_probes(path: str) -> list[Probe]:
 def generate_corpus(num_entities: int, seed: int) -> Corpus:
     """The whole corpus for (num_entities, seed); the same arguments give identical output."""
     if num_entities < NUM_BUCKETS:
-        raise ValueError(f"generate_corpus needs at least {NUM_BUCKETS} entities (one per "
-                         f"frequency bucket), got {num_entities}.")
+        raise ValueError(
+            f"generate_corpus needs at least {NUM_BUCKETS} entities (one per "
+            f"frequency bucket), got {num_entities}."
+        )
     return _Generator(num_entities, seed).run()
 
 
@@ -181,8 +332,10 @@ class _Generator:
         return Corpus(documents=documents, probes=probes, entities=self.entities)
 
     def _syllables(self, count: int) -> str:
-        return "".join(self.random.choice(_ONSETS) + self.random.choice(_VOWELS)
-                       + self.random.choice(_CODAS) for _ in range(count))
+        return "".join(
+            self.random.choice(_ONSETS) + self.random.choice(_VOWELS) + self.random.choice(_CODAS)
+            for _ in range(count)
+        )
 
     def _unique_name(self, make: Callable[[], str]) -> str:
         while True:
@@ -193,13 +346,25 @@ class _Generator:
 
     def _make_name(self, kind: str) -> str:
         if kind == "element":
-            return self._unique_name(lambda: (self._syllables(self.random.randint(1, 2))
-                                              + self.random.choice(_ELEMENT_ENDINGS)).title())
+            return self._unique_name(
+                lambda: (
+                    self._syllables(self.random.randint(1, 2))
+                    + self.random.choice(_ELEMENT_ENDINGS)
+                ).title()
+            )
         if kind == "person":
-            return self._unique_name(lambda: self.random.choice(_FIRST_NAMES) + " "
-                                     + self._syllables(self.random.randint(2, 3)).title())
-        return self._unique_name(lambda: (self._syllables(self.random.randint(1, 2))
-                                          + self.random.choice(_CITY_ENDINGS)).title())
+            return self._unique_name(
+                lambda: (
+                    self.random.choice(_FIRST_NAMES)
+                    + " "
+                    + self._syllables(self.random.randint(2, 3)).title()
+                )
+            )
+        return self._unique_name(
+            lambda: (
+                self._syllables(self.random.randint(1, 2)) + self.random.choice(_CITY_ENDINGS)
+            ).title()
+        )
 
     def _create_entities(self) -> None:
         kinds = [kind for kind, _ in _KIND_WEIGHTS]
@@ -207,15 +372,28 @@ class _Generator:
         ranks = list(range(1, self.num_entities + 1))
         self.random.shuffle(ranks)
         for index in range(self.num_entities):
-            kind = kinds[index % len(kinds)] if index < len(kinds) else \
-                self.random.choices(kinds, weights)[0]
-            self.entities.append(Entity(index=index, kind=kind, name=self._make_name(kind),
-                                        rank=ranks[index], attributes={}))
+            kind = (
+                kinds[index % len(kinds)]
+                if index < len(kinds)
+                else self.random.choices(kinds, weights)[0]
+            )
+            self.entities.append(
+                Entity(
+                    index=index,
+                    kind=kind,
+                    name=self._make_name(kind),
+                    rank=ranks[index],
+                    attributes={},
+                )
+            )
         by_kind = {kind: [e.index for e in self.entities if e.kind == kind] for kind in kinds}
-        countries = [self._unique_name(lambda: self._syllables(2).title() + "ia")
-                     for _ in range(max(4, self.num_entities // 150))]
-        atomic_numbers = self.random.sample(range(1, max(1000, 2 * len(by_kind["element"]))),
-                                            len(by_kind["element"]))
+        countries = [
+            self._unique_name(lambda: self._syllables(2).title() + "ia")
+            for _ in range(max(4, self.num_entities // 150))
+        ]
+        atomic_numbers = self.random.sample(
+            range(1, max(1000, 2 * len(by_kind["element"]))), len(by_kind["element"])
+        )
         for entity in self.entities:
             attributes = entity.attributes
             if entity.kind == "element":
@@ -224,20 +402,24 @@ class _Generator:
                     discovery_year=self.random.randint(1650, 1990),
                     discovered_in=self.random.choice(by_kind["city"]),
                     discoverer=self.random.choice(by_kind["person"]),
-                    color=self.random.choice(_COLORS), state=self.random.choice(_STATES))
+                    color=self.random.choice(_COLORS),
+                    state=self.random.choice(_STATES),
+                )
             elif entity.kind == "person":
                 mentors = [i for i in by_kind["person"] if i != entity.index]
                 attributes.update(
                     birth_year=self.random.randint(1600, 1960),
                     birthplace=self.random.choice(by_kind["city"]),
                     profession=self.random.choice(_PROFESSIONS),
-                    mentor=self.random.choice(mentors))
+                    mentor=self.random.choice(mentors),
+                )
             else:
                 attributes.update(
                     country=self.random.choice(countries),
                     founded_year=self.random.randint(900, 1900),
                     population=self.random.randint(2, 900) * 1000 + self.random.randint(0, 999),
-                    river=self._syllables(2).title() + _RIVER_SUFFIX)
+                    river=self._syllables(2).title() + _RIVER_SUFFIX,
+                )
 
     def _name(self, entity_index: int) -> str:
         """An entity's name for insertion into text; every use is counted as a mention."""
@@ -246,8 +428,9 @@ class _Generator:
         return entity.name
 
     # ----- facts, phrased ---------------------------------------------------------------
-    def _fact_sentences(self, entity: Entity, count: int | None = None,
-                        only: int | None = None) -> list[str]:
+    def _fact_sentences(
+        self, entity: Entity, count: int | None = None, only: int | None = None
+    ) -> list[str]:
         """One sentence per attribute (or `count` random attributes), each a random paraphrase.
 
         Paraphrases are lambdas so only the chosen one runs: names are counted
@@ -260,48 +443,74 @@ class _Generator:
         if entity.kind == "element":
             number = stated(a["atomic_number"])
             options = [
-                (lambda: f"The atomic number of {n()} is {number()}.",
-                 lambda: f"The atomic number of {n()} is {number()}.",
-                 lambda: f"{n()} has atomic number {number()}.",
-                 lambda: f"{n()} is element number {number()} of the periodic table.",
-                 lambda: f"With an atomic number of {number()}, {n()} is easy to place."),
-                (lambda: f"{n()} was discovered in {a['discovery_year']}.",
-                 lambda: f"The discovery of {n()} dates to {a['discovery_year']}.",
-                 lambda: f"In {a['discovery_year']}, {n()} was first isolated."),
-                (lambda: f"{n()} was first found in {ref(a['discovered_in'])}.",
-                 lambda: f"The first samples of {n()} came from {ref(a['discovered_in'])}."),
-                (lambda: f"{n()} was discovered by {ref(a['discoverer'])}.",
-                 lambda: f"{ref(a['discoverer'])} is credited with the discovery of {n()}."),
-                (lambda: f"At room temperature {n()} is a {a['color']} {a['state']}.",
-                 lambda: f"{n()} appears as a {a['color']} {a['state']} in normal conditions."),
+                (
+                    lambda: f"The atomic number of {n()} is {number()}.",
+                    lambda: f"The atomic number of {n()} is {number()}.",
+                    lambda: f"{n()} has atomic number {number()}.",
+                    lambda: f"{n()} is element number {number()} of the periodic table.",
+                    lambda: f"With an atomic number of {number()}, {n()} is easy to place.",
+                ),
+                (
+                    lambda: f"{n()} was discovered in {a['discovery_year']}.",
+                    lambda: f"The discovery of {n()} dates to {a['discovery_year']}.",
+                    lambda: f"In {a['discovery_year']}, {n()} was first isolated.",
+                ),
+                (
+                    lambda: f"{n()} was first found in {ref(a['discovered_in'])}.",
+                    lambda: f"The first samples of {n()} came from {ref(a['discovered_in'])}.",
+                ),
+                (
+                    lambda: f"{n()} was discovered by {ref(a['discoverer'])}.",
+                    lambda: f"{ref(a['discoverer'])} is credited with the discovery of {n()}.",
+                ),
+                (
+                    lambda: f"At room temperature {n()} is a {a['color']} {a['state']}.",
+                    lambda: f"{n()} appears as a {a['color']} {a['state']} in normal conditions.",
+                ),
             ]
         elif entity.kind == "person":
             year = stated(a["birth_year"])
             options = [
-                (lambda: f"{n()} was born in the year {year()}.",
-                 lambda: f"{n()} was born in the year {year()}.",
-                 lambda: f"{n()} was born in {year()}.",
-                 lambda: f"The birth year of {n()} is {year()}."),
-                (lambda: f"{n()} was born in {ref(a['birthplace'])}.",
-                 lambda: f"{n()} grew up in {ref(a['birthplace'])}, the city of birth."),
-                (lambda: f"{n()} worked as a {a['profession']}.",
-                 lambda: f"By profession {n()} was a {a['profession']}."),
-                (lambda: f"{n()} studied under {ref(a['mentor'])}.",
-                 lambda: f"The mentor of {n()} was {ref(a['mentor'])}."),
+                (
+                    lambda: f"{n()} was born in the year {year()}.",
+                    lambda: f"{n()} was born in the year {year()}.",
+                    lambda: f"{n()} was born in {year()}.",
+                    lambda: f"The birth year of {n()} is {year()}.",
+                ),
+                (
+                    lambda: f"{n()} was born in {ref(a['birthplace'])}.",
+                    lambda: f"{n()} grew up in {ref(a['birthplace'])}, the city of birth.",
+                ),
+                (
+                    lambda: f"{n()} worked as a {a['profession']}.",
+                    lambda: f"By profession {n()} was a {a['profession']}.",
+                ),
+                (
+                    lambda: f"{n()} studied under {ref(a['mentor'])}.",
+                    lambda: f"The mentor of {n()} was {ref(a['mentor'])}.",
+                ),
             ]
         else:
             year = stated(a["founded_year"])
             options = [
-                (lambda: f"{n()} was founded in the year {year()}.",
-                 lambda: f"{n()} was founded in the year {year()}.",
-                 lambda: f"The city of {n()} dates from {year()}.",
-                 lambda: f"{n()} was founded in {year()}."),
-                (lambda: f"{n()} is a city in {a['country']}.",
-                 lambda: f"{n()} lies in {a['country']}."),
-                (lambda: f"{n()} has a population of {a['population']}.",
-                 lambda: f"About {a['population']} people live in {n()}."),
-                (lambda: f"{n()} stands on the {a['river']}.",
-                 lambda: f"The {a['river']} flows through {n()}."),
+                (
+                    lambda: f"{n()} was founded in the year {year()}.",
+                    lambda: f"{n()} was founded in the year {year()}.",
+                    lambda: f"The city of {n()} dates from {year()}.",
+                    lambda: f"{n()} was founded in {year()}.",
+                ),
+                (
+                    lambda: f"{n()} is a city in {a['country']}.",
+                    lambda: f"{n()} lies in {a['country']}.",
+                ),
+                (
+                    lambda: f"{n()} has a population of {a['population']}.",
+                    lambda: f"About {a['population']} people live in {n()}.",
+                ),
+                (
+                    lambda: f"{n()} stands on the {a['river']}.",
+                    lambda: f"The {a['river']} flows through {n()}.",
+                ),
             ]
         if only is not None:  # attribute 0 is the probed one
             options = [options[only]]
@@ -312,9 +521,11 @@ class _Generator:
 
     def _stating(self, entity_index: int, value: object) -> Callable[[], object]:
         """`value` for a sentence that states the entity's probed fact, which is recorded."""
+
         def write() -> object:
             self.stated.add(entity_index)
             return value
+
         return write
 
     def _introduction(self, entity: Entity) -> str:
@@ -332,24 +543,32 @@ class _Generator:
         ref = self._name
         stated = functools.partial(self._stating, entity.index)
         if entity.kind == "element":
-            pairs = [lambda: (f"What is the atomic number of {n()}?",
-                              stated(a["atomic_number"])()),
-                     lambda: (f"When was {n()} discovered?", a["discovery_year"]),
-                     lambda: (f"Who discovered {n()}?", ref(a["discoverer"]))]
+            pairs = [
+                lambda: (f"What is the atomic number of {n()}?", stated(a["atomic_number"])()),
+                lambda: (f"When was {n()} discovered?", a["discovery_year"]),
+                lambda: (f"Who discovered {n()}?", ref(a["discoverer"])),
+            ]
         elif entity.kind == "person":
-            pairs = [lambda: (f"In which year was {n()} born?", stated(a["birth_year"])()),
-                     lambda: (f"Where was {n()} born?", ref(a["birthplace"])),
-                     lambda: (f"What was the profession of {n()}?", a["profession"])]
+            pairs = [
+                lambda: (f"In which year was {n()} born?", stated(a["birth_year"])()),
+                lambda: (f"Where was {n()} born?", ref(a["birthplace"])),
+                lambda: (f"What was the profession of {n()}?", a["profession"]),
+            ]
         else:
-            pairs = [lambda: (f"When was {n()} founded?", stated(a["founded_year"])()),
-                     lambda: (f"In which country is {n()}?", a["country"]),
-                     lambda: (f"Which river flows through {n()}?", a["river"])]
+            pairs = [
+                lambda: (f"When was {n()} founded?", stated(a["founded_year"])()),
+                lambda: (f"In which country is {n()}?", a["country"]),
+                lambda: (f"Which river flows through {n()}?", a["river"]),
+            ]
         self.random.shuffle(pairs)
         return ["Question: {}\nAnswer: {}.".format(*make()) for make in pairs[:count]]
 
     def _related(self, entity: Entity) -> list[int]:
-        return [value for key, value in entity.attributes.items()
-                if key in ("discovered_in", "discoverer", "birthplace", "mentor")]
+        return [
+            value
+            for key, value in entity.attributes.items()
+            if key in ("discovered_in", "discoverer", "birthplace", "mentor")
+        ]
 
     # ----- common knowledge -------------------------------------------------------------
     def _filler_sentence(self) -> str:
@@ -369,8 +588,10 @@ class _Generator:
         if style == 4:
             year = self.random.randint(1000, 2000)
             return f"The year after {year} was {year + 1}, and the year before was {year - 1}."
-        return (f"{pick(_EVERYDAY_SUBJECTS)} {pick(_EVERYDAY_VERBS)} {pick(_EVERYDAY_OBJECTS)} "
-                f"{pick(_EVERYDAY_PLACES)}.")
+        return (
+            f"{pick(_EVERYDAY_SUBJECTS)} {pick(_EVERYDAY_VERBS)} {pick(_EVERYDAY_OBJECTS)} "
+            f"{pick(_EVERYDAY_PLACES)}."
+        )
 
     def _filler(self, low: int, high: int) -> list[str]:
         return [self._filler_sentence() for _ in range(self.random.randint(low, high))]
@@ -385,9 +606,13 @@ class _Generator:
     def _news(self, entity: Entity) -> str:
         chosen = self._fact_sentences(entity, self.random.randint(2, 3))
         year = self.random.randint(1900, 2020)
-        opening = self.random.choice((f"A report from {year} returned to a familiar subject.",
-                                      f"Local newspapers wrote about it again in {year}.",
-                                      "Visitors often ask about this."))
+        opening = self.random.choice(
+            (
+                f"A report from {year} returned to a familiar subject.",
+                f"Local newspapers wrote about it again in {year}.",
+                "Visitors often ask about this.",
+            )
+        )
         return " ".join([opening] + self._filler(1, 2) + chosen + self._filler(1, 2))
 
     def _snippet(self, entity: Entity, attribute: int | None) -> str:
@@ -422,7 +647,7 @@ class _Generator:
             write(functools.partial(self._article, entity))  # every fact is stated at least once
             for attribute in (0, None, 0, None):  # the floor: short passages, fact first-named
                 write(functools.partial(self._snippet, entity, attribute))
-            expected_extra = scale / entity.rank ** _ZIPF_EXPONENT
+            expected_extra = scale / entity.rank**_ZIPF_EXPONENT
             extra = int(expected_extra) + (self.random.random() < expected_extra % 1)
             for _ in range(extra):
                 write(functools.partial(self.random.choice(styles), entity))
@@ -451,6 +676,12 @@ class _Generator:
             "person": (f"{entity.name} was born in the year", a.get("birth_year")),
             "city": (f"{entity.name} was founded in the year", a.get("founded_year")),
         }[entity.kind]
-        return Probe(prompt=prompt, answer=str(answer), entity=entity.name, kind=entity.kind,
-                     bucket=entity.bucket, mentions=entity.mentions,
-                     documents=tuple(self.fact_documents[entity.index]))
+        return Probe(
+            prompt=prompt,
+            answer=str(answer),
+            entity=entity.name,
+            kind=entity.kind,
+            bucket=entity.bucket,
+            mentions=entity.mentions,
+            documents=tuple(self.fact_documents[entity.index]),
+        )

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -52,8 +53,15 @@ from hmem_jax.data import prepare as prepare_lib
 from hmem_jax.data.tokenizer import Tokenizer, load_tokenizer
 from hmem_jax.errors import DataMismatchError
 
-_FINGERPRINT_KEYS = ("format_version", "seq_len", "num_records", "tokenizer_sha256",
-                     "tree_hash", "source", "subtree")
+_FINGERPRINT_KEYS = (
+    "format_version",
+    "seq_len",
+    "num_records",
+    "tokenizer_sha256",
+    "tree_hash",
+    "source",
+    "subtree",
+)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -75,9 +83,14 @@ def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
     return np.where(segment_ids > 0, index - starts, 0).astype(np.int32)
 
 
-def shard_blocks(block_ids: np.ndarray, shards: int, capacity: int, padding: int,
-                 level: int = 0, listed: range | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shard_blocks(
+    block_ids: np.ndarray,
+    shards: int,
+    capacity: int,
+    padding: int,
+    level: int = 0,
+    listed: range | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level's blocks of a global batch, per batch shard (see the module doc).
 
     block_ids: int[B], each sequence's block at the level; shards: S, dividing B;
@@ -92,17 +105,18 @@ def shard_blocks(block_ids: np.ndarray, shards: int, capacity: int, padding: int
     ids = np.full((len(listed), capacity), padding, dtype=np.int32)
     slots = np.empty(len(listed) * per_shard, dtype=np.int32)
     for row, shard in enumerate(listed):
-        mine = block_ids[shard * per_shard:(shard + 1) * per_shard]
+        mine = block_ids[shard * per_shard : (shard + 1) * per_shard]
         unique, inverse = np.unique(mine, return_inverse=True)
-        slots[row * per_shard:(row + 1) * per_shard] = inverse
+        slots[row * per_shard : (row + 1) * per_shard] = inverse
         if len(unique) > capacity:
             raise ValueError(
                 f"Batch shard {shard} of the step has {len(unique)} distinct level-{level} blocks "
-                f"but block_capacity is {capacity}; raise block_capacity (or leave it None).")
-        ids[row, :len(unique)] = unique
+                f"but block_capacity is {capacity}; raise block_capacity (or leave it None)."
+            )
+        ids[row, : len(unique)] = unique
     distinct = np.unique(block_ids)
     union = np.full(min(shards * capacity, padding), padding, dtype=np.int32)
-    union[:len(distinct)] = distinct
+    union[: len(distinct)] = distinct
     return ids, slots, union
 
 
@@ -129,11 +143,22 @@ class Loader:
         subtree-parallel training: one job per level-1 subtree); None = all.
     """
 
-    def __init__(self, prepared_dir: str, global_batch_size: int, seq_len: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, batch_shards: int | None = None,
-                 block_capacity: int | Sequence[int] | None = None,
-                 expect: Mapping[str, Any] | None = None, tree_hash: str | None = None,
-                 worker_count: int = 1, prefetch: int = 2, subtree: int | None = None) -> None:
+    def __init__(
+        self,
+        prepared_dir: str,
+        global_batch_size: int,
+        seq_len: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        batch_shards: int | None = None,
+        block_capacity: int | Sequence[int] | None = None,
+        expect: Mapping[str, Any] | None = None,
+        tree_hash: str | None = None,
+        worker_count: int = 1,
+        prefetch: int = 2,
+        subtree: int | None = None,
+    ) -> None:
         self.prepared_dir = prepared_dir
         self.subtree = subtree
         self.manifest = prepare_lib.read_manifest(prepared_dir)
@@ -164,15 +189,18 @@ class Loader:
         if len(self._source) != self.num_records:
             raise prepare_lib.PreparedDataError(
                 f"The shards in {prepared_dir!r} hold {len(self._source)} records but the "
-                f"manifest lists {self.num_records}; the directory is damaged. Prepare it again.")
+                f"manifest lists {self.num_records}; the directory is damaged. Prepare it again."
+            )
         self._record_leaves = np.fromfile(
-            os.path.join(prepared_dir, prepare_lib.RECORD_LEAVES_FILE), dtype="<i4")
+            os.path.join(prepared_dir, prepare_lib.RECORD_LEAVES_FILE), dtype="<i4"
+        )
         tree = self.manifest["tree"]
         self.depth = int(tree["depth"]) if tree else 0
         if tree:
             self._leaf_paths = np.load(os.path.join(prepared_dir, prepare_lib.LEAF_PATHS_FILE))
             self._leaf_block_ids = np.load(
-                os.path.join(prepared_dir, prepare_lib.LEAF_BLOCK_IDS_FILE))
+                os.path.join(prepared_dir, prepare_lib.LEAF_BLOCK_IDS_FILE)
+            )
             self.block_id_padding = [int(n) for n in tree["clusters_per_level"]]
             self.block_capacity = self._capacities(block_capacity)
         else:
@@ -188,12 +216,15 @@ class Loader:
             raise DataMismatchError(
                 f"TrainConfig.seq_len = {seq_len} but {self.prepared_dir!r} was prepared with "
                 f"seq_len = {prepared}. Set TrainConfig.seq_len = {prepared}, or prepare the data "
-                "again with the new length into another directory.")
+                "again with the new length into another directory."
+            )
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"process_index = {index} must be in [0, process_count = {count}).")
         if batch < 1 or batch % count:
-            raise ValueError(f"The global batch size {batch} must be a positive multiple of the "
-                             f"process count {count}; change TrainConfig.batch_size.")
+            raise ValueError(
+                f"The global batch size {batch} must be a positive multiple of the "
+                f"process count {count}; change TrainConfig.batch_size."
+            )
 
     @staticmethod
     def _check_shards(batch: int, processes: int, shards: int) -> None:
@@ -201,47 +232,59 @@ class Loader:
             raise ValueError(
                 f"The batch is split into {shards} shards over {processes} process(es): the "
                 f"shard count must be a multiple of the process count and divide the global "
-                f"batch size {batch}; change TrainConfig.batch_size or MeshConfig.")
+                f"batch size {batch}; change TrainConfig.batch_size or MeshConfig."
+            )
 
     def _subtree_records(self, subtree: int | None) -> np.ndarray | None:
         if subtree is None:
             return None
         if not self.depth:
-            raise DataMismatchError(f"A subtree job (subtree {subtree}) needs data routed by a "
-                                    f"tree; {self.prepared_dir!r} was prepared without one.")
+            raise DataMismatchError(
+                f"A subtree job (subtree {subtree}) needs data routed by a "
+                f"tree; {self.prepared_dir!r} was prepared without one."
+            )
         branching = self.block_id_padding[0]
         if not 0 <= subtree < branching:
-            raise ValueError(f"subtree = {subtree} is not a level-1 cluster of this tree "
-                             f"(0 .. {branching - 1}).")
+            raise ValueError(
+                f"subtree = {subtree} is not a level-1 cluster of this tree (0 .. {branching - 1})."
+            )
         records = np.flatnonzero(self._leaf_paths[self._record_leaves, 0] == subtree)
         if not len(records):
-            raise DataMismatchError(f"Level-1 subtree {subtree} holds no records in "
-                                    f"{self.prepared_dir!r}; there is nothing to train on.")
+            raise DataMismatchError(
+                f"Level-1 subtree {subtree} holds no records in "
+                f"{self.prepared_dir!r}; there is nothing to train on."
+            )
         return records
 
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What a run must keep seeing on resume; store it in the checkpoint, pass as `expect`."""
         tree = self.manifest["tree"]
-        found = {"format_version": self.manifest["format_version"], "seq_len": self.seq_len,
-                 "num_records": int(self.manifest["num_records"]),
-                 "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
-                 "tree_hash": tree["content_hash"] if tree else None,
-                 "source": self.manifest["source"]}
+        found = {
+            "format_version": self.manifest["format_version"],
+            "seq_len": self.seq_len,
+            "num_records": int(self.manifest["num_records"]),
+            "tokenizer_sha256": self.manifest["tokenizer"]["sha256"],
+            "tree_hash": tree["content_hash"] if tree else None,
+            "source": self.manifest["source"],
+        }
         if self.subtree is not None:  # absent otherwise: earlier checkpoints still match
             found["subtree"] = self.subtree
         return found
 
     def _check_fingerprint(self, expect: Mapping[str, Any]) -> None:
         found = self.fingerprint
-        differences = [f"{key}: the run started with {expect.get(key)!r}, the data now has "
-                       f"{found.get(key)!r}" for key in _FINGERPRINT_KEYS
-                       if (key in expect or key in found) and expect.get(key) != found.get(key)]
+        differences = [
+            f"{key}: the run started with {expect.get(key)!r}, the data now has {found.get(key)!r}"
+            for key in _FINGERPRINT_KEYS
+            if (key in expect or key in found) and expect.get(key) != found.get(key)
+        ]
         if differences:
             raise DataMismatchError(
                 f"The prepared data in {self.prepared_dir!r} is not the data this run was "
                 "trained on:\n  " + "\n  ".join(differences) + "\nResume with the original "
-                "prepared directory (DataConfig.prepared_dir), or start a new workdir.")
+                "prepared directory (DataConfig.prepared_dir), or start a new workdir."
+            )
 
     def _check_tree_hash(self, tree_hash: str | None) -> None:
         if tree_hash is None:
@@ -252,17 +295,23 @@ class Loader:
             raise DataMismatchError(
                 f"The run's cluster tree has content hash {tree_hash!r} but {self.prepared_dir!r} "
                 f"was routed with {routed!r}. Prepare the data with this tree "
-                "(`python -m hmem_jax.main.prepare --tree=DIR`), or use the tree it was made with.")
+                "(`python -m hmem_jax.main.prepare --tree=DIR`), or use the tree it was made with."
+            )
 
     def _capacities(self, block_capacity: int | Sequence[int] | None) -> list[int]:
         natural = [min(self.shard_size, n) for n in self.block_id_padding]
         if block_capacity is None:
             return natural
-        given = ([int(block_capacity)] * self.depth if isinstance(block_capacity, int)
-                 else [int(c) for c in block_capacity])
+        given = (
+            [int(block_capacity)] * self.depth
+            if isinstance(block_capacity, int)
+            else [int(c) for c in block_capacity]
+        )
         if len(given) != self.depth or any(c < 1 for c in given):
-            raise ValueError(f"block_capacity = {block_capacity!r} must be a positive int or "
-                             f"{self.depth} positive ints (one per level).")
+            raise ValueError(
+                f"block_capacity = {block_capacity!r} must be a positive int or "
+                f"{self.depth} positive ints (one per level)."
+            )
         return [min(c, n) for c, n in zip(given, natural)]
 
     # ----- batches --------------------------------------------------------------------------
@@ -271,8 +320,11 @@ class Loader:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}.")
         first = step * self.global_batch_size
-        rows = np.fromiter((self._order[g] for g in range(first, first + self.global_batch_size)),
-                           dtype=np.int64, count=self.global_batch_size)
+        rows = np.fromiter(
+            (self._order[g] for g in range(first, first + self.global_batch_size)),
+            dtype=np.int64,
+            count=self.global_batch_size,
+        )
         return rows if self._records is None else self._records[rows]
 
     def epoch_of(self, step: int) -> float:
@@ -282,14 +334,19 @@ class Loader:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`; the same arrays every time it is asked."""
         records = self.record_indices(step)
-        local = slice(self.process_index * self.local_batch_size,
-                      (self.process_index + 1) * self.local_batch_size)
+        local = slice(
+            self.process_index * self.local_batch_size,
+            (self.process_index + 1) * self.local_batch_size,
+        )
         raw = self._source.__getitems__([int(r) for r in records[local]])
         buffer = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
-        tokens = buffer[:, :self._token_bytes].view(self._token_dtype).astype(np.int32)
-        segment_ids = buffer[:, self._token_bytes:].view(self._segment_dtype).astype(np.int32)
-        batch = {"tokens": tokens, "segment_ids": segment_ids,
-                 "positions": positions_from_segments(segment_ids)}
+        tokens = buffer[:, : self._token_bytes].view(self._token_dtype).astype(np.int32)
+        segment_ids = buffer[:, self._token_bytes :].view(self._segment_dtype).astype(np.int32)
+        batch = {
+            "tokens": tokens,
+            "segment_ids": segment_ids,
+            "positions": positions_from_segments(segment_ids),
+        }
         if self.depth:
             batch.update(self._blocks(records, local))
         return batch
@@ -300,9 +357,14 @@ class Loader:
         arrays = {"paths": self._leaf_paths[leaves[local]].astype(np.int32)}
         own = range(local.start // self.shard_size, local.stop // self.shard_size)
         for level in range(1, self.depth + 1):
-            ids, slots, union = shard_blocks(block_ids[:, level - 1], self.batch_shards,
-                                             self.block_capacity[level - 1],
-                                             self.block_id_padding[level - 1], level, own)
+            ids, slots, union = shard_blocks(
+                block_ids[:, level - 1],
+                self.batch_shards,
+                self.block_capacity[level - 1],
+                self.block_id_padding[level - 1],
+                level,
+                own,
+            )
             arrays[f"block_ids_l{level}"] = ids
             arrays[f"block_slots_l{level}"] = slots
             arrays[f"block_union_l{level}"] = union
@@ -310,8 +372,9 @@ class Loader:
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(step, batch) from `start_step` on, forever, read `prefetch` steps ahead."""
-        executor = concurrent.futures.ThreadPoolExecutor(self.worker_count,
-                                                         thread_name_prefix="hmem-loader")
+        executor = concurrent.futures.ThreadPoolExecutor(
+            self.worker_count, thread_name_prefix="hmem-loader"
+        )
         pending: list[tuple[int, concurrent.futures.Future]] = []
         next_step = start_step
         try:

@@ -50,7 +50,8 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -77,6 +78,7 @@ _NO_TREE_LEAF = ()
 # Cluster routing (the hierarchy package's ClusterTree, behind a small adapter)
 # --------------------------------------------------------------------------------------
 
+
 class TreeRouter:
     """What prepare needs from a ClusterTree: paths and block ids for texts, plus identity.
 
@@ -97,7 +99,7 @@ class TreeRouter:
         self.embedder = embedder
 
     @classmethod
-    def load(cls, tree_dir: str) -> "TreeRouter":
+    def load(cls, tree_dir: str) -> TreeRouter:
         from hmem_jax.hierarchy.tree import ClusterTree  # the hierarchy package owns the format
 
         return cls(ClusterTree.load(tree_dir))
@@ -118,9 +120,13 @@ class TreeRouter:
         return [int(count) for count in (counts() if callable(counts) else counts)]
 
     def describe(self) -> dict[str, object]:
-        return {"content_hash": self.content_hash, "depth": self.depth,
-                "branching": int(self.tree.branching), "embedder": self.tree.embedder_name,
-                "clusters_per_level": self.clusters_per_level()}
+        return {
+            "content_hash": self.content_hash,
+            "depth": self.depth,
+            "branching": int(self.tree.branching),
+            "embedder": self.tree.embedder_name,
+            "clusters_per_level": self.clusters_per_level(),
+        }
 
     def route(self, texts: Sequence[str]) -> np.ndarray:
         """int32[N, depth] child index per level for each text."""
@@ -137,6 +143,7 @@ class TreeRouter:
 # --------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(eq=False)  # compared by identity: a leaf's open list removes by it
 class _OpenSequence:
@@ -166,8 +173,15 @@ class LeafPacker:
     segment_ids[T]); `finish()` returns the rest, in first-seen leaf order.
     """
 
-    def __init__(self, seq_len: int, eot_id: int, pad_id: int, token_dtype: np.dtype,
-                 segment_dtype: np.dtype, open_per_leaf: int = 8) -> None:
+    def __init__(
+        self,
+        seq_len: int,
+        eot_id: int,
+        pad_id: int,
+        token_dtype: np.dtype,
+        segment_dtype: np.dtype,
+        open_per_leaf: int = 8,
+    ) -> None:
         if open_per_leaf < 1:
             raise ValueError(f"open_per_leaf must be at least 1, got {open_per_leaf}.")
         self.seq_len = seq_len
@@ -179,14 +193,16 @@ class LeafPacker:
         self._open: dict[int, list[_OpenSequence]] = {}
 
     def _new(self) -> _OpenSequence:
-        return _OpenSequence(tokens=np.full(self.seq_len, self.pad_id, self.token_dtype),
-                             segment_ids=np.zeros(self.seq_len, self.segment_dtype))
+        return _OpenSequence(
+            tokens=np.full(self.seq_len, self.pad_id, self.token_dtype),
+            segment_ids=np.zeros(self.seq_len, self.segment_dtype),
+        )
 
     def _place(self, sequence: _OpenSequence, piece: np.ndarray) -> None:
         end = sequence.fill + len(piece)
         sequence.segments += 1
-        sequence.tokens[sequence.fill:end] = piece
-        sequence.segment_ids[sequence.fill:end] = sequence.segments
+        sequence.tokens[sequence.fill : end] = piece
+        sequence.segment_ids[sequence.fill : end] = sequence.segments
         sequence.fill = end
 
     def add(self, leaf: int, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -197,7 +213,7 @@ class LeafPacker:
         whole = (len(document) - 1) // self.seq_len * self.seq_len  # cut only what cannot fit
         for start in range(0, whole, self.seq_len):
             chunk = self._new()
-            self._place(chunk, document[start:start + self.seq_len])
+            self._place(chunk, document[start : start + self.seq_len])
             completed.append((leaf, chunk.tokens, chunk.segment_ids))
         piece = document[whole:]
         bins = self._open.setdefault(leaf, [])
@@ -216,8 +232,12 @@ class LeafPacker:
         return completed
 
     def finish(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        remaining = [(leaf, s.tokens, s.segment_ids)
-                     for leaf, bins in self._open.items() for s in bins if s.fill]
+        remaining = [
+            (leaf, s.tokens, s.segment_ids)
+            for leaf, bins in self._open.items()
+            for s in bins
+            if s.fill
+        ]
         self._open.clear()
         return remaining
 
@@ -239,9 +259,10 @@ class ShardWriter:
     def write(self, leaf: int, tokens: np.ndarray, segment_ids: np.ndarray) -> None:
         if self._writer is None or self.shard_records[-1] >= self.records_per_shard:
             self._rotate()
-        self._writer.write(tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
-                           + segment_ids.astype("<" + segment_ids.dtype.str[1:],
-                                                copy=False).tobytes())
+        self._writer.write(
+            tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
+            + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()
+        )
         self._leaves.write(np.int32(leaf).astype("<i4").tobytes())
         self.shard_records[-1] += 1
         self.num_records += 1
@@ -257,8 +278,10 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
         self._leaves.close()
-        return [{"file": SHARD_PATTERN.format(i), "records": n}
-                for i, n in enumerate(self.shard_records)]
+        return [
+            {"file": SHARD_PATTERN.format(i), "records": n}
+            for i, n in enumerate(self.shard_records)
+        ]
 
 
 def token_dtype_for(vocab_size: int) -> np.dtype:
@@ -289,8 +312,9 @@ def _tokenize_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(all ids int32, per-document lengths): cheaper to send between processes than lists."""
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter((i for ids in encoded for i in ids), dtype=np.int32,
-                       count=int(lengths.sum()))
+    flat = np.fromiter(
+        (i for ids in encoded for i in ids), dtype=np.int32, count=int(lengths.sum())
+    )
     return flat, lengths
 
 
@@ -314,20 +338,23 @@ class _Tokenization:
         if workers > 0:
             # spawn, not fork: the parent may hold JAX/torch threads, which fork would copy broken.
             context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(workers, initializer=_init_worker,
-                                     initargs=(tokenizer.kind, tokenizer.data))
+            self.pool = context.Pool(
+                workers, initializer=_init_worker, initargs=(tokenizer.kind, tokenizer.data)
+            )
         self.window = max(2, 2 * workers)
 
-    def map(self, chunks: Iterable[list[Document]]
-            ) -> Iterator[tuple[list[Document], np.ndarray, np.ndarray]]:
+    def map(
+        self, chunks: Iterable[list[Document]]
+    ) -> Iterator[tuple[list[Document], np.ndarray, np.ndarray]]:
         if self.pool is None:
             for chunk in chunks:
                 yield (chunk, *_flatten(self.tokenizer.encode_batch([d.text for d in chunk])))
             return
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append((chunk, self.pool.apply_async(_tokenize_in_worker,
-                                                         ([d.text for d in chunk],))))
+            pending.append(
+                (chunk, self.pool.apply_async(_tokenize_in_worker, ([d.text for d in chunk],)))
+            )
             if len(pending) >= self.window:
                 chunk, result = pending.popleft()
                 yield (chunk, *result.get())
@@ -345,6 +372,7 @@ class _Tokenization:
 # Settings: what a prepared directory was made from
 # --------------------------------------------------------------------------------------
 
+
 def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -361,10 +389,14 @@ def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) ->
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
         "packing": PACKING,
-        "tokenizer": {"kind": data.tokenizer, "requested_vocab_size": data.vocab_size,
-                      "from_file_sha256": (_file_sha256(data.tokenizer_path)
-                                           if data.tokenizer_path else None),
-                      "train_chars": None if data.tokenizer_path else data.tokenizer_train_chars},
+        "tokenizer": {
+            "kind": data.tokenizer,
+            "requested_vocab_size": data.vocab_size,
+            "from_file_sha256": (
+                _file_sha256(data.tokenizer_path) if data.tokenizer_path else None
+            ),
+            "train_chars": None if data.tokenizer_path else data.tokenizer_train_chars,
+        },
         "tree_hash": tree_hash,
         "source": describe_source(data),
     }
@@ -376,18 +408,21 @@ def read_manifest(prepared_dir: str) -> dict[str, Any]:
         raise PreparedDataError(
             f"{prepared_dir!r} holds no {MANIFEST_FILE}, so it is not a complete prepared "
             "dataset. Run `python -m hmem_jax.main.prepare --out=DIR` (or let training "
-            "prepare the embedded corpus).")
+            "prepare the embedded corpus)."
+        )
     with open(path, encoding="utf-8") as handle:
         manifest = json.load(handle)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PreparedDataError(
             f"{prepared_dir!r} has prepared-data format {manifest.get('format_version')!r}; this "
-            f"code reads format {FORMAT_VERSION}. Prepare the data again.")
+            f"code reads format {FORMAT_VERSION}. Prepare the data again."
+        )
     return manifest
 
 
-def settings_mismatches(expected: dict[str, Any], found: dict[str, Any],
-                        prefix: str = "") -> list[str]:
+def settings_mismatches(
+    expected: dict[str, Any], found: dict[str, Any], prefix: str = ""
+) -> list[str]:
     """Human-readable differences between two settings dicts, one line per leaf field."""
     lines = []
     for key in sorted(set(expected) | set(found)):
@@ -403,6 +438,7 @@ def settings_mismatches(expected: dict[str, Any], found: dict[str, Any],
 # prepare / ensure_prepared
 # --------------------------------------------------------------------------------------
 
+
 def _training_sample(config: DataConfig) -> list[str]:
     """The first `tokenizer_train_chars` characters of the corpus, as whole documents."""
     texts, total = [], 0
@@ -414,8 +450,14 @@ def _training_sample(config: DataConfig) -> list[str]:
     return texts
 
 
-def prepare(data: DataConfig, seq_len: int, out_dir: str, tree_dir: str | None = None,
-            router: TreeRouter | None = None, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    data: DataConfig,
+    seq_len: int,
+    out_dir: str,
+    tree_dir: str | None = None,
+    router: TreeRouter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Prepares `out_dir` from the configured source; returns the manifest.
 
     `tree_dir` (or an already built `router`) routes documents to leaf
@@ -423,14 +465,17 @@ def prepare(data: DataConfig, seq_len: int, out_dir: str, tree_dir: str | None =
     must not exist yet: prepared data is never overwritten.
     """
     if os.path.exists(out_dir):
-        raise PreparedDataError(f"{out_dir!r} already exists; prepare never overwrites data. "
-                                "Delete it or choose another --out.")
+        raise PreparedDataError(
+            f"{out_dir!r} already exists; prepare never overwrites data. "
+            "Delete it or choose another --out."
+        )
     if router is None and tree_dir:
         router = TreeRouter.load(tree_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent,
-                           f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(
+        parent, f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}"
+    )
     os.makedirs(staging)
     try:
         manifest = _prepare_into(staging, data, seq_len, router, progress)
@@ -446,27 +491,35 @@ def _publish(staging: str, out_dir: str) -> None:
     try:
         os.rename(staging, out_dir)
     except OSError as error:
-        raise PreparedDataError(f"Could not move the prepared data into {out_dir!r} ({error}); "
-                                "another process may have prepared it at the same time.") from error
+        raise PreparedDataError(
+            f"Could not move the prepared data into {out_dir!r} ({error}); "
+            "another process may have prepared it at the same time."
+        ) from error
 
 
-def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRouter | None,
-                  progress: bool) -> dict[str, Any]:
+def _prepare_into(
+    staging: str, data: DataConfig, seq_len: int, router: TreeRouter | None, progress: bool
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    tokenizer = tokenizer_lib.build_tokenizer(data.tokenizer, data.tokenizer_path,
-                                              _training_sample(data), data.vocab_size)
+    tokenizer = tokenizer_lib.build_tokenizer(
+        data.tokenizer, data.tokenizer_path, _training_sample(data), data.vocab_size
+    )
     tokenizer.save(staging)
     if tokenizer.vocab_size < data.vocab_size:
-        logging.warning("The tokenizer has %d tokens, fewer than DataConfig.vocab_size = %d "
-                        "(the corpus is small); the model's vocabulary still covers it.",
-                        tokenizer.vocab_size, data.vocab_size)
+        logging.warning(
+            "The tokenizer has %d tokens, fewer than DataConfig.vocab_size = %d "
+            "(the corpus is small); the model's vocabulary still covers it.",
+            tokenizer.vocab_size,
+            data.vocab_size,
+        )
     if tokenizer.vocab_size > data.vocab_size:
         raise PreparedDataError(
             f"The tokenizer at {data.tokenizer_path!r} has {tokenizer.vocab_size} tokens, more "
             f"than DataConfig.vocab_size = {data.vocab_size}. Raise DataConfig.vocab_size (and "
-            "ModelConfig.vocab_size) to at least that.")
+            "ModelConfig.vocab_size) to at least that."
+        )
     tokenizer_seconds = time.perf_counter() - started
 
     token_dtype = token_dtype_for(tokenizer.vocab_size)
@@ -507,7 +560,7 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
                     leaf_documents.append(0)
                     leaf_tokens.append(0)
                     leaf_sequences.append(0)
-                ids = flat_ids[offsets[number]:offsets[number + 1]]
+                ids = flat_ids[offsets[number] : offsets[number + 1]]
                 leaf_documents[leaf] += 1
                 leaf_tokens[leaf] += len(ids) + 1  # + EOT
                 emit(packer.add(leaf, ids))
@@ -519,8 +572,10 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
         shards = writer.close()
 
     if writer.num_records == 0:
-        raise PreparedDataError(f"The source {describe_source(data)} produced no documents "
-                                f"({stats.problems() or 'it is empty'}); nothing to prepare.")
+        raise PreparedDataError(
+            f"The source {describe_source(data)} produced no documents "
+            f"({stats.problems() or 'it is empty'}); nothing to prepare."
+        )
     if stats.problems():
         logging.warning("Source repairs while preparing: %s", stats.problems())
 
@@ -537,15 +592,18 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
         from hmem_jax.data import encyclopedia
 
         corpus = encyclopedia.cached_corpus(data.embedded_entities, data.embedded_seed)
-        probes = {"file": PROBES_FILE, "count": encyclopedia.write_probes(
-            corpus.probes, os.path.join(staging, PROBES_FILE))}
+        probes = {
+            "file": PROBES_FILE,
+            "count": encyclopedia.write_probes(corpus.probes, os.path.join(staging, PROBES_FILE)),
+        }
 
     elapsed = time.perf_counter() - started
     manifest = {
         "format_version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": requested_settings(data, seq_len,
-                                       router.content_hash if router is not None else None),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": requested_settings(
+            data, seq_len, router.content_hash if router is not None else None
+        ),
         "seq_len": seq_len,
         "token_dtype": token_dtype.str,
         "segment_dtype": segment_dtype.str,
@@ -559,22 +617,40 @@ def _prepare_into(staging: str, data: DataConfig, seq_len: int, router: TreeRout
         "num_tokens": int(sum(leaf_tokens)),
         "num_padding_tokens": writer.num_records * seq_len - int(sum(leaf_tokens)),
         "shards": shards,
-        "leaves": {"count": len(leaf_of_path), "documents": leaf_documents,
-                   "tokens": leaf_tokens, "sequences": leaf_sequences},
+        "leaves": {
+            "count": len(leaf_of_path),
+            "documents": leaf_documents,
+            "tokens": leaf_tokens,
+            "sequences": leaf_sequences,
+        },
         "corpus": stats.as_dict(),
         "probes": probes,
-        "timing_s": {"total": round(elapsed, 3), "tokenizer": round(tokenizer_seconds, 3),
-                     "route": round(route_seconds, 3)},
+        "timing_s": {
+            "total": round(elapsed, 3),
+            "tokenizer": round(tokenizer_seconds, 3),
+            "route": round(route_seconds, 3),
+        },
     }
     with open(os.path.join(staging, MANIFEST_FILE), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
-    logging.info("Prepared %d documents into %d sequences of %d tokens (%d leaves) in %.1f s.",
-                 stats.documents, writer.num_records, seq_len, len(leaf_of_path), elapsed)
+    logging.info(
+        "Prepared %d documents into %d sequences of %d tokens (%d leaves) in %.1f s.",
+        stats.documents,
+        writer.num_records,
+        seq_len,
+        len(leaf_of_path),
+        elapsed,
+    )
     return manifest
 
 
-def ensure_prepared(config: TrainConfig, out_dir: str, tree_dir: str | None = None,
-                    router: TreeRouter | None = None, progress: bool = True) -> str:
+def ensure_prepared(
+    config: TrainConfig,
+    out_dir: str,
+    tree_dir: str | None = None,
+    router: TreeRouter | None = None,
+    progress: bool = True,
+) -> str:
     """`out_dir` holding prepared data for `config` (and the tree), preparing it if absent.
 
     Reuses an existing complete directory only if it was prepared with the same
@@ -584,8 +660,9 @@ def ensure_prepared(config: TrainConfig, out_dir: str, tree_dir: str | None = No
     """
     if router is None and tree_dir:
         router = TreeRouter.load(tree_dir)
-    wanted = requested_settings(config.data, config.seq_len,
-                                router.content_hash if router is not None else None)
+    wanted = requested_settings(
+        config.data, config.seq_len, router.content_hash if router is not None else None
+    )
     if not os.path.exists(out_dir):
         try:
             prepare(config.data, config.seq_len, out_dir, router=router, progress=progress)
@@ -599,5 +676,6 @@ def ensure_prepared(config: TrainConfig, out_dir: str, tree_dir: str | None = No
             f"The prepared data in {out_dir!r} was made with other settings than this run "
             "asks for:\n  " + "\n  ".join(differences) + "\nRestore the run's settings, or "
             "point DataConfig.prepared_dir at a new directory (or delete this one) to prepare "
-            "the data again.")
+            "the data again."
+        )
     return out_dir

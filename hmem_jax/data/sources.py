@@ -29,7 +29,7 @@ import dataclasses
 import importlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from hmem_jax.config import DataConfig
 from hmem_jax.errors import SourceError
@@ -63,23 +63,30 @@ class SourceStats:
 
     def problems(self) -> str:
         """A one-line summary of the repairs, empty when the source was clean."""
-        parts = [f"{name}={value}" for name, value in self.as_dict().items()
-                 if name not in ("documents", "characters") and value]
+        parts = [
+            f"{name}={value}"
+            for name, value in self.as_dict().items()
+            if name not in ("documents", "characters") and value
+        ]
         return ", ".join(parts)
 
 
 def describe_source(config: DataConfig) -> dict[str, object]:
     """The fields that identify a source; recorded in the manifest and compared on reuse."""
-    description: dict[str, object] = {"kind": config.source,
-                                      "max_document_chars": config.max_document_chars}
+    description: dict[str, object] = {
+        "kind": config.source,
+        "max_document_chars": config.max_document_chars,
+    }
     if config.source == "embedded":
         description.update(entities=config.embedded_entities, seed=config.embedded_seed)
     else:
-        description["path"] = (config.path if config.source == "seqio"
-                               else os.path.abspath(config.path))
+        description["path"] = (
+            config.path if config.source == "seqio" else os.path.abspath(config.path)
+        )
     if config.source == "seqio":
-        description.update(split=config.seqio_split, feature=config.seqio_feature,
-                           module=config.seqio_module)
+        description.update(
+            split=config.seqio_split, feature=config.seqio_feature, module=config.seqio_module
+        )
     return description
 
 
@@ -90,8 +97,12 @@ def read_documents(config: DataConfig, stats: SourceStats | None = None) -> Iter
     iterator is exhausted it counts everything that was skipped or repaired.
     """
     stats = stats if stats is not None else SourceStats()
-    readers = {"embedded": _read_embedded, "jsonl": _read_jsonl,
-               "text_dir": _read_text_dir, "seqio": _read_seqio}
+    readers = {
+        "embedded": _read_embedded,
+        "jsonl": _read_jsonl,
+        "text_dir": _read_text_dir,
+        "seqio": _read_seqio,
+    }
     for document in readers[config.source](config, stats):
         yield from _finish(document, config.max_document_chars, stats)
 
@@ -101,8 +112,9 @@ def _finish(document: Document, max_chars: int, stats: SourceStats) -> Iterator[
     if not document.text.strip():
         stats.empty_skipped += 1
         return
-    pieces = [document.text] if len(document.text) <= max_chars else split_text(document.text,
-                                                                                max_chars)
+    pieces = (
+        [document.text] if len(document.text) <= max_chars else split_text(document.text, max_chars)
+    )
     if len(pieces) > 1:
         stats.huge_split += 1
     for number, piece in enumerate(pieces, start=1):
@@ -110,8 +122,9 @@ def _finish(document: Document, max_chars: int, stats: SourceStats) -> Iterator[
             continue
         stats.documents += 1
         stats.characters += len(piece)
-        yield Document(id=document.id if len(pieces) == 1 else f"{document.id}#{number}",
-                       text=piece)
+        yield Document(
+            id=document.id if len(pieces) == 1 else f"{document.id}#{number}", text=piece
+        )
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -125,8 +138,10 @@ def split_text(text: str, max_chars: int) -> list[str]:
     start = 0
     while len(text) - start > max_chars:
         window_end = start + max_chars
-        cut = max(text.rfind(" ", start + max_chars // 2, window_end),
-                  text.rfind("\n", start + max_chars // 2, window_end))
+        cut = max(
+            text.rfind(" ", start + max_chars // 2, window_end),
+            text.rfind("\n", start + max_chars // 2, window_end),
+        )
         cut = window_end if cut <= start else cut + 1
         pieces.append(text[start:cut])
         start = cut
@@ -172,15 +187,23 @@ def _read_embedded(config: DataConfig, stats: SourceStats) -> Iterator[Document]
 
 def _jsonl_files(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if name.endswith(_JSONL_SUFFIX))
+        files = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if name.endswith(_JSONL_SUFFIX)
+        )
         if not files:
-            raise SourceError(f"DataConfig.path = {path!r} is a folder with no *.jsonl files; "
-                              "point it at a .jsonl file or a folder that holds some.")
+            raise SourceError(
+                f"DataConfig.path = {path!r} is a folder with no *.jsonl files; "
+                "point it at a .jsonl file or a folder that holds some."
+            )
         return files
     if not os.path.isfile(path):
-        raise SourceError(f"DataConfig.path = {path!r} does not exist; expected a .jsonl file "
-                          "(one JSON object with a 'text' field per line) or a folder of them.")
+        raise SourceError(
+            f"DataConfig.path = {path!r} does not exist; expected a .jsonl file "
+            "(one JSON object with a 'text' field per line) or a folder of them."
+        )
     return [path]
 
 
@@ -222,13 +245,20 @@ def _strip_surrogates(text: str) -> str:
 def _read_text_dir(config: DataConfig, stats: SourceStats) -> Iterator[Document]:
     root = config.path
     if not os.path.isdir(root):
-        raise SourceError(f"DataConfig.path = {root!r} is not a folder; source 'text_dir' "
-                          "expects a folder of .txt files (searched recursively).")
-    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root)
-                   for name in names if name.endswith(_TEXT_FILE_SUFFIX))
+        raise SourceError(
+            f"DataConfig.path = {root!r} is not a folder; source 'text_dir' "
+            "expects a folder of .txt files (searched recursively)."
+        )
+    files = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(root)
+        for name in names
+        if name.endswith(_TEXT_FILE_SUFFIX)
+    )
     if not files:
-        raise SourceError(f"DataConfig.path = {root!r} holds no *.txt files; add some or use "
-                          "source 'jsonl'.")
+        raise SourceError(
+            f"DataConfig.path = {root!r} holds no *.txt files; add some or use source 'jsonl'."
+        )
     for file_path in files:
         doc_id = os.path.relpath(file_path, root)
         # A UTF-8 character is at most 4 bytes: files under this size are read whole (and
@@ -242,8 +272,9 @@ def _read_text_dir(config: DataConfig, stats: SourceStats) -> Iterator[Document]
             yield from _read_huge_text_file(file_path, doc_id, config.max_document_chars, stats)
 
 
-def _read_huge_text_file(file_path: str, doc_id: str, max_chars: int,
-                         stats: SourceStats) -> Iterator[Document]:
+def _read_huge_text_file(
+    file_path: str, doc_id: str, max_chars: int, stats: SourceStats
+) -> Iterator[Document]:
     """Streams a file too big for one document as pieces, never holding it whole."""
     decoder = _CountingDecoder()
     buffer = ""
@@ -270,22 +301,29 @@ def _read_seqio(config: DataConfig, stats: SourceStats) -> Iterator[Document]:
     try:
         import seqio  # optional extra `hmem_jax[seqio]`
     except ImportError as error:
-        raise SourceError("DataConfig.source = 'seqio' needs the seqio package; install it "
-                          "with `pip install 'hmem_jax[seqio]'`.") from error
+        raise SourceError(
+            "DataConfig.source = 'seqio' needs the seqio package; install it "
+            "with `pip install 'hmem_jax[seqio]'`."
+        ) from error
     if config.seqio_module:
         importlib.import_module(config.seqio_module)
     try:
         provider = seqio.get_mixture_or_task(config.path)
     except ValueError as error:
-        raise SourceError(f"No seqio Task or Mixture named {config.path!r} is registered; set "
-                          "DataConfig.seqio_module to the module that registers it.") from error
-    dataset = provider.get_dataset(sequence_length=None, split=config.seqio_split,
-                                   shuffle=False, num_epochs=1)
+        raise SourceError(
+            f"No seqio Task or Mixture named {config.path!r} is registered; set "
+            "DataConfig.seqio_module to the module that registers it."
+        ) from error
+    dataset = provider.get_dataset(
+        sequence_length=None, split=config.seqio_split, shuffle=False, num_epochs=1
+    )
     for example_number, example in enumerate(dataset.as_numpy_iterator()):
         if config.seqio_feature not in example:
-            raise SourceError(f"seqio Task {config.path!r} has no feature "
-                              f"{config.seqio_feature!r}; it has {sorted(example)}. Set "
-                              "DataConfig.seqio_feature.")
+            raise SourceError(
+                f"seqio Task {config.path!r} has no feature "
+                f"{config.seqio_feature!r}; it has {sorted(example)}. Set "
+                "DataConfig.seqio_feature."
+            )
         value = example[config.seqio_feature]
         if isinstance(value, bytes):
             text, replaced = decode_utf8(value)

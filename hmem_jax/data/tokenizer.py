@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from hmem_jax.errors import TokenizerError
 
@@ -81,9 +81,15 @@ class Tokenizer(abc.ABC):
 
     def describe(self) -> dict[str, object]:
         """What the manifest records about this tokenizer (and checks on reload)."""
-        return {"kind": self.kind, "file": self.file_name, "sha256": self.sha256,
-                "vocab_size": self.vocab_size, "eot_id": self.eot_id, "bos_id": self.bos_id,
-                "pad_id": self.pad_id}
+        return {
+            "kind": self.kind,
+            "file": self.file_name,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "bos_id": self.bos_id,
+            "pad_id": self.pad_id,
+        }
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, self.file_name)
@@ -109,8 +115,10 @@ class SentencePieceTokenizer(Tokenizer):
         self._processor = sentencepiece.SentencePieceProcessor()
         self._processor.LoadFromSerializedProto(data)
         if self._processor.eos_id() < 0:
-            raise TokenizerError("This sentencepiece model has no end-of-sequence piece, which "
-                                 "packing needs as EOT; train one with eos_id >= 0.")
+            raise TokenizerError(
+                "This sentencepiece model has no end-of-sequence piece, which "
+                "packing needs as EOT; train one with eos_id >= 0."
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -151,15 +159,19 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             import tokenizers
         except ImportError as error:
-            raise TokenizerError("DataConfig.tokenizer = 'hf' needs the `tokenizers` package; "
-                                 "install it with `pip install 'hmem_jax[hf]'`.") from error
+            raise TokenizerError(
+                "DataConfig.tokenizer = 'hf' needs the `tokenizers` package; "
+                "install it with `pip install 'hmem_jax[hf]'`."
+            ) from error
         super().__init__(data)
         self._tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         eot = self._first_present(_HF_EOT_CANDIDATES)
         if eot is None:
-            raise TokenizerError(f"The tokenizer.json has none of the end-of-text tokens "
-                                 f"{_HF_EOT_CANDIDATES}; packing needs one as EOT. Add one as a "
-                                 "special token.")
+            raise TokenizerError(
+                f"The tokenizer.json has none of the end-of-text tokens "
+                f"{_HF_EOT_CANDIDATES}; packing needs one as EOT. Add one as a "
+                "special token."
+            )
         self._eot = eot
         bos = self._first_present(_HF_BOS_CANDIDATES)
         pad = self._first_present(_HF_PAD_CANDIDATES)
@@ -193,8 +205,10 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in
-                self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return [
+            encoding.ids
+            for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -203,14 +217,17 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.id_to_token(int(token_id))
 
 
-_CLASSES: dict[str, type[Tokenizer]] = {"sentencepiece": SentencePieceTokenizer,
-                                        "hf": HuggingFaceTokenizer}
+_CLASSES: dict[str, type[Tokenizer]] = {
+    "sentencepiece": SentencePieceTokenizer,
+    "hf": HuggingFaceTokenizer,
+}
 
 
 def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
     if kind not in _CLASSES:
         raise TokenizerError(
-            f"Unknown tokenizer kind {kind!r}; expected one of {sorted(_CLASSES)}.")
+            f"Unknown tokenizer kind {kind!r}; expected one of {sorted(_CLASSES)}."
+        )
     return _CLASSES[kind](data)
 
 
@@ -238,11 +255,24 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceT
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.Train(
-        sentence_iterator=iter(_training_lines(texts)), model_writer=model,
-        model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        character_coverage=0.9995, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-        eos_piece="<|endoftext|>", num_threads=2, minloglevel=2)
+        sentence_iterator=iter(_training_lines(texts)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        character_coverage=0.9995,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        eos_piece="<|endoftext|>",
+        num_threads=2,
+        minloglevel=2,
+    )
     return SentencePieceTokenizer(model.getvalue())
 
 
@@ -251,14 +281,19 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
     try:
         import tokenizers
     except ImportError as error:
-        raise TokenizerError("DataConfig.tokenizer = 'hf' needs the `tokenizers` package; "
-                             "install it with `pip install 'hmem_jax[hf]'`.") from error
+        raise TokenizerError(
+            "DataConfig.tokenizer = 'hf' needs the `tokenizers` package; "
+            "install it with `pip install 'hmem_jax[hf]'`."
+        ) from error
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<|endoftext|>", "<s>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<|endoftext|>", "<s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return HuggingFaceTokenizer(tokenizer.to_str().encode("utf-8"))
 
@@ -266,13 +301,16 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
 def check_tokenizer_path(tokenizer_path: str) -> None:
     """`DataConfig.tokenizer_path` must name an existing tokenizer file."""
     if not os.path.isfile(tokenizer_path):
-        raise TokenizerError(f"DataConfig.tokenizer_path = {tokenizer_path!r} does not exist; "
-                             "give an existing sentencepiece .model or tokenizer.json, or "
-                             "leave it empty to train one on the corpus.")
+        raise TokenizerError(
+            f"DataConfig.tokenizer_path = {tokenizer_path!r} does not exist; "
+            "give an existing sentencepiece .model or tokenizer.json, or "
+            "leave it empty to train one on the corpus."
+        )
 
 
-def build_tokenizer(kind: str, tokenizer_path: str, training_texts: Iterable[str],
-                    vocab_size: int) -> Tokenizer:
+def build_tokenizer(
+    kind: str, tokenizer_path: str, training_texts: Iterable[str], vocab_size: int
+) -> Tokenizer:
     """Loads `tokenizer_path` when given, else trains a tokenizer of `kind` on the texts."""
     if tokenizer_path:
         check_tokenizer_path(tokenizer_path)
@@ -291,14 +329,18 @@ def load_tokenizer(prepared_dir: str) -> Tokenizer:
     """
     manifest_path = os.path.join(prepared_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
-        raise TokenizerError(f"{prepared_dir!r} has no manifest.json; it is not a prepared "
-                             "dataset. Run `python -m hmem_jax.main.prepare --out=DIR`.")
+        raise TokenizerError(
+            f"{prepared_dir!r} has no manifest.json; it is not a prepared "
+            "dataset. Run `python -m hmem_jax.main.prepare --out=DIR`."
+        )
     with open(manifest_path, encoding="utf-8") as handle:
         expected = json.load(handle)["tokenizer"]
     path = os.path.join(prepared_dir, expected["file"])
     if not os.path.isfile(path):
-        raise TokenizerError(f"The prepared data in {prepared_dir!r} lists tokenizer file "
-                             f"{expected['file']!r}, which is missing. Prepare the data again.")
+        raise TokenizerError(
+            f"The prepared data in {prepared_dir!r} lists tokenizer file "
+            f"{expected['file']!r}, which is missing. Prepare the data again."
+        )
     with open(path, "rb") as handle:
         data = handle.read()
     # Hash first: a damaged file must be reported as a mismatch, not as a parser crash.
@@ -311,5 +353,6 @@ def load_tokenizer(prepared_dir: str) -> Tokenizer:
                 f"The tokenizer in {prepared_dir!r} does not match the one its shards were "
                 f"tokenized with: manifest {key} = {expected[key]!r}, file gives "
                 f"{found.get(key)!r}. Restore the original tokenizer file or prepare the data "
-                "again.")
+                "again."
+            )
     return tokenizer_from_bytes(expected["kind"], data)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -34,14 +34,21 @@ def corpus_hash(texts: Iterable[str]) -> str:
 
 def cache_key(embedder: Embedder, content_hash: str) -> str:
     """The entry name for a corpus hash embedded by `embedder`."""
-    identity = json.dumps({"corpus": content_hash, "embedder": embedder.name,
-                           "dim": int(embedder.dim), "version": getattr(embedder, "version", "")},
-                          sort_keys=True)
+    identity = json.dumps(
+        {
+            "corpus": content_hash,
+            "embedder": embedder.name,
+            "dim": int(embedder.dim),
+            "version": getattr(embedder, "version", ""),
+        },
+        sort_keys=True,
+    )
     return f"{embedder.name}-{embedder.dim}-{hashlib.sha256(identity.encode()).hexdigest()[:24]}"
 
 
-def embed_cached(embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike | None
-                 ) -> np.ndarray:
+def embed_cached(
+    embedder: Embedder, texts: Sequence[str], cache_dir: str | os.PathLike | None
+) -> np.ndarray:
     """float32[N, dim] embeddings of `texts`, read from `cache_dir` when present, else computed
     and stored there. `cache_dir=None` disables the cache."""
     texts = list(texts)
@@ -58,14 +65,20 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], cache_dir: str | os.P
         # A mismatched entry can only come from a foreign file; recompute and replace it.
     vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
     if vectors.shape != (len(texts), embedder.dim):
-        raise ValueError(f"Embedder '{embedder.name}' returned shape {vectors.shape}; expected "
-                         f"{(len(texts), embedder.dim)}.")
+        raise ValueError(
+            f"Embedder '{embedder.name}' returned shape {vectors.shape}; expected "
+            f"{(len(texts), embedder.dim)}."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     temporary = directory / f"{key}.{os.getpid()}.tmp.npy"
     np.save(temporary, vectors)
     os.replace(temporary, array_path)
-    sidecar = {"embedder": embedder.name, "dim": int(embedder.dim),
-               "version": getattr(embedder, "version", ""), "documents": len(texts),
-               "corpus_hash": content_hash}
+    sidecar = {
+        "embedder": embedder.name,
+        "dim": int(embedder.dim),
+        "version": getattr(embedder, "version", ""),
+        "documents": len(texts),
+        "corpus_hash": content_hash,
+    }
     (directory / f"{key}.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
     return vectors

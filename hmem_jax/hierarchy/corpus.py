@@ -22,8 +22,13 @@ import numpy as np
 from hmem_jax.config import DataConfig, HierarchyConfig
 
 
-def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | os.PathLike,
-                   cache_dir: str | None = None, verbose: bool = True) -> dict[str, Any]:
+def cluster_corpus(
+    data: DataConfig,
+    hierarchy: HierarchyConfig,
+    out_dir: str | os.PathLike,
+    cache_dir: str | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Read, embed (cached), fit, route and report; returns the report written to report.json."""
     from hmem_jax.data.sources import SourceStats, read_documents
     from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
@@ -37,14 +42,19 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
     documents = list(read_documents(data, stats))
     timings["read_s"] = time.perf_counter() - started
     if not documents:
-        raise ValueError(f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
-                         "cluster. Check --docs (jsonl lines need a non-empty 'text' field).")
+        raise ValueError(
+            f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
+            "cluster. Check --docs (jsonl lines need a non-empty 'text' field)."
+        )
     texts = [document.text for document in documents]
-    say(f"read {len(texts)} documents from {data.source} {data.path!r}"
-        + (f" (repairs: {stats.problems()})" if stats.problems() else ""))
+    say(
+        f"read {len(texts)} documents from {data.source} {data.path!r}"
+        + (f" (repairs: {stats.problems()})" if stats.problems() else "")
+    )
 
-    embedder = get_embedder(hierarchy.embedder, **({"show_progress": verbose}
-                                                   if hierarchy.embedder == "minilm" else {}))
+    embedder = get_embedder(
+        hierarchy.embedder, **({"show_progress": verbose} if hierarchy.embedder == "minilm" else {})
+    )
     started = time.perf_counter()
     fit_embedder(embedder, texts)  # corpus statistics first (hashed_idf): they key the cache
     embeddings = embed_cached(embedder, texts, cache_dir or None)
@@ -53,9 +63,13 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
 
     started = time.perf_counter()
     corpus = corpus_hash(texts)
-    tree = ClusterTree.fit(embeddings, hierarchy, embedder, progress=say,
-                           fit_info={"corpus_hash": corpus, "source": data.source,
-                                     "path": data.path})
+    tree = ClusterTree.fit(
+        embeddings,
+        hierarchy,
+        embedder,
+        progress=say,
+        fit_info={"corpus_hash": corpus, "source": data.source, "path": data.path},
+    )
     timings["fit_s"] = time.perf_counter() - started
     started = time.perf_counter()
     paths = tree.route(embeddings)
@@ -68,12 +82,19 @@ def cluster_corpus(data: DataConfig, hierarchy: HierarchyConfig, out_dir: str | 
     (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
     (out / "config.gin").write_text(gin.config_str())
     report = cluster_report(tree, embeddings, paths)
-    report.update(corpus_hash=corpus, source=stats.as_dict(),
-                  timings_s={k: round(v, 3) for k, v in timings.items()},
-                  hierarchy={**dataclasses.asdict(hierarchy),
-                             "balance_threshold_used": tree.fit_info["balance_threshold"]})
+    report.update(
+        corpus_hash=corpus,
+        source=stats.as_dict(),
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        hierarchy={
+            **dataclasses.asdict(hierarchy),
+            "balance_threshold_used": tree.fit_info["balance_threshold"],
+        },
+    )
     (out / "report.json").write_text(json.dumps(report, indent=1))
     say(format_report(report))
-    say(f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
-        f"(tree {tree.content_hash[:12]})")
+    say(
+        f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
+        f"(tree {tree.content_hash[:12]})"
+    )
     return report

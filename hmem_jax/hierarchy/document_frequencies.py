@@ -38,16 +38,20 @@ class DocumentFrequencies:
         counts = np.ascontiguousarray(self.counts, dtype=np.int64)
         size = len(counts)
         if counts.ndim != 1 or size < 2 or size & (size - 1):
-            raise ValueError(f"Document-frequency counts must be a 1-d array whose length is a "
-                             f"power of two; got shape {counts.shape}.")
+            raise ValueError(
+                f"Document-frequency counts must be a 1-d array whose length is a "
+                f"power of two; got shape {counts.shape}."
+            )
         if self.documents < 0 or counts.min() < 0 or counts.max() > self.documents:
-            raise ValueError("Document-frequency counts must lie in [0, documents]; the table "
-                             "is corrupt. Re-fit the tree.")
+            raise ValueError(
+                "Document-frequency counts must lie in [0, documents]; the table "
+                "is corrupt. Re-fit the tree."
+            )
         counts.setflags(write=False)
         object.__setattr__(self, "counts", counts)
 
     @classmethod
-    def empty(cls, bucket_bits: int = DEFAULT_BUCKET_BITS) -> "DocumentFrequencies":
+    def empty(cls, bucket_bits: int = DEFAULT_BUCKET_BITS) -> DocumentFrequencies:
         return cls(np.zeros(1 << bucket_bits, np.int64), 0)
 
     @property
@@ -58,7 +62,7 @@ class DocumentFrequencies:
         """int64 bucket of each uint64 feature hash (its top `bucket_bits` bits)."""
         return (np.asarray(hashes, np.uint64) >> np.uint64(64 - self.bucket_bits)).astype(np.int64)
 
-    def add(self, documents: np.ndarray, hashes: np.ndarray, count: int) -> "DocumentFrequencies":
+    def add(self, documents: np.ndarray, hashes: np.ndarray, count: int) -> DocumentFrequencies:
         """This table plus `count` new documents whose features are (`documents[i]`, `hashes[i]`)
         pairs (document indices in [0, count)); a feature counts once per document."""
         buckets = self.buckets(hashes)
@@ -66,11 +70,13 @@ class DocumentFrequencies:
         added = np.bincount(pairs % len(self.counts), minlength=len(self.counts))
         return DocumentFrequencies(self.counts + added, self.documents + int(count))
 
-    def merge(self, other: "DocumentFrequencies") -> "DocumentFrequencies":
+    def merge(self, other: DocumentFrequencies) -> DocumentFrequencies:
         """The table of both corpora together (the tables must have the same size)."""
         if len(other.counts) != len(self.counts):
-            raise ValueError(f"Cannot merge document-frequency tables of {len(self.counts)} and "
-                             f"{len(other.counts)} buckets.")
+            raise ValueError(
+                f"Cannot merge document-frequency tables of {len(self.counts)} and "
+                f"{len(other.counts)} buckets."
+            )
         return DocumentFrequencies(self.counts + other.counts, self.documents + other.documents)
 
     def idf(self, hashes: np.ndarray) -> np.ndarray:
@@ -97,9 +103,11 @@ class DocumentFrequencies:
         return {_COUNTS_KEY: self.counts, _DOCUMENTS_KEY: np.asarray([self.documents], np.int64)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "DocumentFrequencies":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DocumentFrequencies:
         missing = {_COUNTS_KEY, _DOCUMENTS_KEY} - set(arrays)
         if missing:
-            raise ValueError(f"The embedder state lacks {sorted(missing)}; it was not written by a "
-                             "'hashed_idf' embedder. Re-fit the tree.")
+            raise ValueError(
+                f"The embedder state lacks {sorted(missing)}; it was not written by a "
+                "'hashed_idf' embedder. Re-fit the tree."
+            )
         return cls(np.asarray(arrays[_COUNTS_KEY]), int(np.asarray(arrays[_DOCUMENTS_KEY])[0]))

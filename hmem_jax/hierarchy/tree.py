@@ -22,16 +22,21 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from hmem_jax.hierarchy.embedders import Embedder, embedder_state
 from hmem_jax.config import HierarchyConfig
+from hmem_jax.hierarchy.embedders import Embedder, embedder_state
 from hmem_jax.hierarchy.kmeans import fit_hierarchical_kmeans
 from hmem_jax.hierarchy.routing import (
-    block_ids_from_paths, greedy_paths, squared_norms, validate_embeddings)
+    block_ids_from_paths,
+    greedy_paths,
+    squared_norms,
+    validate_embeddings,
+)
 
 MANIFEST_NAME = "tree.json"
 EMBEDDER_STATE_NAME = "embedder_state.npz"
@@ -42,12 +47,16 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """A saved tree's `tree.json` (identity, files, provenance), without loading its arrays."""
     manifest_path = Path(directory) / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"No {MANIFEST_NAME} in {directory}; expected a folder written "
-                                "by ClusterTree.save or python -m hmem_jax.main.cluster.")
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {directory}; expected a folder written "
+            "by ClusterTree.save or python -m hmem_jax.main.cluster."
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest_path} has format_version {manifest.get('format_version')};"
-                         f" this code reads version {FORMAT_VERSION}. Re-fit the tree.")
+        raise ValueError(
+            f"{manifest_path} has format_version {manifest.get('format_version')};"
+            f" this code reads version {FORMAT_VERSION}. Re-fit the tree."
+        )
     return manifest
 
 
@@ -79,10 +88,12 @@ class ClusterTree:
         levels = tuple(np.ascontiguousarray(c, dtype=np.float32) for c in self.levels)
         dim = levels[0].shape[-1]
         for index, centroids in enumerate(levels, start=1):
-            expected = (self.branching ** index, dim)
+            expected = (self.branching**index, dim)
             if centroids.shape != expected:
-                raise ValueError(f"Level {index} centroids have shape {centroids.shape}; expected "
-                                 f"{expected} (branching {self.branching}, dim {dim}).")
+                raise ValueError(
+                    f"Level {index} centroids have shape {centroids.shape}; expected "
+                    f"{expected} (branching {self.branching}, dim {dim})."
+                )
             if not np.isfinite(centroids).all():
                 raise ValueError(f"Level {index} centroids contain NaN or infinite values.")
             centroids.setflags(write=False)
@@ -108,9 +119,15 @@ class ClusterTree:
         return tuple(len(c) for c in self.levels)
 
     def _identity(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "embedder": self.embedder_name, "dim": self.dim,
-                "embedder_version": self.embedder_version, "branching": self.branching,
-                "depth": self.depth, "seed": self.seed}
+        return {
+            "format_version": FORMAT_VERSION,
+            "embedder": self.embedder_name,
+            "dim": self.dim,
+            "embedder_version": self.embedder_version,
+            "branching": self.branching,
+            "depth": self.depth,
+            "seed": self.seed,
+        }
 
     @functools.cached_property
     def content_hash(self) -> str:
@@ -143,26 +160,34 @@ class ClusterTree:
                 f"{self.dim}, but the caller uses '{name}' of dimension {dim}. Routes are only "
                 f"meaningful in the tree's own space: embed with '{self.embedder_name}' "
                 f"(HierarchyConfig.embedder = '{self.embedder_name}'), or re-fit the tree with "
-                f"'{name}' (python -m hmem_jax.main.cluster).")
+                f"'{name}' (python -m hmem_jax.main.cluster)."
+            )
         version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
         if self.embedder_state and not isinstance(embedder, str) and not embedder_state(embedder):
             raise ValueError(
                 f"This cluster tree's '{self.embedder_name}' embedder carries the corpus "
                 "statistics it was fitted with, but the caller's has none: route with "
-                "tree.make_embedder(), not a fresh get_embedder().")
+                "tree.make_embedder(), not a fresh get_embedder()."
+            )
         if version and self.embedder_version and version != self.embedder_version:
             raise ValueError(
                 f"This cluster tree was fitted on '{self.embedder_name}' version "
                 f"'{self.embedder_version}', but the caller's '{name}' is version '{version}' "
                 "(same name, different vectors). Re-fit the tree with the current embedder "
-                "(python -m hmem_jax.main.cluster), or embed with the options it was built with.")
+                "(python -m hmem_jax.main.cluster), or embed with the options it was built with."
+            )
 
     # -- fitting and routing ----------------------------------------------------------
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, config: HierarchyConfig, embedder: Embedder | str,
-            progress: Callable[[str], None] | None = None,
-            fit_info: dict | None = None) -> "ClusterTree":
+    def fit(
+        cls,
+        embeddings: np.ndarray,
+        config: HierarchyConfig,
+        embedder: Embedder | str,
+        progress: Callable[[str], None] | None = None,
+        fit_info: dict | None = None,
+    ) -> ClusterTree:
         """Fit balanced hierarchical k-means (see `kmeans`) with a HierarchyConfig's settings.
 
         `embedder` (an Embedder, or just a name) is recorded as the tree's space;
@@ -173,28 +198,45 @@ class ClusterTree:
         version = "" if isinstance(embedder, str) else getattr(embedder, "version", "")
         state = {} if isinstance(embedder, str) else embedder_state(embedder)
         levels, stats = fit_hierarchical_kmeans(embeddings, config, progress=progress)
-        info = {"documents": int(len(embeddings)), "em_steps": config.em_steps,
-                "samples_per_step": config.samples_per_step,
-                "balance_threshold": config.effective_balance_threshold,
-                "levels": [dataclasses.asdict(s) for s in stats], **(fit_info or {})}
-        return cls(tuple(levels), embedder_name=name, branching=config.branching,
-                   seed=config.seed, embedder_version=version, fit_info=info,
-                   embedder_state=state)
+        info = {
+            "documents": int(len(embeddings)),
+            "em_steps": config.em_steps,
+            "samples_per_step": config.samples_per_step,
+            "balance_threshold": config.effective_balance_threshold,
+            "levels": [dataclasses.asdict(s) for s in stats],
+            **(fit_info or {}),
+        }
+        return cls(
+            tuple(levels),
+            embedder_name=name,
+            branching=config.branching,
+            seed=config.seed,
+            embedder_version=version,
+            fit_info=info,
+            embedder_state=state,
+        )
 
     @functools.cached_property
     def _level_norms(self) -> tuple[np.ndarray, ...]:
         return tuple(squared_norms(c) for c in self.levels)
 
-    def route(self, embeddings: np.ndarray, batch_size: int | None = None,
-              workers: int | None = None) -> np.ndarray:
+    def route(
+        self, embeddings: np.ndarray, batch_size: int | None = None, workers: int | None = None
+    ) -> np.ndarray:
         """int32[N, depth] paths (child index per level) by greedy nearest-centroid descent.
 
         Vectorised and multi-threaded (see `routing.greedy_paths`); the paths do
         not depend on `batch_size` or `workers`.
         """
         embeddings = validate_embeddings(embeddings, dim=self.dim, allow_empty=True)
-        return greedy_paths(embeddings, self.levels, self.branching, self._level_norms,
-                            batch_size=batch_size, workers=workers)
+        return greedy_paths(
+            embeddings,
+            self.levels,
+            self.branching,
+            self._level_norms,
+            batch_size=batch_size,
+            workers=workers,
+        )
 
     def route_texts(self, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
         """int32[N, depth] paths of raw texts (prompts, documents), embedded with `embedder`."""
@@ -208,8 +250,9 @@ class ClusterTree:
             raise ValueError(f"paths must have shape [N, {self.depth}]; got {paths.shape}.")
         return block_ids_from_paths(paths, self.branching)
 
-    def inertia_per_level(self, embeddings: np.ndarray,
-                          paths: np.ndarray | None = None) -> list[float]:
+    def inertia_per_level(
+        self, embeddings: np.ndarray, paths: np.ndarray | None = None
+    ) -> list[float]:
         """Mean squared L2 distance of each document to its cluster's centroid, per level."""
         embeddings = validate_embeddings(embeddings, dim=self.dim, allow_empty=False)
         ids = self.block_ids(self.route(embeddings) if paths is None else paths)
@@ -217,8 +260,8 @@ class ClusterTree:
         for level, centroids in enumerate(self.levels):
             total = 0.0
             for start in range(0, len(embeddings), 1 << 17):
-                chunk = embeddings[start:start + (1 << 17)]
-                diff = chunk - centroids[ids[start:start + len(chunk), level]]
+                chunk = embeddings[start : start + (1 << 17)]
+                diff = chunk - centroids[ids[start : start + len(chunk), level]]
                 total += float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
             result.append(total / len(embeddings))
         return result
@@ -234,8 +277,12 @@ class ClusterTree:
             name = f"centroids_level{level}.npy"
             np.save(directory / name, centroids)
             files.append({"level": level, "clusters": len(centroids), "file": name})
-        manifest = {**self._identity(), "content_hash": self.content_hash, "levels": files,
-                    "fit": self.fit_info}
+        manifest = {
+            **self._identity(),
+            "content_hash": self.content_hash,
+            "levels": files,
+            "fit": self.fit_info,
+        }
         if self.embedder_state:
             np.savez(directory / EMBEDDER_STATE_NAME, **self.embedder_state)
             manifest["embedder_state"] = EMBEDDER_STATE_NAME
@@ -245,32 +292,50 @@ class ClusterTree:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, embedder: Embedder | str | None = None,
-             dim: int | None = None) -> "ClusterTree":
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        embedder: Embedder | str | None = None,
+        dim: int | None = None,
+    ) -> ClusterTree:
         """Read a saved tree; if `embedder` (and `dim`) is given, it must match the tree's."""
         directory = Path(directory)
         manifest = read_manifest(directory)
-        levels = tuple(np.load(directory / entry["file"], allow_pickle=False)
-                       for entry in sorted(manifest["levels"], key=lambda e: e["level"]))
+        levels = tuple(
+            np.load(directory / entry["file"], allow_pickle=False)
+            for entry in sorted(manifest["levels"], key=lambda e: e["level"])
+        )
         state: dict[str, np.ndarray] = {}
         if manifest.get("embedder_state"):
             if not (directory / manifest["embedder_state"]).is_file():
-                raise ValueError(f"{directory}: the tree's {manifest['embedder_state']} (its "
-                                 "embedder's corpus statistics) is missing; restore the folder "
-                                 "or re-fit the tree.")
+                raise ValueError(
+                    f"{directory}: the tree's {manifest['embedder_state']} (its "
+                    "embedder's corpus statistics) is missing; restore the folder "
+                    "or re-fit the tree."
+                )
             with np.load(directory / manifest["embedder_state"], allow_pickle=False) as arrays:
                 state = {key: arrays[key] for key in arrays.files}
-        tree = cls(levels, embedder_name=manifest["embedder"], branching=manifest["branching"],
-                   seed=manifest["seed"], embedder_version=manifest.get("embedder_version", ""),
-                   fit_info=manifest.get("fit", {}), embedder_state=state)
+        tree = cls(
+            levels,
+            embedder_name=manifest["embedder"],
+            branching=manifest["branching"],
+            seed=manifest["seed"],
+            embedder_version=manifest.get("embedder_version", ""),
+            fit_info=manifest.get("fit", {}),
+            embedder_state=state,
+        )
         if tree.dim != manifest["dim"] or tree.depth != manifest["depth"]:
-            raise ValueError(f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
-                             f"disagree with the manifest (dim {manifest['dim']}, depth "
-                             f"{manifest['depth']}); the folder is corrupt, re-fit the tree.")
+            raise ValueError(
+                f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
+                f"disagree with the manifest (dim {manifest['dim']}, depth "
+                f"{manifest['depth']}); the folder is corrupt, re-fit the tree."
+            )
         if tree.content_hash != manifest["content_hash"]:
-            raise ValueError(f"{directory}: the centroids' content hash {tree.content_hash[:12]} "
-                             f"differs from the manifest's {manifest['content_hash'][:12]}; the "
-                             "arrays were modified or truncated. Re-fit or restore the tree.")
+            raise ValueError(
+                f"{directory}: the centroids' content hash {tree.content_hash[:12]} "
+                f"differs from the manifest's {manifest['content_hash'][:12]}; the "
+                "arrays were modified or truncated. Re-fit or restore the tree."
+            )
         if embedder is not None:
             tree.check_embedder(embedder, dim)
         return tree

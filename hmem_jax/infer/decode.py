@@ -40,12 +40,13 @@ class Sampling:
         if self.max_new_tokens < 1:
             raise ValueError(f"Sampling.max_new_tokens = {self.max_new_tokens} must be >= 1.")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"Sampling needs temperature >= 0, top_k >= 0 and top_p in (0, 1]; "
-                             f"got {self.temperature}, {self.top_k}, {self.top_p}.")
+            raise ValueError(
+                f"Sampling needs temperature >= 0, top_k >= 0 and top_p in (0, 1]; "
+                f"got {self.temperature}, {self.top_k}, {self.top_p}."
+            )
 
 
-def sample_tokens(logits: Array, key: Array, temperature: float, top_k: int,
-                  top_p: float) -> Array:
+def sample_tokens(logits: Array, key: Array, temperature: float, top_k: int, top_p: float) -> Array:
     """int32[B] from logits[B, V]: argmax at temperature 0, else a draw from the cut
     distribution."""
     if temperature == 0.0:
@@ -64,15 +65,18 @@ def sample_tokens(logits: Array, key: Array, temperature: float, top_k: int,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
-             width_multiple: int = 1) -> dict[str, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width_multiple: int = 1
+) -> dict[str, np.ndarray]:
     """tokens / segment_ids / positions int32[B, P], prompts right-aligned; `lengths` int32[B].
 
     P is the longest prompt rounded up to `width_multiple` (fewer distinct shapes to compile).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("Every prompt needs at least one token (encode it with a BOS or EOT "
-                         "token if it is empty).")
+        raise ValueError(
+            "Every prompt needs at least one token (encode it with a BOS or EOT "
+            "token if it is empty)."
+        )
     width = -(-max(len(p) for p in prompts) // width_multiple) * width_multiple
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros_like(tokens)
@@ -95,26 +99,54 @@ class Decoder:
         self._prefill = jax.jit(self._extend)
         self._loop = jax.jit(self._decode_loop, static_argnums=(5,))
 
-    def _extend(self, params: Any, tokens: Array, segment_ids: Array, positions: Array,
-                cache: KVCache, memory: Any) -> tuple[Array, KVCache]:
-        return self.model.apply({"params": params}, tokens, segment_ids, positions, cache, memory,
-                                method=Transformer.extend)
+    def _extend(
+        self,
+        params: Any,
+        tokens: Array,
+        segment_ids: Array,
+        positions: Array,
+        cache: KVCache,
+        memory: Any,
+    ) -> tuple[Array, KVCache]:
+        return self.model.apply(
+            {"params": params},
+            tokens,
+            segment_ids,
+            positions,
+            cache,
+            memory,
+            method=Transformer.extend,
+        )
 
-    def _decode_loop(self, params: Any, cache: KVCache, last_logits: Array, lengths: Array,
-                     key: Array, sampling: Sampling, memory: Any) -> Array:
+    def _decode_loop(
+        self,
+        params: Any,
+        cache: KVCache,
+        last_logits: Array,
+        lengths: Array,
+        key: Array,
+        sampling: Sampling,
+        memory: Any,
+    ) -> Array:
         """int32[B, max_new_tokens] sampled tokens; stops early once every row hit a stop id."""
         batch = last_logits.shape[0]
         stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 
         def step(carry: tuple) -> tuple:
             index, cache, logits, out, done = carry
-            token = sample_tokens(logits, jax.random.fold_in(key, index), sampling.temperature,
-                                  sampling.top_k, sampling.top_p)
+            token = sample_tokens(
+                logits,
+                jax.random.fold_in(key, index),
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+            )
             out = out.at[:, index].set(token)
             done = done | jnp.any(token[:, None] == stops[None, :], axis=-1)
             positions = (lengths + index)[:, None]
-            logits, cache = self._extend(params, token[:, None], jnp.ones_like(positions),
-                                         positions, cache, memory)
+            logits, cache = self._extend(
+                params, token[:, None], jnp.ones_like(positions), positions, cache, memory
+            )
             return index + 1, cache, logits[:, -1], out, done
 
         def keep_going(carry: tuple) -> Array:
@@ -126,18 +158,31 @@ class Decoder:
         index, _, _, out, _ = jax.lax.while_loop(keep_going, step, init)
         return out, index
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
-                 memory: Any = None, pad_id: int = 0,
-                 width_multiple: int = 16) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        memory: Any = None,
+        pad_id: int = 0,
+        width_multiple: int = 16,
+    ) -> list[list[int]]:
         """New token ids per prompt (up to max_new_tokens; cut after the first stop id)."""
         batch = left_pad(prompts, pad_id, width_multiple)
         width = batch["tokens"].shape[1]
         cache = init_cache(self.model.cfg, len(prompts), width + sampling.max_new_tokens)
-        logits, cache = self._prefill(self.params, batch["tokens"], batch["segment_ids"],
-                                      batch["positions"], cache, memory)
-        out, steps = self._loop(self.params, cache, logits[:, -1], jnp.asarray(batch["lengths"]),
-                                jax.random.key(sampling.seed), sampling, memory)
-        generated = np.asarray(out)[:, :int(steps)]
+        logits, cache = self._prefill(
+            self.params, batch["tokens"], batch["segment_ids"], batch["positions"], cache, memory
+        )
+        out, steps = self._loop(
+            self.params,
+            cache,
+            logits[:, -1],
+            jnp.asarray(batch["lengths"]),
+            jax.random.key(sampling.seed),
+            sampling,
+            memory,
+        )
+        generated = np.asarray(out)[:, : int(steps)]
         return [_cut(row.tolist(), set(sampling.stop_ids)) for row in generated]
 
 

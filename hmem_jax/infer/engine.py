@@ -1,7 +1,7 @@
 """One object per loaded run that routes, fetches and decodes: what the CLIs and the evaluation use.
 
-    text ─► embed ─► route (optionally with blocked subtrees) ─► block ids ─► fetch ─► memory
-    prompt tokens + memory ─► Decoder (KV cache) ─► text
+text ─► embed ─► route (optionally with blocked subtrees) ─► block ids ─► fetch ─► memory
+prompt tokens + memory ─► Decoder (KV cache) ─► text
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from hmem_jax.infer.run import LoadedRun
 class Engine:
     """Routing, memory assembly and generation for a LoadedRun (its bank is the block source)."""
 
-    def __init__(self, run: LoadedRun, blocks: retrieval.BlockSource | None = None,
-                 embedder: Any = None) -> None:
+    def __init__(
+        self, run: LoadedRun, blocks: retrieval.BlockSource | None = None, embedder: Any = None
+    ) -> None:
         self.run = run
         self.model = run.model
         if blocks is None and run.bank is not None:
@@ -47,8 +48,9 @@ class Engine:
             self._embedder = self.run.tree.make_embedder()
         return self._embedder
 
-    def block_ids(self, texts: Sequence[str],
-                  blocked_level1: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+    def block_ids(
+        self, texts: Sequence[str], blocked_level1: Sequence[int] | np.ndarray = ()
+    ) -> np.ndarray:
         """int32[N, depth] global block ids of the texts' routes."""
         if not self.has_memory:
             return np.zeros((len(texts), 1), np.int32)
@@ -58,8 +60,9 @@ class Engine:
     def memory(self, block_ids: np.ndarray, mode: str) -> Any:
         return retrieval.build_memory(self.run.plan, self.blocks, block_ids, mode)
 
-    def memory_for(self, route_texts: Sequence[str], mode: str,
-                   blocked_level1: Sequence[int] | np.ndarray = ()) -> Any:
+    def memory_for(
+        self, route_texts: Sequence[str], mode: str, blocked_level1: Sequence[int] | np.ndarray = ()
+    ) -> Any:
         """Memory for inputs routed by `route_texts` (one per input), or None for mode 'none'."""
         if mode == "none":
             return None
@@ -70,10 +73,16 @@ class Engine:
         ids = self.run.tokenizer.encode(text)
         return ids if ids else [self.run.tokenizer.eot_id]
 
-    def generate(self, prompts: Sequence[str], mode: str = "fetched",
-                 sampling: Sampling = Sampling(), route_texts: Sequence[str] | None = None,
-                 blocked_level1: Sequence[int] | np.ndarray = (),
-                 block_ids: np.ndarray | None = None, batch_multiple: int = 1) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        mode: str = "fetched",
+        sampling: Sampling = Sampling(),
+        route_texts: Sequence[str] | None = None,
+        blocked_level1: Sequence[int] | np.ndarray = (),
+        block_ids: np.ndarray | None = None,
+        batch_multiple: int = 1,
+    ) -> list[str]:
         """Continuations of `prompts`, each with the memory its own route text selects.
 
         `block_ids` int32[N, depth], when given, is the route itself (e.g. the
@@ -91,7 +100,10 @@ class Engine:
         encoded = [self.encode(p) for p in prompts]
         rows = -(-len(encoded) // batch_multiple) * batch_multiple
         index = np.minimum(np.arange(rows), len(encoded) - 1)
-        out = self.decoder.generate([encoded[i] for i in index], sampling,
-                                    retrieval.select_rows(memory, index),
-                                    pad_id=tokenizer.pad_id)
-        return [tokenizer.decode(ids) for ids in out[:len(prompts)]]
+        out = self.decoder.generate(
+            [encoded[i] for i in index],
+            sampling,
+            retrieval.select_rows(memory, index),
+            pad_id=tokenizer.pad_id,
+        )
+        return [tokenizer.decode(ids) for ids in out[: len(prompts)]]

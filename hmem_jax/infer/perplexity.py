@@ -27,9 +27,13 @@ def _grouped(keys: np.ndarray, logprob: np.ndarray, tokens: np.ndarray) -> dict[
     return out
 
 
-def document_perplexity(engine: Engine, texts: Sequence[str], mode: str,
-                        buckets: Sequence[int] | None = None,
-                        batch_size: int = 16) -> dict[str, Any]:
+def document_perplexity(
+    engine: Engine,
+    texts: Sequence[str],
+    mode: str,
+    buckets: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     tokenizer = engine.run.tokenizer
     limit = engine.run.cfg.seq_len
     contexts, continuations = [], []
@@ -40,11 +44,14 @@ def document_perplexity(engine: Engine, texts: Sequence[str], mode: str,
         contexts.append(ids[:1])
         continuations.append(ids[1:])
     memory = engine.memory_for(texts, mode)
-    scores = continuation_logprobs(engine.model, engine.run.params, contexts, continuations,
-                                   memory, batch_size)
+    scores = continuation_logprobs(
+        engine.model, engine.run.params, contexts, continuations, memory, batch_size
+    )
     result: dict[str, Any] = {
         "perplexity": math.exp(-scores.logprob.sum() / scores.tokens.sum()),
-        "tokens": int(scores.tokens.sum()), "documents": len(texts)}
+        "tokens": int(scores.tokens.sum()),
+        "documents": len(texts),
+    }
     if engine.has_memory:
         level1 = engine.block_ids(texts)[:, 0]
         result["per_level1_cluster"] = _grouped(level1, scores.logprob, scores.tokens)

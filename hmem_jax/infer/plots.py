@@ -9,15 +9,18 @@ from typing import Any
 def _pyplot() -> Any:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         return plt
     except ImportError:
         return None
 
 
-def plot_by_bucket(series: dict[str, list[float | None]], ylabel: str, title: str,
-                   path: str) -> str | None:
+def plot_by_bucket(
+    series: dict[str, list[float | None]], ylabel: str, title: str, path: str
+) -> str | None:
     """Grouped bars: one group per frequency bucket, one bar per series; returns the path."""
     plt = _pyplot()
     if plt is None or not series:

@@ -67,29 +67,39 @@ def first_integer(text: str) -> str | None:
 def probe_item(row: Mapping[str, Any], where: str = "probe") -> ProbeItem:
     """A ProbeItem from a probe file row (or any mapping with the same fields)."""
     if not isinstance(row, Mapping) or "prompt" not in row or "answer" not in row:
-        raise ProbeFileError(f"{where}: expected an object with 'prompt' and 'answer' "
-                             "(optionally 'bucket', 'documents', 'match').")
+        raise ProbeFileError(
+            f"{where}: expected an object with 'prompt' and 'answer' "
+            "(optionally 'bucket', 'documents', 'match')."
+        )
     raw = row["answer"]
     answers = tuple(str(a).strip() for a in (raw if isinstance(raw, (list, tuple)) else [raw]))
     if not answers or not all(answers):
         raise ProbeFileError(f"{where}: 'answer' must be a non-empty string, number or list.")
-    match = row.get("match") or ("integer" if all(_INTEGER.fullmatch(a) for a in answers)
-                                 else "prefix")
+    match = row.get("match") or (
+        "integer" if all(_INTEGER.fullmatch(a) for a in answers) else "prefix"
+    )
     if match not in MATCH_KINDS:
         raise ProbeFileError(f"{where}: 'match' = {match!r} is not one of {MATCH_KINDS}.")
     bucket = row.get("bucket", 0)
     if not isinstance(bucket, int) or bucket < 0:
         raise ProbeFileError(f"{where}: 'bucket' must be an integer >= 0, got {bucket!r}.")
     documents = row.get("documents") or ()
-    return ProbeItem(prompt=str(row["prompt"]), answers=answers, bucket=bucket, match=match,
-                     documents=tuple(str(d) for d in documents))
+    return ProbeItem(
+        prompt=str(row["prompt"]),
+        answers=answers,
+        bucket=bucket,
+        match=match,
+        documents=tuple(str(d) for d in documents),
+    )
 
 
 def read_probe_file(path: str) -> list[ProbeItem]:
     """Probe items of a jsonl file (the format in this module's docstring)."""
     if not os.path.isfile(path):
-        raise ProbeFileError(f"The probe file {path!r} does not exist; pass a jsonl file with "
-                             "one {'prompt', 'answer', 'bucket'} object per line.")
+        raise ProbeFileError(
+            f"The probe file {path!r} does not exist; pass a jsonl file with "
+            "one {'prompt', 'answer', 'bucket'} object per line."
+        )
     items = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -115,36 +125,56 @@ def sample_probes(items: Sequence[ProbeItem], limit: int) -> list[ProbeItem]:
 def documents_by_id(data: Any) -> dict[str, str]:
     """id -> text of every training document of a DataConfig (what 'oracle' routes by)."""
     from hmem_jax.data.sources import read_documents
+
     return {doc.id: doc.text for doc in read_documents(data)}
 
 
-def _generate(engine: Engine, prompts: Sequence[str], mode: str, sampling: Sampling,
-              batch_size: int, routes: np.ndarray | None = None,
-              blocked: np.ndarray | None = None,
-              prefixes: Sequence[str] | None = None) -> list[str]:
+def _generate(
+    engine: Engine,
+    prompts: Sequence[str],
+    mode: str,
+    sampling: Sampling,
+    batch_size: int,
+    routes: np.ndarray | None = None,
+    blocked: np.ndarray | None = None,
+    prefixes: Sequence[str] | None = None,
+) -> list[str]:
     """Greedy continuations; memory by the prompt's route, or by `routes[i]` (block ids)."""
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
-        texts = [(prefixes[i] if prefixes else "") + prompts[i]
-                 for i in range(len(prompts))[rows]]
-        out.extend(engine.generate(
-            texts, mode, sampling, route_texts=list(prompts[rows]),
-            blocked_level1=() if blocked is None else blocked[rows],
-            block_ids=None if routes is None else routes[rows], batch_multiple=batch_size))
+        texts = [(prefixes[i] if prefixes else "") + prompts[i] for i in range(len(prompts))[rows]]
+        out.extend(
+            engine.generate(
+                texts,
+                mode,
+                sampling,
+                route_texts=list(prompts[rows]),
+                blocked_level1=() if blocked is None else blocked[rows],
+                block_ids=None if routes is None else routes[rows],
+                batch_multiple=batch_size,
+            )
+        )
     return out
 
 
-def accuracy_by_bucket(correct: np.ndarray, buckets: np.ndarray,
-                       num_buckets: int) -> dict[str, Any]:
-    per = [float(correct[buckets == b].mean()) if np.any(buckets == b) else None
-           for b in range(num_buckets)]
-    return {"per_bucket": per, "overall": float(correct.mean()) if len(correct) else 0.0,
-            "n_per_bucket": [int(np.sum(buckets == b)) for b in range(num_buckets)]}
+def accuracy_by_bucket(
+    correct: np.ndarray, buckets: np.ndarray, num_buckets: int
+) -> dict[str, Any]:
+    per = [
+        float(correct[buckets == b].mean()) if np.any(buckets == b) else None
+        for b in range(num_buckets)
+    ]
+    return {
+        "per_bucket": per,
+        "overall": float(correct.mean()) if len(correct) else 0.0,
+        "n_per_bucket": [int(np.sum(buckets == b)) for b in range(num_buckets)],
+    }
 
 
-def _fact_document_routes(engine: Engine, items: Sequence[ProbeItem],
-                          documents: Mapping[str, str]) -> list[tuple[int, np.ndarray]]:
+def _fact_document_routes(
+    engine: Engine, items: Sequence[ProbeItem], documents: Mapping[str, str]
+) -> list[tuple[int, np.ndarray]]:
     """(probe index, block ids int32[depth]) for every known document that states an answer."""
     texts, owners = [], []
     for i, item in enumerate(items):
@@ -155,8 +185,9 @@ def _fact_document_routes(engine: Engine, items: Sequence[ProbeItem],
     return list(zip(owners, engine.block_ids(texts))) if texts else []
 
 
-def oracle_block_ids(engine: Engine, items: Sequence[ProbeItem],
-                     documents: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def oracle_block_ids(
+    engine: Engine, items: Sequence[ProbeItem], documents: Mapping[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(block ids int32[N, depth], has_route bool[N]): per probe, the path most of the
     documents stating its answer were routed to (ties: the first such document's)."""
     routes = np.zeros((len(items), engine.run.tree.depth), np.int32)
@@ -170,8 +201,9 @@ def oracle_block_ids(engine: Engine, items: Sequence[ProbeItem],
     return routes, has
 
 
-def routing_agreement(engine: Engine, items: Sequence[ProbeItem],
-                      documents: Mapping[str, str]) -> dict[str, Any]:
+def routing_agreement(
+    engine: Engine, items: Sequence[ProbeItem], documents: Mapping[str, str]
+) -> dict[str, Any]:
     """Per level: the share of probes whose prompt is routed into a cluster holding at least
     one document that states the answer (probes without known documents are left out)."""
     depth = engine.run.tree.depth
@@ -183,18 +215,24 @@ def routing_agreement(engine: Engine, items: Sequence[ProbeItem],
         hits[owner] |= row == prompt_ids[owner]
     buckets = np.array([item.bucket for item in items])
     num_buckets = int(buckets.max()) + 1 if len(items) else 0
-    per_level = [accuracy_by_bucket(hits[known, level], buckets[known], num_buckets)
-                 for level in range(depth)]
+    per_level = [
+        accuracy_by_bucket(hits[known, level], buckets[known], num_buckets)
+        for level in range(depth)
+    ]
     tree = engine.run.tree
     clusters = [tree.branching ** (level + 1) for level in range(depth)]
-    return {"levels": per_level, "probes": int(known.sum()),
-            "random": [1.0 / c for c in clusters]}
+    return {"levels": per_level, "probes": int(known.sum()), "random": [1.0 / c for c in clusters]}
 
 
-def run_probe(engine: Engine, items: Sequence[ProbeItem], conditions: Sequence[str],
-              rag: Callable[[Sequence[str]], list[str]] | None = None,
-              documents: Mapping[str, str] | None = None, max_new_tokens: int = 8,
-              batch_size: int = 32) -> dict[str, Any]:
+def run_probe(
+    engine: Engine,
+    items: Sequence[ProbeItem],
+    conditions: Sequence[str],
+    rag: Callable[[Sequence[str]], list[str]] | None = None,
+    documents: Mapping[str, str] | None = None,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """Accuracy per frequency bucket for each condition of PROBE_CONDITIONS.
 
     'oracle' needs `documents` (id -> text of the training documents); its
@@ -225,8 +263,9 @@ def run_probe(engine: Engine, items: Sequence[ProbeItem], conditions: Sequence[s
             prefixes = [d + "\n\n" for d in rag(prompts)]
             got = _generate(engine, prompts, "none", sampling, batch_size, prefixes=prefixes)
         else:
-            raise ValueError(f"Unknown probe condition {condition!r}; choose from "
-                             f"{PROBE_CONDITIONS}.")
+            raise ValueError(
+                f"Unknown probe condition {condition!r}; choose from {PROBE_CONDITIONS}."
+            )
         correct = np.array([item.is_correct(text) for item, text in zip(items, got)], bool)
         results[condition] = accuracy_by_bucket(correct[keep], buckets[keep], num_buckets)
     return results
@@ -256,10 +295,13 @@ def format_routing_table(agreement: Mapping[str, Any]) -> str:
     return f"{table}\n(random routing: {chance})"
 
 
-def compare_runs(engines: Mapping[str, Engine], items: Sequence[ProbeItem],
-                 conditions: Sequence[str] = ("anchor", "generic", "fetched", "blocked", "oracle"),
-                 documents: Mapping[str, str] | None = None,
-                 rag: Callable[[Sequence[str]], list[str]] | None = None) -> dict[str, Any]:
+def compare_runs(
+    engines: Mapping[str, Engine],
+    items: Sequence[ProbeItem],
+    conditions: Sequence[str] = ("anchor", "generic", "fetched", "blocked", "oracle"),
+    documents: Mapping[str, str] | None = None,
+    rag: Callable[[Sequence[str]], list[str]] | None = None,
+) -> dict[str, Any]:
     """One probe table over several runs: rows '<run>: <condition>'.
 
     Each run gets the conditions it supports (an anchor-only run: 'anchor'
@@ -276,9 +318,11 @@ def compare_runs(engines: Mapping[str, Engine], items: Sequence[ProbeItem],
     return rows
 
 
-def probe_workdir(workdir: str, limit: int = 0,
-                  conditions: Sequence[str] = ("anchor", "generic", "fetched", "blocked", "oracle")
-                  ) -> dict[str, Any] | None:
+def probe_workdir(
+    workdir: str,
+    limit: int = 0,
+    conditions: Sequence[str] = ("anchor", "generic", "fetched", "blocked", "oracle"),
+) -> dict[str, Any] | None:
     """The probe table of a run folder's latest checkpoint on its prepared data's probes
     (None when the data has no probes.jsonl); what `train` prints after training."""
     from hmem_jax.infer.run import load_run
@@ -292,7 +336,7 @@ def probe_workdir(workdir: str, limit: int = 0,
     if "oracle" in conditions and any(item.documents for item in items):
         documents = documents_by_id(run.cfg.data)
     rows = compare_runs({"run": Engine(run)}, items, conditions, documents)
-    return {name[len("run: "):]: row for name, row in rows.items()}
+    return {name[len("run: ") :]: row for name, row in rows.items()}
 
 
 def element_probes(prepared_dir: str) -> list[ProbeItem]:
@@ -302,9 +346,15 @@ def element_probes(prepared_dir: str) -> list[ProbeItem]:
 
     counts = elements.read_counts(prepared_dir)
     if counts is None:
-        raise ProbeFileError(f"{prepared_dir!r} has no {elements.COUNTS_FILE}: it was prepared "
-                             "before element names were counted. Prepare the data again to "
-                             "bucket the element probe by this corpus.")
+        raise ProbeFileError(
+            f"{prepared_dir!r} has no {elements.COUNTS_FILE}: it was prepared "
+            "before element names were counted. Prepare the data again to "
+            "bucket the element probe by this corpus."
+        )
     buckets = elements.frequency_buckets(counts)
-    return [ProbeItem(prompt=f"The atomic number of {name} is", answers=(str(number),),
-                      bucket=buckets[name]) for number, name, _ in elements.ELEMENTS]
+    return [
+        ProbeItem(
+            prompt=f"The atomic number of {name} is", answers=(str(number),), bucket=buckets[name]
+        )
+        for number, name, _ in elements.ELEMENTS
+    ]

@@ -44,9 +44,11 @@ class DeviceBlocks:
 
     def fetch(self, level_key: str, ids: np.ndarray) -> Mapping[str, Array]:
         if level_key not in self.bank:
-            raise KeyError(f"The bank has no level {level_key!r} (levels: {sorted(self.bank)}); "
-                           "the generic memory exists only when MemoryConfig.generic_probability "
-                           "> 0 during training.")
+            raise KeyError(
+                f"The bank has no level {level_key!r} (levels: {sorted(self.bank)}); "
+                "the generic memory exists only when MemoryConfig.generic_probability "
+                "> 0 during training."
+            )
         return bank_lib.fetch(self.bank[level_key], jnp.asarray(ids, jnp.int32)).params
 
 
@@ -62,16 +64,21 @@ class StreamedBlocks:
         return {name: jnp.asarray(value) for name, value in rows.params.items()}
 
 
-def route(tree: Any, embedder: Any, texts: Sequence[str],
-          blocked_level1: Sequence[int] | np.ndarray = ()) -> np.ndarray:
+def route(
+    tree: Any, embedder: Any, texts: Sequence[str], blocked_level1: Sequence[int] | np.ndarray = ()
+) -> np.ndarray:
     """int32[N, depth] paths; blocked level-1 clusters are never entered.
 
     `blocked_level1`: cluster ids blocked for every text, or an int array [N]
     with one blocked cluster per text (-1 = none), as the blocking experiment
     blocks each prompt's own best subtree.
     """
-    per_row = isinstance(blocked_level1, np.ndarray) and blocked_level1.ndim == 1 and len(
-        blocked_level1) == len(texts) and len(texts) > 0
+    per_row = (
+        isinstance(blocked_level1, np.ndarray)
+        and blocked_level1.ndim == 1
+        and len(blocked_level1) == len(texts)
+        and len(texts) > 0
+    )
     if not per_row and not len(blocked_level1):
         return np.asarray(tree.route_texts(list(texts), embedder), np.int32)
     tree.check_embedder(embedder)
@@ -89,25 +96,30 @@ def route(tree: Any, embedder: Any, texts: Sequence[str],
     paths = np.empty((len(texts), tree.depth), np.int32)
     paths[:, 0] = cluster
     for depth_index in range(1, tree.depth):
-        child, cluster = descend_one_level(embeddings, cluster, tree.levels[depth_index],
-                                           tree.branching)
+        child, cluster = descend_one_level(
+            embeddings, cluster, tree.levels[depth_index], tree.branching
+        )
         paths[:, depth_index] = child
     return paths
 
 
-def build_memory(plan: MemoryPlan | None, blocks: BlockSource | None, block_ids: np.ndarray,
-                 mode: str) -> Any:
+def build_memory(
+    plan: MemoryPlan | None, blocks: BlockSource | None, block_ids: np.ndarray, mode: str
+) -> Any:
     """The model's memory input for inputs with block_ids int32[N, depth] (None for 'none')."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode {mode!r} is not one of {MEMORY_MODES}.")
     if mode == "none":
         return None
     if plan is None or blocks is None:
-        raise ValueError(f"memory mode {mode!r} needs a run trained with memory "
-                         "(MemoryConfig.kind != 'none'); use mode 'none' for an anchor-only run.")
+        raise ValueError(
+            f"memory mode {mode!r} needs a run trained with memory "
+            "(MemoryConfig.kind != 'none'); use mode 'none' for an anchor-only run."
+        )
     if plan.config.application != "gather":  # the same function; per-row memory is simpler here
-        plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config,
-                                                                    application="gather"))
+        plan = dataclasses.replace(
+            plan, config=dataclasses.replace(plan.config, application="gather")
+        )
     block_ids = np.asarray(block_ids)
     params, batch = {}, {}
     for level in plan.levels:

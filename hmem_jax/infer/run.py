@@ -51,21 +51,26 @@ class LoadedRun:
     @functools.cached_property
     def tokenizer(self) -> Any:
         from hmem_jax.data.tokenizer import load_tokenizer
+
         return load_tokenizer(self.prepared_dir)
 
     @functools.cached_property
     def tree(self) -> Any:
         from hmem_jax.hierarchy.tree import ClusterTree
+
         return ClusterTree.load(self.tree_dir)
 
 
 def load_config(workdir: str) -> TrainConfig:
     """The run's TrainConfig from its operative `config.gin`."""
     from hmem_jax.gin_parsing import load_train_config
+
     path = os.path.join(workdir, "config.gin")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir!r} has no config.gin; point --workdir at a folder "
-                                "written by `python -m hmem_jax.main.train`.")
+        raise FileNotFoundError(
+            f"{workdir!r} has no config.gin; point --workdir at a folder "
+            "written by `python -m hmem_jax.main.train`."
+        )
     return load_train_config([path])
 
 
@@ -85,21 +90,36 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     rules = sharding.rules_of(mesh_cfg)
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     streaming = plan is not None and cfg.memory.bank_tier == "streaming"
-    target = abstract_state(model, make_optimizer(cfg.optim, cfg.steps, frozen=frozen), mesh,
-                            rules, None if streaming else plan)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30,
-                                async_save=False)
+    target = abstract_state(
+        model,
+        make_optimizer(cfg.optim, cfg.steps, frozen=frozen),
+        mesh,
+        rules,
+        None if streaming else plan,
+    )
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False
+    )
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
         state = checkpointer.restore(step, target, expected={})
-        streamed = open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) \
-            if streaming else None
+        streamed = (
+            open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) if streaming else None
+        )
     finally:
         checkpointer.close()
-    return LoadedRun(cfg=cfg, workdir=workdir, step=int(step), params=state.params,
-                     bank=state.bank, plan=plan, streamed=streamed, opt_state=state.opt_state)
+    return LoadedRun(
+        cfg=cfg,
+        workdir=workdir,
+        step=int(step),
+        params=state.params,
+        bank=state.bank,
+        plan=plan,
+        streamed=streamed,
+        opt_state=state.opt_state,
+    )
 
 
 def open_streamed(cfg: TrainConfig, plan: MemoryPlan, workdir: str, record: dict) -> Any:
@@ -109,12 +129,22 @@ def open_streamed(cfg: TrainConfig, plan: MemoryPlan, workdir: str, record: dict
     from hmem_jax.bank.streaming import StreamedBank
 
     if "bank_version" not in record:
-        raise ValueError(f"The checkpoint of {workdir} records no streamed bank version; was it "
-                         "trained with MemoryConfig.bank_tier = 'streaming'?")
+        raise ValueError(
+            f"The checkpoint of {workdir} records no streamed bank version; was it "
+            "trained with MemoryConfig.bank_tier = 'streaming'?"
+        )
     memory = cfg.memory
-    store = BankStore(kvstore_spec(memory.bank_store, workdir), plan.geometry, plan.with_generic,
-                      memory.bank_dtype, memory.moment_dtype, memory.init_seed,
-                      memory.blocks_per_shard, create=False, writer=False)
+    store = BankStore(
+        kvstore_spec(memory.bank_store, workdir),
+        plan.geometry,
+        plan.with_generic,
+        memory.bank_dtype,
+        memory.moment_dtype,
+        memory.init_seed,
+        memory.blocks_per_shard,
+        create=False,
+        writer=False,
+    )
     bank = StreamedBank(store, memory.host_cache_bytes, prefetch_steps=0)
     bank.restore(int(record["bank_version"]))
     return bank

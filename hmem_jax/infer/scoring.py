@@ -31,8 +31,9 @@ class Scores:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _token_logprobs(model: Transformer, params: Any, tokens: jax.Array, segment_ids: jax.Array,
-                    memory: Any) -> tuple[jax.Array, jax.Array]:
+def _token_logprobs(
+    model: Transformer, params: Any, tokens: jax.Array, segment_ids: jax.Array, memory: Any
+) -> tuple[jax.Array, jax.Array]:
     """(log p of tokens[:, 1:], is-argmax of tokens[:, 1:]), both [B, T-1]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     logits = model.apply({"params": params}, tokens, segment_ids, positions, memory)[:, :-1]
@@ -42,10 +43,16 @@ def _token_logprobs(model: Transformer, params: Any, tokens: jax.Array, segment_
     return picked, jnp.argmax(logits, axis=-1) == target
 
 
-def continuation_logprobs(model: Transformer, params: Any, contexts: Sequence[Sequence[int]],
-                          continuations: Sequence[Sequence[int]], memory: Any = None,
-                          batch_size: int = 16, width_multiple: int = 32,
-                          max_length: int | None = None) -> Scores:
+def continuation_logprobs(
+    model: Transformer,
+    params: Any,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    memory: Any = None,
+    batch_size: int = 16,
+    width_multiple: int = 32,
+    max_length: int | None = None,
+) -> Scores:
     """Scores of `continuations[i]` after `contexts[i]` (each context needs >= 1 token).
 
     With `max_length`, contexts are cut from the left so context + continuation fits.
@@ -60,20 +67,21 @@ def continuation_logprobs(model: Transformer, params: Any, contexts: Sequence[Se
         if not context or not continuation:
             raise ValueError("Every context and continuation needs at least one token.")
         if max_length is not None:
-            context = context[-max(1, max_length - len(continuation)):]
+            context = context[-max(1, max_length - len(continuation)) :]
         pairs.append((context, continuation))
     for start in range(0, rows, batch_size):
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[start : start + batch_size]
         longest = max(len(c) + len(x) for c, x in chunk)
         width = -(-longest // width_multiple) * width_multiple
         tokens = np.zeros((batch_size, width), np.int32)
         segments = np.zeros_like(tokens)
         for row, (context, continuation) in enumerate(chunk):
             ids = context + continuation
-            tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+            tokens[row, : len(ids)], segments[row, : len(ids)] = ids, 1
         index = np.minimum(np.arange(start, start + batch_size), rows - 1)  # pad with copies
-        picked, is_max = _token_logprobs(model, params, tokens, segments,
-                                         select_rows(memory, index))
+        picked, is_max = _token_logprobs(
+            model, params, tokens, segments, select_rows(memory, index)
+        )
         picked, is_max = np.asarray(picked, np.float64), np.asarray(is_max)
         for row, (context, continuation) in enumerate(chunk):
             span = slice(len(context) - 1, len(context) + len(continuation) - 1)

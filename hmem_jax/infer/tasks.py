@@ -54,8 +54,10 @@ def read_task(path: str) -> list[Item]:
                 answers = [answers] if isinstance(answers, (str, int)) else answers
                 items.append(Item(query, answers=tuple(str(a) for a in answers)))
     if not items or len({item.is_choice for item in items}) != 1:
-        raise ValueError(f"{path}: expected a non-empty file of one kind of item (all multiple "
-                         "choice, or all generation).")
+        raise ValueError(
+            f"{path}: expected a non-empty file of one kind of item (all multiple "
+            "choice, or all generation)."
+        )
     return items
 
 
@@ -78,9 +80,14 @@ def first_line(text: str) -> str:
     return re.split(r"\.(?:\s|$)|,\s", line)[0].strip()
 
 
-def evaluate_choice(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
-                    rag: Callable[[Sequence[str]], list[str]] | None = None,
-                    batch_size: int = 16) -> dict[str, Any]:
+def evaluate_choice(
+    engine: Engine,
+    items: Sequence[Item],
+    prefix: str,
+    mode: str,
+    rag: Callable[[Sequence[str]], list[str]] | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """accuracy (sum log-likelihood) and acc_norm (per-token) over items."""
     queries = [item.query for item in items]
     memory = engine.memory_for(queries, mode)
@@ -93,31 +100,47 @@ def evaluate_choice(engine: Engine, items: Sequence[Item], prefix: str, mode: st
             continuations.append(engine.run.tokenizer.encode(" " + choice))
             owner.append(index)
     owner = np.array(owner)
-    scores = continuation_logprobs(engine.model, engine.run.params, contexts, continuations,
-                                   select_rows(memory, owner), batch_size,
-                                   max_length=engine.run.cfg.seq_len)
+    scores = continuation_logprobs(
+        engine.model,
+        engine.run.params,
+        contexts,
+        continuations,
+        select_rows(memory, owner),
+        batch_size,
+        max_length=engine.run.cfg.seq_len,
+    )
     correct = correct_norm = 0
     for index, item in enumerate(items):
         rows = np.flatnonzero(owner == index)
         correct += int(np.argmax(scores.logprob[rows]) == item.answer)
         correct_norm += int(np.argmax(scores.logprob[rows] / scores.tokens[rows]) == item.answer)
-    return {"accuracy": correct / len(items), "acc_norm": correct_norm / len(items),
-            "n": len(items)}
+    return {
+        "accuracy": correct / len(items),
+        "acc_norm": correct_norm / len(items),
+        "n": len(items),
+    }
 
 
-def evaluate_generation(engine: Engine, items: Sequence[Item], prefix: str, mode: str,
-                        rag: Callable[[Sequence[str]], list[str]] | None = None,
-                        max_new_tokens: int = 16, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_generation(
+    engine: Engine,
+    items: Sequence[Item],
+    prefix: str,
+    mode: str,
+    rag: Callable[[Sequence[str]], list[str]] | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """exact match of the generation's answer part (`first_line`, normalised) against any
     accepted answer."""
     correct, outputs = 0, []
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         queries = [item.query for item in chunk]
         documents = rag(queries) if rag else [""] * len(chunk)
         prompts = [prefix + (d + "\n\n" if d else "") + q for d, q in zip(documents, queries)]
-        texts = engine.generate(prompts, mode, Sampling(max_new_tokens=max_new_tokens),
-                                route_texts=queries)
+        texts = engine.generate(
+            prompts, mode, Sampling(max_new_tokens=max_new_tokens), route_texts=queries
+        )
         for item, text in zip(chunk, texts):
             answer = normalise(first_line(text))
             correct += int(answer in {normalise(a) for a in item.answers})

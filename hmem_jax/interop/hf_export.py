@@ -26,9 +26,15 @@ import numpy as np
 from hmem_jax.config import ModelConfig
 from hmem_jax.interop import hf_layout
 
-_LORA_TARGETS = {"q": ("attn", "wq"), "k": ("attn", "wk"), "v": ("attn", "wv"),
-                 "o": ("attn", "wo"), "gate": ("mlp", "w_gate"), "up": ("mlp", "w_up"),
-                 "down": ("mlp", "w_down")}
+_LORA_TARGETS = {
+    "q": ("attn", "wq"),
+    "k": ("attn", "wk"),
+    "v": ("attn", "wv"),
+    "o": ("attn", "wo"),
+    "gate": ("mlp", "w_gate"),
+    "up": ("mlp", "w_up"),
+    "down": ("mlp", "w_down"),
+}
 
 
 def _numpy_tree(tree: Any) -> Any:
@@ -37,8 +43,9 @@ def _numpy_tree(tree: Any) -> Any:
     return np.asarray(tree, np.float32)
 
 
-def merge_memory(params: Mapping[str, Any], memory: Mapping[str, Any] | None,
-                 lora_scale: float = 1.0) -> tuple[dict[str, Any], int]:
+def merge_memory(
+    params: Mapping[str, Any], memory: Mapping[str, Any] | None, lora_scale: float = 1.0
+) -> tuple[dict[str, Any], int]:
     """(params with one sequence's memory merged in, extra FFN units R).
 
     `memory` is the model's memory input for ONE sequence (leaves
@@ -49,8 +56,10 @@ def merge_memory(params: Mapping[str, Any], memory: Mapping[str, Any] | None,
         return merged, 0
     memory = {k: np.asarray(v, np.float32)[:, 0] for k, v in memory.items()}
     if "keys" in memory:
-        raise ValueError("KV-memories have no equivalent in a standard transformers model; "
-                         "export the anchor alone (memory mode 'none').")
+        raise ValueError(
+            "KV-memories have no equivalent in a standard transformers model; "
+            "export the anchor alone (memory mode 'none')."
+        )
     mlp = merged["blocks"]["mlp"]
     extra = 0
     if "down" in memory and "gate" in memory:
@@ -80,14 +89,20 @@ def write_tokenizer(prepared_dir: str, out_dir: str) -> tuple[list[str], dict[st
         return [], {}
     tokenizer = load_tokenizer(prepared_dir)
     path = tokenizer.save(out_dir)
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id,
-           "pad_token_id": tokenizer.pad_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eot_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
     config: dict[str, Any] = {
         "bos_token": tokenizer.piece(tokenizer.bos_id),
         "eos_token": tokenizer.piece(tokenizer.eot_id),
         "pad_token": tokenizer.piece(tokenizer.pad_id),
-        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False}
+        "model_max_length": 1 << 20,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
     if tokenizer.kind == "hf":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
@@ -97,16 +112,23 @@ def write_tokenizer(prepared_dir: str, out_dir: str) -> tuple[list[str], dict[st
     return [os.path.basename(path), "tokenizer_config.json"], ids
 
 
-def export_hf(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any],
-              memory: Mapping[str, Any] | None = None, lora_scale: float = 1.0,
-              prepared_dir: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+def export_hf(
+    out_dir: str,
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    memory: Mapping[str, Any] | None = None,
+    lora_scale: float = 1.0,
+    prepared_dir: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
     """Write a transformers checkpoint of the anchor (+ one sequence's merged memory)."""
     from safetensors.numpy import save_file
 
     merged, extra = merge_memory(params, memory, lora_scale)
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer_files, special_ids = write_tokenizer(prepared_dir, out_dir) if prepared_dir \
-        else ([], {})
+    tokenizer_files, special_ids = (
+        write_tokenizer(prepared_dir, out_dir) if prepared_dir else ([], {})
+    )
     config = {**hf_layout.hf_config(cfg, intermediate_size=cfg.d_ff + extra), **special_ids}
     with open(os.path.join(out_dir, "config.json"), "w") as handle:
         json.dump(config, handle, indent=1)
@@ -115,20 +137,34 @@ def export_hf(out_dir: str, cfg: ModelConfig, params: Mapping[str, Any],
             json.dump(special_ids, handle, indent=1)
         tokenizer_files.append("generation_config.json")
     if cfg.qk_norm == "full":
-        shutil.copy(os.path.join(os.path.dirname(__file__), hf_layout.REMOTE_CODE_FILE),
-                    os.path.join(out_dir, hf_layout.REMOTE_CODE_FILE))
-    save_file(hf_layout.to_hf_tensors(merged, cfg), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
-    record = {"architecture": config["architectures"][0], "extra_ffn_units": extra,
-              "trust_remote_code": cfg.qk_norm == "full", "tokenizer_files": tokenizer_files,
-              **(metadata or {})}
+        shutil.copy(
+            os.path.join(os.path.dirname(__file__), hf_layout.REMOTE_CODE_FILE),
+            os.path.join(out_dir, hf_layout.REMOTE_CODE_FILE),
+        )
+    save_file(
+        hf_layout.to_hf_tensors(merged, cfg),
+        os.path.join(out_dir, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    record = {
+        "architecture": config["architectures"][0],
+        "extra_ffn_units": extra,
+        "trust_remote_code": cfg.qk_norm == "full",
+        "tokenizer_files": tokenizer_files,
+        **(metadata or {}),
+    }
     with open(os.path.join(out_dir, "hmem_export.json"), "w") as handle:
         json.dump(record, handle, indent=1, default=str)
     return out_dir
 
 
-def export_bank(out_dir: str, bank: Mapping[str, Any], geometry_description: Mapping[str, Any],
-                tree_dir: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+def export_bank(
+    out_dir: str,
+    bank: Mapping[str, Any],
+    geometry_description: Mapping[str, Any],
+    tree_dir: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
     """The bank's blocks as one safetensors file per level ([clusters, layers, ...] per matrix)
     plus `manifest.json`: geometry, files, tensor shapes, how ids follow from a path, the tree."""
     from safetensors.numpy import save_file
@@ -136,21 +172,28 @@ def export_bank(out_dir: str, bank: Mapping[str, Any], geometry_description: Map
     os.makedirs(out_dir, exist_ok=True)
     files = {}
     for key, level in sorted(bank.items()):
-        tensors = {name: np.ascontiguousarray(np.asarray(value))
-                   for name, value in level.params.items()}
+        tensors = {
+            name: np.ascontiguousarray(np.asarray(value)) for name, value in level.params.items()
+        }
         path = f"bank_{key}.safetensors"
         save_file(tensors, os.path.join(out_dir, path))
-        files[key] = {"file": path, "tensors": {n: list(t.shape) for n, t in tensors.items()},
-                      "dtype": str(next(iter(tensors.values())).dtype),
-                      "updates": np.asarray(level.count).tolist()}
+        files[key] = {
+            "file": path,
+            "tensors": {n: list(t.shape) for n, t in tensors.items()},
+            "dtype": str(next(iter(tensors.values())).dtype),
+            "updates": np.asarray(level.count).tolist(),
+        }
     if tree_dir:
         shutil.copytree(tree_dir, os.path.join(out_dir, "tree"), dirs_exist_ok=True)
     manifest = {
-        "format": "hmem_jax bank v1", "geometry": dict(geometry_description), "levels": files,
+        "format": "hmem_jax bank v1",
+        "geometry": dict(geometry_description),
+        "levels": files,
         "block_id": "level l (1-based) block of path (i1..iL) = ((i1*b + i2)*b + ...)*b + i_l",
         "merge": "FFN: concatenate a path's gate/up along the last axis and down along the rank "
-                 "axis to each layer's SwiGLU (see hmem_jax/interop/hf_export.py)",
-        "tree": "tree/" if tree_dir else None, **(metadata or {}),
+        "axis to each layer's SwiGLU (see hmem_jax/interop/hf_export.py)",
+        "tree": "tree/" if tree_dir else None,
+        **(metadata or {}),
     }
     with open(os.path.join(out_dir, "manifest.json"), "w") as handle:
         json.dump(manifest, handle, indent=1, default=str)

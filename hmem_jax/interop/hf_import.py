@@ -27,15 +27,22 @@ from hmem_jax.config import ModelConfig
 from hmem_jax.errors import UnsupportedCheckpointError
 from hmem_jax.interop.hf_layout import from_hf_tensors
 
-QK_NORM_OF = {"llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "per_head",
-              "hmem": "full"}
+QK_NORM_OF = {
+    "llama": "none",
+    "mistral": "none",
+    "qwen2": "none",
+    "qwen3": "per_head",
+    "hmem": "full",
+}
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path!r} has no config.json; give a local transformers "
-                                "checkpoint folder (save_pretrained output).")
+        raise FileNotFoundError(
+            f"{path!r} has no config.json; give a local transformers "
+            "checkpoint folder (save_pretrained output)."
+        )
     with open(config_path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -50,11 +57,15 @@ def _rope(config: dict[str, Any]) -> tuple[float, tuple[float, ...]]:
     if kind in ("default", None):
         return base, ()
     if kind == "llama3":
-        return base, (float(params["factor"]), float(params["low_freq_factor"]),
-                      float(params["high_freq_factor"]),
-                      float(params["original_max_position_embeddings"]))
-    raise UnsupportedCheckpointError(f"RoPE type {kind!r} is not implemented by hmem_jax's "
-                                     "anchor; only 'default' and 'llama3'.")
+        return base, (
+            float(params["factor"]),
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            float(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedCheckpointError(
+        f"RoPE type {kind!r} is not implemented by hmem_jax's anchor; only 'default' and 'llama3'."
+    )
 
 
 def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -63,32 +74,43 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
     if model_type not in QK_NORM_OF:
         raise UnsupportedCheckpointError(
             f"model_type {model_type!r} is not supported; hmem_jax imports "
-            f"{sorted(QK_NORM_OF)} (pre-norm, gain-only RMSNorm, SwiGLU, no biases).")
+            f"{sorted(QK_NORM_OF)} (pre-norm, gain-only RMSNorm, SwiGLU, no biases)."
+        )
     problems = []
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config.get('hidden_act')!r} (we use SiLU-gated SwiGLU)")
     qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases (and none on o)
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("attention or MLP biases (our anchor has q/k/v biases only for Qwen2)")
-    if config.get("use_sliding_window") or (model_type == "mistral"
-                                            and config.get("sliding_window")):
+    if config.get("use_sliding_window") or (
+        model_type == "mistral" and config.get("sliding_window")
+    ):
         problems.append("sliding-window attention")
     if problems:
-        raise UnsupportedCheckpointError(f"Cannot import this {model_type} checkpoint exactly: "
-                                         + "; ".join(problems) + ".")
+        raise UnsupportedCheckpointError(
+            f"Cannot import this {model_type} checkpoint exactly: " + "; ".join(problems) + "."
+        )
     rope_base, rope_llama3 = _rope(config)
     heads = int(config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     values = dict(
-        vocab_size=int(config["vocab_size"]), num_layers=int(config["num_hidden_layers"]),
-        d_model=int(config["hidden_size"]), num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+        vocab_size=int(config["vocab_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        d_model=int(config["hidden_size"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
         d_ff=int(config["intermediate_size"]),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_base=rope_base, rope_llama3=rope_llama3,
+        rope_base=rope_base,
+        rope_llama3=rope_llama3,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        qk_norm=QK_NORM_OF[model_type], qkv_bias=qkv_bias, param_dtype="float32", dtype="float32",
-        init_std=float(config.get("initializer_range", 0.02)))
+        qk_norm=QK_NORM_OF[model_type],
+        qkv_bias=qkv_bias,
+        param_dtype="float32",
+        dtype="float32",
+        init_std=float(config.get("initializer_range", 0.02)),
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -99,8 +121,9 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"{path!r} holds no *.safetensors file (save the model with "
-                                "safe_serialization=True).")
+        raise FileNotFoundError(
+            f"{path!r} holds no *.safetensors file (save the model with safe_serialization=True)."
+        )
     tensors = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
@@ -124,8 +147,9 @@ def model_gin(cfg: ModelConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_anchor_run(workdir: str, cfg: ModelConfig, params: dict[str, Any],
-                     source: str = "") -> str:
+def write_anchor_run(
+    workdir: str, cfg: ModelConfig, params: dict[str, Any], source: str = ""
+) -> str:
     """Write `params` as a step-0 hmem_jax checkpoint in `workdir` (init_from-ready)."""
     import jax.numpy as jnp
 
@@ -138,13 +162,16 @@ def write_anchor_run(workdir: str, cfg: ModelConfig, params: dict[str, Any],
     for name in ("model.gin", "config.gin"):
         with open(os.path.join(workdir, name), "w", encoding="utf-8") as handle:
             handle.write(gin_text)
-    state = TrainState(step=jnp.zeros((), jnp.int32),
-                       params=jax_tree(params), opt_state={}, bank=None)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1,
-                                async_save=False)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=jax_tree(params), opt_state={}, bank=None
+    )
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False
+    )
     try:
-        checkpointer.save(0, state, {"imported_from": os.path.abspath(source) if source else ""},
-                          force=True)
+        checkpointer.save(
+            0, state, {"imported_from": os.path.abspath(source) if source else ""}, force=True
+        )
     finally:
         checkpointer.close()
     return workdir
@@ -153,4 +180,5 @@ def write_anchor_run(workdir: str, cfg: ModelConfig, params: dict[str, Any],
 def jax_tree(params: dict[str, Any]) -> Any:
     import jax
     import jax.numpy as jnp
+
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -18,8 +18,11 @@ import numpy as np
 
 from hmem_jax.config import ModelConfig
 
-ARCHITECTURES = {"none": ("llama", "LlamaForCausalLM"), "per_head": ("qwen3", "Qwen3ForCausalLM"),
-                 "full": ("hmem", "HmemForCausalLM")}
+ARCHITECTURES = {
+    "none": ("llama", "LlamaForCausalLM"),
+    "per_head": ("qwen3", "Qwen3ForCausalLM"),
+    "full": ("hmem", "HmemForCausalLM"),
+}
 REMOTE_CODE_FILE = "modeling_hmem.py"
 
 # (our path under params["blocks"], HF name under model.layers.{i}, transpose?)
@@ -45,37 +48,58 @@ def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     if not cfg.rope_llama3:
         return {"rope_theta": cfg.rope_base, "rope_type": "default"}
     factor, low, high, original = cfg.rope_llama3
-    return {"rope_theta": cfg.rope_base, "rope_type": "llama3", "factor": factor,
-            "low_freq_factor": low, "high_freq_factor": high,
-            "original_max_position_embeddings": int(original)}
+    return {
+        "rope_theta": cfg.rope_base,
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(original),
+    }
 
 
-def hf_config(cfg: ModelConfig, intermediate_size: int | None = None,
-              max_position_embeddings: int = 8192) -> dict[str, Any]:
+def hf_config(
+    cfg: ModelConfig, intermediate_size: int | None = None, max_position_embeddings: int = 8192
+) -> dict[str, Any]:
     """config.json for the closest `transformers` architecture (see the module docstring)."""
     model_type, architecture = ARCHITECTURES[cfg.qk_norm]
     if cfg.qkv_bias:
         if cfg.qk_norm != "none":
-            raise ValueError("No transformers architecture has q/k/v biases together with "
-                             f"qk-norm {cfg.qk_norm!r}; cannot export this anchor exactly.")
+            raise ValueError(
+                "No transformers architecture has q/k/v biases together with "
+                f"qk-norm {cfg.qk_norm!r}; cannot export this anchor exactly."
+            )
         model_type, architecture = "qwen2", "Qwen2ForCausalLM"
     config: dict[str, Any] = {
-        "architectures": [architecture], "model_type": model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
         "intermediate_size": intermediate_size or cfg.d_ff,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
         "use_sliding_window": False,
         "rope_theta": cfg.rope_base,
         "rope_parameters": rope_parameters(cfg),
-        "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
-        "dtype": "float32", "torch_dtype": "float32",
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",
     }
     if model_type == "hmem":
-        config["auto_map"] = {"AutoConfig": "modeling_hmem.HmemConfig",
-                              "AutoModelForCausalLM": "modeling_hmem.HmemForCausalLM"}
+        config["auto_map"] = {
+            "AutoConfig": "modeling_hmem.HmemConfig",
+            "AutoModelForCausalLM": "modeling_hmem.HmemForCausalLM",
+        }
     return config
 
 
@@ -89,8 +113,10 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 def to_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """HF tensor name -> float32 array, from our (unboxed) parameter tree."""
-    out = {"model.embed_tokens.weight": np.asarray(params["embedding"], np.float32),
-           "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32)}
+    out = {
+        "model.embed_tokens.weight": np.asarray(params["embedding"], np.float32),
+        "model.norm.weight": np.asarray(params["final_norm"]["scale"], np.float32),
+    }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"], np.float32).T)
     blocks = params["blocks"]
@@ -107,14 +133,20 @@ def to_hf_tensors(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.n
 
 def from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, Any]:
     """Our parameter tree (float32 numpy) from HF tensors; missing tensors are an error."""
+
     def take(name: str) -> np.ndarray:
         if name not in tensors:
-            raise KeyError(f"The checkpoint has no tensor {name!r}; it does not fit the "
-                           f"architecture of ModelConfig {cfg}.")
+            raise KeyError(
+                f"The checkpoint has no tensor {name!r}; it does not fit the "
+                f"architecture of ModelConfig {cfg}."
+            )
         return np.asarray(tensors[name], np.float32)
 
-    params: dict[str, Any] = {"embedding": take("model.embed_tokens.weight"),
-                              "final_norm": {"scale": take("model.norm.weight")}, "blocks": {}}
+    params: dict[str, Any] = {
+        "embedding": take("model.embed_tokens.weight"),
+        "final_norm": {"scale": take("model.norm.weight")},
+        "blocks": {},
+    }
     if not cfg.tie_embeddings:
         params["lm_head"] = take("lm_head.weight").T
     for path, name, transpose in LAYER_TENSORS:

@@ -34,10 +34,12 @@ STORE = flags.DEFINE_string("store", "", "The bank: path, kvstore URL or JSON sp
 WORKDIR = flags.DEFINE_string("bank_workdir", "", "A run folder; its bank is WORKDIR/bank.")
 TO = flags.DEFINE_string("copy_to", "", "copy: the destination store (path, URL or JSON spec).")
 OUT = flags.DEFINE_string("export_dir", "", "export: output folder for .npy files.")
-VERSION = flags.DEFINE_integer("bank_version", None,
-                               "Bank version (checkpoint step); default latest.")
-NORM_BLOCKS = flags.DEFINE_integer("norm_blocks", 64, "inspect: touched blocks per level read "
-                                   "for parameter norms (0 = none).")
+VERSION = flags.DEFINE_integer(
+    "bank_version", None, "Bank version (checkpoint step); default latest."
+)
+NORM_BLOCKS = flags.DEFINE_integer(
+    "norm_blocks", 64, "inspect: touched blocks per level read for parameter norms (0 = none)."
+)
 SUBTREE_RUNS = flags.DEFINE_list("subtree_runs", [], "merge: the subtree jobs' run folders.")
 MERGED = flags.DEFINE_string("merged_workdir", "", "merge: the new run folder to write.")
 BATCH_BLOCKS = 16
@@ -53,9 +55,18 @@ def open_store(location: str, create: bool, writer: bool):
     if plan is None:
         common.fail("MemoryConfig.kind = 'none' has no bank; give the run's gin config.")
     spec = kvstore_spec(location or cfg.memory.bank_store, WORKDIR.value or os.getcwd())
-    return BankStore(spec, plan.geometry, plan.with_generic, cfg.memory.bank_dtype,
-                     cfg.memory.moment_dtype, cfg.memory.init_seed, cfg.memory.blocks_per_shard,
-                     create=create, writer=writer, splits=cfg.memory.store_splits or 1)
+    return BankStore(
+        spec,
+        plan.geometry,
+        plan.with_generic,
+        cfg.memory.bank_dtype,
+        cfg.memory.moment_dtype,
+        cfg.memory.init_seed,
+        cfg.memory.blocks_per_shard,
+        create=create,
+        writer=writer,
+        splits=cfg.memory.store_splits or 1,
+    )
 
 
 def at_version(store, version: int | None) -> int | None:
@@ -69,22 +80,36 @@ def at_version(store, version: int | None) -> int | None:
 
 def inspect(store, version: int | None, norm_blocks: int) -> dict:
     """Sizes, touched fraction and parameter norms per level (JSON-able)."""
-    report = {"store": store.where, "uid": store.uid, "version": version,
-              "versions": store.versions(), "manifest": store.manifest, "levels": {}}
+    report = {
+        "store": store.where,
+        "uid": store.uid,
+        "version": version,
+        "versions": store.versions(),
+        "manifest": store.manifest,
+        "levels": {},
+    }
     for key, layout in store.layouts.items():
         touched = np.nonzero(store.touched(key))[0]
-        level = {"clusters": layout.clusters, "rank": layout.rank,
-                 "block_bytes": layout.block_bytes, "param_bytes_per_block": layout.param_bytes,
-                 "level_bytes": layout.block_bytes * layout.clusters,
-                 "touched_blocks": int(len(touched)),
-                 "touched_fraction": len(touched) / layout.clusters,
-                 "stored_bytes": layout.block_bytes * len(touched)}
+        level = {
+            "clusters": layout.clusters,
+            "rank": layout.rank,
+            "block_bytes": layout.block_bytes,
+            "param_bytes_per_block": layout.param_bytes,
+            "level_bytes": layout.block_bytes * layout.clusters,
+            "touched_blocks": int(len(touched)),
+            "touched_fraction": len(touched) / layout.clusters,
+            "stored_bytes": layout.block_bytes * len(touched),
+        }
         sample = touched[:norm_blocks] if len(touched) else np.arange(min(norm_blocks, 1))
         if norm_blocks and len(sample):
             rows = store.read(key, sample)
-            level["mean_norms"] = {f: float(np.mean(np.linalg.norm(
-                v.reshape(len(sample), -1).astype(np.float32), axis=1)))
-                for f, v in rows.items() if f.startswith("params/")}
+            level["mean_norms"] = {
+                f: float(
+                    np.mean(np.linalg.norm(v.reshape(len(sample), -1).astype(np.float32), axis=1))
+                )
+                for f, v in rows.items()
+                if f.startswith("params/")
+            }
             level["mean_updates"] = float(np.mean(rows["count"]))
         report["levels"][key] = level
     return report
@@ -96,7 +121,7 @@ def copy(store, target, version: int) -> int:
     for key in store.layouts:
         touched = np.nonzero(store.touched(key))[0]
         for start in range(0, len(touched), BATCH_BLOCKS):
-            ids = touched[start:start + BATCH_BLOCKS]
+            ids = touched[start : start + BATCH_BLOCKS]
             target.write(key, ids, store.read(key, ids))
             blocks += len(ids)
     target.seal(version)
@@ -108,16 +133,22 @@ def export(store, out: str) -> list[str]:
     written = []
     for key, layout in store.layouts.items():
         os.makedirs(os.path.join(out, key), exist_ok=True)
-        arrays = {f: np.lib.format.open_memmap(os.path.join(out, key, f[len("params/"):] + ".npy"),
-                                               mode="w+", dtype=dtype,
-                                               shape=(layout.clusters,) + shape)
-                  for f, (shape, dtype) in layout.fields.items() if f.startswith("params/")}
+        arrays = {
+            f: np.lib.format.open_memmap(
+                os.path.join(out, key, f[len("params/") :] + ".npy"),
+                mode="w+",
+                dtype=dtype,
+                shape=(layout.clusters,) + shape,
+            )
+            for f, (shape, dtype) in layout.fields.items()
+            if f.startswith("params/")
+        }
         for start in range(0, layout.clusters, BATCH_BLOCKS):
             ids = np.arange(start, min(start + BATCH_BLOCKS, layout.clusters))
             rows = store.read(key, ids)
             for f, array in arrays.items():
                 array[ids] = rows[f]
-        for f, array in arrays.items():
+        for array in arrays.values():
             array.flush()
             written.append(array.filename)
     return written
@@ -129,13 +160,16 @@ def main(argv: list[str]) -> None:
 
     commands = ("create", "inspect", "copy", "export", "merge")
     if len(argv) != 2 or argv[1] not in commands:
-        common.fail(f"Give one command of {commands}, e.g. python -m hmem_jax.main.bank inspect "
-                    "--store=DIR --gin_file=...")
+        common.fail(
+            f"Give one command of {commands}, e.g. python -m hmem_jax.main.bank inspect "
+            "--store=DIR --gin_file=..."
+        )
     command = argv[1]
     if command == "merge":
         if not SUBTREE_RUNS.value or not MERGED.value:
             common.fail("merge needs --subtree_runs=RUN0,RUN1,... and --merged_workdir=DIR.")
         from hmem_jax.bank.merge import merge_subtree_runs
+
         try:
             out = merge_subtree_runs(SUBTREE_RUNS.value, MERGED.value)
         except (ConfigError, FileNotFoundError) as error:
@@ -145,8 +179,10 @@ def main(argv: list[str]) -> None:
     try:
         store = open_store(STORE.value, create=command == "create", writer=False)
         if command == "create":
-            print(f"bank {store.uid} at {store.where}: "
-                  f"{store.geometry.bank_params:,} parameters, nothing stored yet")
+            print(
+                f"bank {store.uid} at {store.where}: "
+                f"{store.geometry.bank_params:,} parameters, nothing stored yet"
+            )
             return
         version = at_version(store, VERSION.value)
         if command == "inspect":
@@ -157,8 +193,10 @@ def main(argv: list[str]) -> None:
             if version is None:
                 common.fail(f"The bank at {store.where} holds no version to copy.")
             target = open_store(TO.value, create=True, writer=True)
-            print(f"copied {copy(store, target, version)} blocks of version {version} to "
-                  f"{target.where}")
+            print(
+                f"copied {copy(store, target, version)} blocks of version {version} to "
+                f"{target.where}"
+            )
         else:
             if not OUT.value:
                 common.fail("export needs --export_dir=DIR.")

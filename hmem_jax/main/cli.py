@@ -37,9 +37,11 @@ def run() -> None:
     commands = available()
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         given = sys.argv[1] if len(sys.argv) > 1 else "nothing"
-        print(f"usage: hmem COMMAND [--flags]; got {given!r}. Commands: "
-              f"{', '.join(sorted(commands))}. `hmem COMMAND --help` lists a command's flags.",
-              file=sys.stderr)
+        print(
+            f"usage: hmem COMMAND [--flags]; got {given!r}. Commands: "
+            f"{', '.join(sorted(commands))}. `hmem COMMAND --help` lists a command's flags.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     module = importlib.import_module(commands[sys.argv[1]])
     sys.argv = [f"hmem {sys.argv[1]}"] + sys.argv[2:]

@@ -35,12 +35,17 @@ from hmem_jax.hierarchy.corpus import cluster_corpus
 from hmem_jax.main import common
 
 DOCS = flags.DEFINE_string(
-    "docs", "", "Corpus: a .jsonl file or folder of them, a folder of .txt files, or 'embedded'. "
-    "Empty: DataConfig.source / DataConfig.path from gin.")
+    "docs",
+    "",
+    "Corpus: a .jsonl file or folder of them, a folder of .txt files, or 'embedded'. "
+    "Empty: DataConfig.source / DataConfig.path from gin.",
+)
 OUT = common.out_flag("Output folder for the tree, paths and report (required).")
 CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
-    "Embedding cache folder; empty disables the cache.")
+    "cache_dir",
+    os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
+    "Embedding cache folder; empty disables the cache.",
+)
 QUIET = flags.DEFINE_bool("quiet", False, "No progress output.")
 
 
@@ -53,16 +58,19 @@ def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
     path = Path(docs)
     if path.is_file():
         if path.suffix != ".jsonl":
-            raise ConfigError(f"--docs={docs} is a file but not .jsonl; pass a .jsonl file (one "
-                              "JSON object with a 'text' field per line) or a folder of .txt "
-                              "files.")
+            raise ConfigError(
+                f"--docs={docs} is a file but not .jsonl; pass a .jsonl file (one "
+                "JSON object with a 'text' field per line) or a folder of .txt "
+                "files."
+            )
         return dataclasses.replace(base, source="jsonl", path=str(path))
     if path.is_dir():
         has_jsonl = any(path.glob("*.jsonl"))
         source = "jsonl" if has_jsonl else "text_dir"
         return dataclasses.replace(base, source=source, path=str(path))
-    raise ConfigError(f"--docs={docs} does not exist; pass a .jsonl file, a folder of .txt files, "
-                      "or 'embedded'.")
+    raise ConfigError(
+        f"--docs={docs} does not exist; pass a .jsonl file, a folder of .txt files, or 'embedded'."
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -74,6 +82,7 @@ def main(argv: list[str]) -> None:
     except ConfigError as error:
         common.fail(str(error))
     from hmem_jax.data.sources import SourceError
+
     try:
         cluster_corpus(data, config.hierarchy, OUT.value, CACHE_DIR.value, verbose=not QUIET.value)
     except (SourceError, ValueError, FileNotFoundError, ImportError) as error:

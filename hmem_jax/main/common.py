@@ -19,25 +19,35 @@ from absl import app, flags
 
 from hmem_jax.config import TrainConfig
 from hmem_jax.errors import HmemError, missing_extra
-from hmem_jax.gin_parsing import (EXPERIMENTS_DIR, load_train_config, parse_gin,  # noqa: F401
-                                  resolve_gin_file)
+from hmem_jax.gin_parsing import EXPERIMENTS_DIR, load_train_config, parse_gin, resolve_gin_file  # noqa: F401
 
 GIN_FILES = flags.DEFINE_multi_string(
-    "gin_file", [], "Gin config file (path or experiments/ name); repeatable, later files win.")
+    "gin_file", [], "Gin config file (path or experiments/ name); repeatable, later files win."
+)
 GIN_PARAMS = flags.DEFINE_multi_string(
-    "gin_param", [], "Gin binding, e.g. 'TrainConfig.steps = 100'; repeatable, applied last.")
+    "gin_param", [], "Gin binding, e.g. 'TrainConfig.steps = 100'; repeatable, applied last."
+)
 DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "off", ["off", "auto"],
-    "'auto': call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU, GKE).")
+    "distributed",
+    "off",
+    ["off", "auto"],
+    "'auto': call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU, GKE).",
+)
 COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", os.environ.get("HMEM_COORDINATOR_ADDRESS", ""),
-    "host:port of process 0 for a multi-process run (also HMEM_COORDINATOR_ADDRESS).")
+    "coordinator_address",
+    os.environ.get("HMEM_COORDINATOR_ADDRESS", ""),
+    "host:port of process 0 for a multi-process run (also HMEM_COORDINATOR_ADDRESS).",
+)
 NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("HMEM_NUM_PROCESSES", "1")),
-    "Number of processes in a multi-process run (also HMEM_NUM_PROCESSES).")
+    "num_processes",
+    int(os.environ.get("HMEM_NUM_PROCESSES", "1")),
+    "Number of processes in a multi-process run (also HMEM_NUM_PROCESSES).",
+)
 PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ.get("HMEM_PROCESS_ID", "0")),
-    "This process's index in a multi-process run (also HMEM_PROCESS_ID).")
+    "process_id",
+    int(os.environ.get("HMEM_PROCESS_ID", "0")),
+    "This process's index in a multi-process run (also HMEM_PROCESS_ID).",
+)
 
 
 def workdir_flag(help_text: str = "The training run's folder.") -> flags.FlagHolder:
@@ -66,6 +76,7 @@ def quiet_library_logs() -> None:
     An explicit `--verbosity` (or `-v`) still wins.
     """
     from absl import logging
+
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
 
@@ -73,16 +84,23 @@ def quiet_library_logs() -> None:
 def initialize_distributed() -> None:
     """Start multi-host JAX once, before any computation, if this run has several processes."""
     import jax
+
     if COORDINATOR.value and NUM_PROCESSES.value > 1:
-        jax.distributed.initialize(coordinator_address=COORDINATOR.value,
-                                   num_processes=NUM_PROCESSES.value,
-                                   process_id=PROCESS_ID.value)
+        jax.distributed.initialize(
+            coordinator_address=COORDINATOR.value,
+            num_processes=NUM_PROCESSES.value,
+            process_id=PROCESS_ID.value,
+        )
     elif DISTRIBUTED.value == "auto":
         jax.distributed.initialize()
 
 
-def run(main: Callable[[list[str]], None], hint: str = "", positional: bool = False,
-        distributed: bool = False) -> None:
+def run(
+    main: Callable[[list[str]], None],
+    hint: str = "",
+    positional: bool = False,
+    distributed: bool = False,
+) -> None:
     """Run an entry point under absl: refuse stray arguments (unless `positional`), quiet the
     libraries' logs, start multi-host JAX first when `distributed`, then call `main`.
 
@@ -90,6 +108,7 @@ def run(main: Callable[[list[str]], None], hint: str = "", positional: bool = Fa
     one line on stderr and exit status 2; anything else is a fault and keeps its traceback.
     `hint` says how to pass what a stray argument probably meant.
     """
+
     def guarded(argv: list[str]) -> None:
         if len(argv) > 1 and not positional:
             how = hint or "this command takes flags only (--help lists them)"
@@ -106,6 +125,7 @@ def run(main: Callable[[list[str]], None], hint: str = "", positional: bool = Fa
             if user_error is None:
                 raise
             fail(str(user_error))
+
     app.run(guarded)
 
 

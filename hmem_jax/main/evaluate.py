@@ -28,26 +28,38 @@ OUT = common.out_flag("Results folder (default WORKDIR/eval).")
 STEP = common.step_flag()
 PROBE = flags.DEFINE_bool("probe", True, "Run the long-tail probe (needs probes.jsonl).")
 PROBE_FILE = flags.DEFINE_string(
-    "probe_file", "", "A jsonl probe file (default: the prepared data's probes.jsonl).")
+    "probe_file", "", "A jsonl probe file (default: the prepared data's probes.jsonl)."
+)
 ELEMENTS = flags.DEFINE_bool(
-    "elements", False, "Probe the 118 chemical elements' atomic numbers (the paper's probe), "
-    "bucketed by how often the run's training corpus names each element.")
+    "elements",
+    False,
+    "Probe the 118 chemical elements' atomic numbers (the paper's probe), "
+    "bucketed by how often the run's training corpus names each element.",
+)
 BASELINES = flags.DEFINE_multi_string(
-    "baseline", [], "Another run's folder, probed on the same prompts and printed beside this "
-    "run; repeatable.")
+    "baseline",
+    [],
+    "Another run's folder, probed on the same prompts and printed beside this run; repeatable.",
+)
 CONDITIONS = flags.DEFINE_list(
-    "conditions", ["anchor", "generic", "fetched", "blocked", "oracle"],
+    "conditions",
+    ["anchor", "generic", "fetched", "blocked", "oracle"],
     "Probe conditions: anchor, generic, fetched, blocked, oracle (needs probes with "
-    "'documents'), rag.")
+    "'documents'), rag.",
+)
 RAG = flags.DEFINE_bool("rag", False, "Add the retrieval baseline (nearest training document).")
 PERPLEXITY = flags.DEFINE_string(
-    "perplexity", "", "Documents for perplexity: a jsonl file ({'text', optional 'bucket'}) or "
-    "'train_sample' (a sample of the training corpus, bucketed for the embedded encyclopedia).")
+    "perplexity",
+    "",
+    "Documents for perplexity: a jsonl file ({'text', optional 'bucket'}) or "
+    "'train_sample' (a sample of the training corpus, bucketed for the embedded encyclopedia).",
+)
 PPL_DOCS = flags.DEFINE_integer("perplexity_documents", 200, "Documents sampled for perplexity.")
 TASKS = flags.DEFINE_multi_string("task", [], "A jsonl task file; repeatable.")
 SHOTS = flags.DEFINE_integer("shots", 3, "Few-shot examples per task (taken from its start).")
-MODES = flags.DEFINE_list("modes", ["none", "generic", "fetched"],
-                          "Memory modes for tasks and perplexity.")
+MODES = flags.DEFINE_list(
+    "modes", ["none", "generic", "fetched"], "Memory modes for tasks and perplexity."
+)
 LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate at most this many items per task/probe.")
 
 
@@ -59,16 +71,21 @@ def _modes(engine) -> list[str]:
 def _probe(engine, run, rag, out: str, results: dict) -> None:
     from hmem_jax.infer.engine import Engine
     from hmem_jax.infer.plots import plot_by_bucket
-    from hmem_jax.infer.probe import (compare_runs, documents_by_id, element_probes,
-                                      format_probe_table, read_probe_file, sample_probes)
+    from hmem_jax.infer.probe import (
+        compare_runs,
+        documents_by_id,
+        element_probes,
+        format_probe_table,
+        read_probe_file,
+        sample_probes,
+    )
     from hmem_jax.infer.run import load_run
 
     path = PROBE_FILE.value or os.path.join(run.prepared_dir, "probes.jsonl")
     if ELEMENTS.value:
         path, probes = "the 118 elements", element_probes(run.prepared_dir)
     elif not PROBE_FILE.value and not os.path.isfile(path):
-        print(f"probe: skipped ({path} does not exist; pass --probe_file=FILE.jsonl or "
-              "--elements)")
+        print(f"probe: skipped ({path} does not exist; pass --probe_file=FILE.jsonl or --elements)")
         return
     else:
         probes = read_probe_file(path)
@@ -85,12 +102,19 @@ def _probe(engine, run, rag, out: str, results: dict) -> None:
     table = compare_runs(engines, probes, conditions, documents, rag)
     if len(engines) == 1:
         prefix = next(iter(engines)) + ": "
-        table = {name[len(prefix):]: row for name, row in table.items()}
+        table = {name[len(prefix) :]: row for name, row in table.items()}
     results["probe"] = table
-    print(f"\nlong-tail probe ({len(probes)} probes from {path}, accuracy % by frequency bucket, "
-          "0 = rarest):\n" + format_probe_table(table), flush=True)
-    plot = plot_by_bucket({k: v["per_bucket"] for k, v in table.items()}, "accuracy",
-                          "long-tail probe", os.path.join(out, "probe.png"))
+    print(
+        f"\nlong-tail probe ({len(probes)} probes from {path}, accuracy % by frequency bucket, "
+        "0 = rarest):\n" + format_probe_table(table),
+        flush=True,
+    )
+    plot = plot_by_bucket(
+        {k: v["per_bucket"] for k, v in table.items()},
+        "accuracy",
+        "long-tail probe",
+        os.path.join(out, "probe.png"),
+    )
     if plot:
         print(f"plot: {plot}")
 
@@ -116,13 +140,17 @@ def _perplexity(engine, run, out: str, results: dict) -> None:
         probes_path = os.path.join(run.prepared_dir, "probes.jsonl")
         if os.path.isfile(probes_path):
             from hmem_jax.data.encyclopedia import read_probes
+
             buckets = encyclopedia_buckets(texts, read_probes(probes_path))
     else:
         with open(PERPLEXITY.value, encoding="utf-8") as handle:
             rows = [json.loads(line) for line in handle if line.strip()]
-        texts = [row["text"] for row in rows][:PPL_DOCS.value]
-        buckets = [row["bucket"] for row in rows][:PPL_DOCS.value] if all(
-            "bucket" in row for row in rows) else None
+        texts = [row["text"] for row in rows][: PPL_DOCS.value]
+        buckets = (
+            [row["bucket"] for row in rows][: PPL_DOCS.value]
+            if all("bucket" in row for row in rows)
+            else None
+        )
     per_mode = {mode: document_perplexity(engine, texts, mode, buckets) for mode in _modes(engine)}
     results["perplexity"] = per_mode
     print(f"\nperplexity ({len(texts)} documents, routed by whole document):")
@@ -136,19 +164,24 @@ def _perplexity(engine, run, out: str, results: dict) -> None:
         for mode, row in per_mode.items():
             keys = sorted(int(k) for k in row["per_bucket"] if int(k) >= 0)
             series[mode] = [row["per_bucket"][str(k)] for k in keys]
-        plot_by_bucket(series, "perplexity", "document perplexity",
-                       os.path.join(out, "perplexity.png"))
+        plot_by_bucket(
+            series, "perplexity", "document perplexity", os.path.join(out, "perplexity.png")
+        )
 
 
 def _tasks(engine, rag, results: dict) -> None:
-    from hmem_jax.infer.tasks import (evaluate_choice, evaluate_generation, few_shot_prefix,
-                                      read_task)
+    from hmem_jax.infer.tasks import (
+        evaluate_choice,
+        evaluate_generation,
+        few_shot_prefix,
+        read_task,
+    )
 
     for path in TASKS.value:
         items = read_task(path)
-        shots, items = items[:SHOTS.value], items[SHOTS.value:]
+        shots, items = items[: SHOTS.value], items[SHOTS.value :]
         if LIMIT.value:
-            items = items[:LIMIT.value]
+            items = items[: LIMIT.value]
         prefix = few_shot_prefix(shots)
         evaluate = evaluate_choice if items[0].is_choice else evaluate_generation
         name = os.path.splitext(os.path.basename(path))[0]
@@ -157,8 +190,11 @@ def _tasks(engine, rag, results: dict) -> None:
             rows["rag"] = evaluate(engine, items, prefix, "none", rag=rag)
         results.setdefault("tasks", {})[name] = rows
         metric = "accuracy" if items[0].is_choice else "exact_match"
-        print(f"\ntask {name} ({len(items)} items, {len(shots)}-shot, {metric}): " + ", ".join(
-            f"{mode} {100 * row[metric]:.1f}" for mode, row in rows.items()), flush=True)
+        print(
+            f"\ntask {name} ({len(items)} items, {len(shots)}-shot, {metric}): "
+            + ", ".join(f"{mode} {100 * row[metric]:.1f}" for mode, row in rows.items()),
+            flush=True,
+        )
 
 
 def main(argv: list[str]) -> None:
@@ -173,6 +209,7 @@ def main(argv: list[str]) -> None:
         rag = None
         if RAG.value or "rag" in CONDITIONS.value:
             from hmem_jax.infer.rag import NearestDocument, training_documents
+
             rag = NearestDocument(engine.embedder, training_documents(run.cfg))
         results: dict = {"workdir": run.workdir, "step": run.step}
         if PROBE.value:

@@ -17,8 +17,9 @@ from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag()
 OUT = common.out_flag("Folder for the transformers checkpoint.", required=True)
-MEMORY = flags.DEFINE_enum("memory", "none", ["none", "generic", "fetched"],
-                           "Memory merged into the exported model.")
+MEMORY = flags.DEFINE_enum(
+    "memory", "none", ["none", "generic", "fetched"], "Memory merged into the exported model."
+)
 ROUTE_TEXT = flags.DEFINE_string("route_text", "", "Text whose route picks the path (fetched).")
 PATH = flags.DEFINE_string("path", "", "Comma-separated child index per level (fetched).")
 BANK = flags.DEFINE_string("bank", "", "Also export the bank into this folder.")
@@ -45,19 +46,36 @@ def main(argv: list[str]) -> None:
             else:
                 path_ids = engine.block_ids([ROUTE_TEXT.value])
         if mode != "none":
-            memory = engine.memory(path_ids if path_ids is not None else np.zeros(
-                (1, run.tree.depth), np.int32), mode)
-        metadata = {"run": run.workdir, "step": run.step, "memory": mode,
-                    "block_ids": path_ids[0].tolist() if path_ids is not None else None,
-                    "route_text": ROUTE_TEXT.value or None}
-        out = export_hf(OUT.value, run.cfg.model, run.params, memory,
-                        run.plan.lora_scale if run.plan else 1.0, run.prepared_dir, metadata)
+            memory = engine.memory(
+                path_ids if path_ids is not None else np.zeros((1, run.tree.depth), np.int32), mode
+            )
+        metadata = {
+            "run": run.workdir,
+            "step": run.step,
+            "memory": mode,
+            "block_ids": path_ids[0].tolist() if path_ids is not None else None,
+            "route_text": ROUTE_TEXT.value or None,
+        }
+        out = export_hf(
+            OUT.value,
+            run.cfg.model,
+            run.params,
+            memory,
+            run.plan.lora_scale if run.plan else 1.0,
+            run.prepared_dir,
+            metadata,
+        )
         print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
         if BANK.value:
             if run.bank is None:
                 common.fail("--bank: this run has no memory bank.")
-            export_bank(BANK.value, run.bank, run.plan.geometry.describe(), run.tree_dir,
-                        {"run": run.workdir, "step": run.step})
+            export_bank(
+                BANK.value,
+                run.bank,
+                run.plan.geometry.describe(),
+                run.tree_dir,
+                {"run": run.workdir, "step": run.step},
+            )
             print(f"exported bank to {os.path.abspath(BANK.value)}", flush=True)
     except (FileNotFoundError, ValueError, KeyError) as error:
         common.fail(str(error))

@@ -19,8 +19,9 @@ from hmem_jax.main import common
 WORKDIR = common.workdir_flag()
 PROMPTS = flags.DEFINE_multi_string("prompt", [], "A prompt; repeatable.")
 PROMPTS_FILE = flags.DEFINE_string("prompts_file", "", "Text (one prompt a line) or jsonl file.")
-MEMORY = flags.DEFINE_enum("memory", "fetched", ["none", "generic", "fetched"],
-                           "Which memory the anchor uses.")
+MEMORY = flags.DEFINE_enum(
+    "memory", "fetched", ["none", "generic", "fetched"], "Which memory the anchor uses."
+)
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
@@ -48,17 +49,25 @@ def main(argv: list[str]) -> None:
         common.fail("No prompts: give --prompt=TEXT (repeatable) or --prompts_file=PATH.")
     try:
         engine = Engine(load_run(WORKDIR.value, STEP.value))
-        sampling = Sampling(max_new_tokens=MAX_NEW.value, temperature=TEMPERATURE.value,
-                            top_k=TOP_K.value, top_p=TOP_P.value, seed=SEED.value)
+        sampling = Sampling(
+            max_new_tokens=MAX_NEW.value,
+            temperature=TEMPERATURE.value,
+            top_k=TOP_K.value,
+            top_p=TOP_P.value,
+            seed=SEED.value,
+        )
         mode = MEMORY.value
         if mode != "none" and not engine.has_memory:
-            common.fail(f"--memory={mode}: {WORKDIR.value} was trained without memory; "
-                        "use --memory=none.")
+            common.fail(
+                f"--memory={mode}: {WORKDIR.value} was trained without memory; use --memory=none."
+            )
         if mode == "generic" and not engine.has_generic:
-            common.fail("--memory=generic: this run has no generic memory "
-                        "(MemoryConfig.generic_probability = 0).")
+            common.fail(
+                "--memory=generic: this run has no generic memory "
+                "(MemoryConfig.generic_probability = 0)."
+            )
         for start in range(0, len(prompts), BATCH.value):
-            chunk = prompts[start:start + BATCH.value]
+            chunk = prompts[start : start + BATCH.value]
             ids = engine.block_ids(chunk) if mode == "fetched" else None
             began = time.perf_counter()
             outputs = engine.generate(chunk, mode, sampling)

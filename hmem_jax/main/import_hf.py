@@ -13,8 +13,7 @@ from absl import flags
 
 from hmem_jax.main import common
 
-HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint folder.",
-                             required=True)
+HF_DIR = flags.DEFINE_string("hf_dir", None, "Local transformers checkpoint folder.", required=True)
 OUT = common.out_flag("Folder for the hmem_jax anchor run.", required=True)
 CHECK = flags.DEFINE_bool("check", True, "Compare logits with transformers after importing.")
 
@@ -29,7 +28,8 @@ def check_logits(hf_dir: str, cfg, params) -> float:
 
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, local_files_only=True, trust_remote_code=True, dtype=torch.float32).eval()
+        hf_dir, local_files_only=True, trust_remote_code=True, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         expected = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
@@ -50,8 +50,11 @@ def main(argv: list[str]) -> None:
         if diff > 1e-4:
             common.fail(f"The imported anchor's logits differ from transformers' by {diff:.2e}.")
     out = write_anchor_run(OUT.value, cfg, params, HF_DIR.value)
-    print(f"anchor written to {out} (use --gin_file={out}/model.gin "
-          f"--gin_param=\"TrainConfig.init_from = '{out}'\")", flush=True)
+    print(
+        f"anchor written to {out} (use --gin_file={out}/model.gin "
+        f"--gin_param=\"TrainConfig.init_from = '{out}'\")",
+        flush=True,
+    )
 
 
 def run() -> None:

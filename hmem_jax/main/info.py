@@ -17,12 +17,14 @@ from hmem_jax.config import ConfigError, TrainConfig
 from hmem_jax.main import common
 
 DEVICES = flags.DEFINE_integer("devices", None, "Mesh size to report the memory footprint for.")
-PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", None,
-                                        "Sequences per batch shard for the footprint.")
+PER_DEVICE_BATCH = flags.DEFINE_integer(
+    "per_device_batch", None, "Sequences per batch shard for the footprint."
+)
 
 
-def describe(cfg: TrainConfig, devices: int | None = None,
-             per_device_batch: int | None = None) -> dict:
+def describe(
+    cfg: TrainConfig, devices: int | None = None, per_device_batch: int | None = None
+) -> dict:
     """The configuration's sizes; the memory footprint on `devices` (default: those present)."""
     from hmem_jax.bank.footprint import memory_footprint
     from hmem_jax.bank.geometry import BankGeometry
@@ -43,13 +45,19 @@ def describe(cfg: TrainConfig, devices: int | None = None,
     }
     if cfg.memory.enabled:
         geometry = BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy)
-        info.update(bank_params=geometry.bank_params, fetched_params=geometry.fetched_params,
-                    fetched_fraction_of_anchor=round(geometry.fetched_params / anchor, 4),
-                    memory=geometry.describe(), training_mode=cfg.memory.mode,
-                    train_flops_per_token=train_flops_per_token(cfg.model, cfg.seq_len,
-                                                                geometry.fetched_params))
+        info.update(
+            bank_params=geometry.bank_params,
+            fetched_params=geometry.fetched_params,
+            fetched_fraction_of_anchor=round(geometry.fetched_params / anchor, 4),
+            memory=geometry.describe(),
+            training_mode=cfg.memory.mode,
+            train_flops_per_token=train_flops_per_token(
+                cfg.model, cfg.seq_len, geometry.fetched_params
+            ),
+        )
         if devices is None:
             import jax
+
             devices = jax.device_count()
         info["memory_footprint"] = memory_footprint(cfg, devices, per_device_batch).describe()
     return info

@@ -41,11 +41,24 @@ def main(argv: list[str]) -> None:
     except (PreparedDataError, SourceError, TokenizerError, FileNotFoundError) as error:
         common.fail(str(error))
     manifest = read_manifest(out_dir)
-    summary = {key: manifest[key] for key in ("num_documents", "num_records", "num_tokens",
-                                              "num_padding_tokens", "seq_len", "timing_s")}
-    summary.update(out=out_dir, leaves=manifest["leaves"]["count"],
-                   tree=(manifest["tree"] or {}).get("content_hash"),
-                   tokenizer=manifest["tokenizer"]["sha256"][:16], corpus=manifest["corpus"])
+    summary = {
+        key: manifest[key]
+        for key in (
+            "num_documents",
+            "num_records",
+            "num_tokens",
+            "num_padding_tokens",
+            "seq_len",
+            "timing_s",
+        )
+    }
+    summary.update(
+        out=out_dir,
+        leaves=manifest["leaves"]["count"],
+        tree=(manifest["tree"] or {}).get("content_hash"),
+        tokenizer=manifest["tokenizer"]["sha256"][:16],
+        corpus=manifest["corpus"],
+    )
     print(json.dumps(summary, indent=1))
 
 

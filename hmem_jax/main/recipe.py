@@ -23,8 +23,13 @@ WORKDIR = common.workdir_flag("Folder of the recipe's runs.")
 
 def _probe(recipe, limit: int) -> None:
     from hmem_jax.infer.engine import Engine
-    from hmem_jax.infer.probe import (compare_runs, documents_by_id, format_probe_table,
-                                      read_probe_file, sample_probes)
+    from hmem_jax.infer.probe import (
+        compare_runs,
+        documents_by_id,
+        format_probe_table,
+        read_probe_file,
+        sample_probes,
+    )
     from hmem_jax.infer.run import load_run
     from hmem_jax.train.recipe import BASELINE, MEMORY
 
@@ -32,23 +37,34 @@ def _probe(recipe, limit: int) -> None:
     memory_run, baseline_run = engines[MEMORY].run, engines[BASELINE].run
     path = os.path.join(memory_run.prepared_dir, "probes.jsonl")
     if not os.path.isfile(path):
-        print(f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
-              "them, or run `hmem evaluate --probe_file=...` on both runs)", flush=True)
+        print(
+            f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
+            "them, or run `hmem evaluate --probe_file=...` on both runs)",
+            flush=True,
+        )
         return
     items = sample_probes(read_probe_file(path), limit)
     documents = documents_by_id(memory_run.cfg.data)
-    table = compare_runs(engines, items, ("fetched", "oracle", "blocked", "generic", "anchor"),
-                         documents)
-    names = {f"{BASELINE}: anchor": f"baseline, anchor only ({baseline_run.cfg.steps} steps)",
-             f"{MEMORY}: anchor": "memory run, memory removed"}
-    table = {names.get(name, name.replace(f"{MEMORY}: ", "memory run, ")): row
-             for name, row in table.items()}
+    table = compare_runs(
+        engines, items, ("fetched", "oracle", "blocked", "generic", "anchor"), documents
+    )
+    names = {
+        f"{BASELINE}: anchor": f"baseline, anchor only ({baseline_run.cfg.steps} steps)",
+        f"{MEMORY}: anchor": "memory run, memory removed",
+    }
+    table = {
+        names.get(name, name.replace(f"{MEMORY}: ", "memory run, ")): row
+        for name, row in table.items()
+    }
     with open(os.path.join(recipe.workdir, "probe.json"), "w") as handle:
         json.dump(table, handle, indent=1)
     cfg = memory_run.cfg
-    print(f"long-tail probe ({len(items)} probes; accuracy % by frequency bucket, 0 = rarest; "
-          f"both runs trained {baseline_run.cfg.steps} steps of {cfg.batch_size} x "
-          f"{cfg.seq_len} tokens):\n" + format_probe_table(table, label="run"), flush=True)
+    print(
+        f"long-tail probe ({len(items)} probes; accuracy % by frequency bucket, 0 = rarest; "
+        f"both runs trained {baseline_run.cfg.steps} steps of {cfg.batch_size} x "
+        f"{cfg.seq_len} tokens):\n" + format_probe_table(table, label="run"),
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -59,8 +75,11 @@ def main(argv: list[str]) -> None:
     from hmem_jax.train.checkpoint import CheckpointMismatchError
     from hmem_jax.train.recipe import Recipe, run_recipe
 
-    recipe = Recipe(os.path.abspath(WORKDIR.value), tuple(common.GIN_FILES.value),
-                    tuple(common.GIN_PARAMS.value))
+    recipe = Recipe(
+        os.path.abspath(WORKDIR.value),
+        tuple(common.GIN_FILES.value),
+        tuple(common.GIN_PARAMS.value),
+    )
     try:
         recipe.check()
         run_recipe(recipe)
@@ -72,8 +91,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The command line entry point."""
-    common.run(main, hint="configure the recipe with --gin_file and --gin_param",
-               distributed=True)
+    common.run(main, hint="configure the recipe with --gin_file and --gin_param", distributed=True)
 
 
 if __name__ == "__main__":

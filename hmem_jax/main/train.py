@@ -16,14 +16,23 @@ from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag("Run folder (checkpoints, metrics, config).")
 UNTIL_STEP = flags.DEFINE_integer(
-    "until_step", None, "Stop after this step (checkpointing it), as a preempted job would; "
-    "the schedule still spans TrainConfig.steps.")
+    "until_step",
+    None,
+    "Stop after this step (checkpointing it), as a preempted job would; "
+    "the schedule still spans TrainConfig.steps.",
+)
 PROBE_LIMIT = flags.DEFINE_integer(
-    "probe_limit", 500, "After training, run the long-tail probe on this many probe prompts of the "
-    "prepared data (embedded corpus) and print the per-bucket table; 0 = skip.")
+    "probe_limit",
+    500,
+    "After training, run the long-tail probe on this many probe prompts of the "
+    "prepared data (embedded corpus) and print the per-bucket table; 0 = skip.",
+)
 PEAK_TFLOPS = flags.DEFINE_float(
-    "peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0 = data sheet by device kind, or a "
-    "measured matmul peak on CPU.")
+    "peak_tflops",
+    0.0,
+    "Peak TFLOP/s per device for MFU; 0 = data sheet by device kind, or a "
+    "measured matmul peak on CPU.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -38,8 +47,14 @@ def main(argv: list[str]) -> None:
         write_run_config(cfg, workdir)
     try:
         loader = make_loader(cfg, workdir)
-        train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=UNTIL_STEP.value,
-              peak_tflops=PEAK_TFLOPS.value)
+        train(
+            cfg,
+            workdir,
+            loader,
+            fingerprint(loader.fingerprint),
+            until_step=UNTIL_STEP.value,
+            peak_tflops=PEAK_TFLOPS.value,
+        )
     except FileNotFoundError as error:  # a path the configuration names
         common.fail(str(error))
     if jax.process_index() == 0 and UNTIL_STEP.value is None and PROBE_LIMIT.value > 0:
@@ -52,14 +67,16 @@ def print_probe_table(workdir: str, limit: int) -> None:
 
     table = probe_workdir(workdir, limit=limit)
     if table:
-        print("long-tail probe (accuracy % by frequency bucket, 0 = rarest):\n"
-              + format_probe_table(table), flush=True)
+        print(
+            "long-tail probe (accuracy % by frequency bucket, 0 = rarest):\n"
+            + format_probe_table(table),
+            flush=True,
+        )
 
 
 def run() -> None:
     """The command line entry point."""
-    common.run(main, hint="configure the run with --gin_file and --gin_param",
-               distributed=True)
+    common.run(main, hint="configure the run with --gin_file and --gin_param", distributed=True)
 
 
 if __name__ == "__main__":

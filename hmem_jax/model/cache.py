@@ -36,14 +36,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> KVCache:
     """An empty cache for `batch` sequences of at most `max_length` tokens (prompt + output)."""
     shape = (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.head_dim)
     dtype = jnp.dtype(cfg.dtype)
-    return KVCache(layers={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
-                   segment_ids=jnp.zeros((batch, max_length), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+    return KVCache(
+        layers={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+        segment_ids=jnp.zeros((batch, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
 
 
 def _with_new_segments(cache: KVCache, segment_ids: Array) -> Array:
-    return jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                               cache.index, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(
+        cache.segment_ids, segment_ids.astype(jnp.int32), cache.index, axis=1
+    )
 
 
 def attention_mask(cache: KVCache, segment_ids: Array) -> Array:
@@ -58,5 +61,8 @@ def attention_mask(cache: KVCache, segment_ids: Array) -> Array:
 
 def advance(cache: KVCache, layers: dict[str, Array], segment_ids: Array) -> KVCache:
     """The cache after `segment_ids.shape[1]` tokens were written with `layers`' keys/values."""
-    return KVCache(layers=layers, segment_ids=_with_new_segments(cache, segment_ids),
-                   index=cache.index + segment_ids.shape[1])
+    return KVCache(
+        layers=layers,
+        segment_ids=_with_new_segments(cache, segment_ids),
+        index=cache.index + segment_ids.shape[1],
+    )

@@ -32,11 +32,18 @@ def truncated_normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.truncated_normal(stddev=std / 0.87962566103423978)
 
 
-def param(module: nn.Module, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...],
-          axes: tuple[str | None, ...], cfg: ModelConfig) -> Array:
+def param(
+    module: nn.Module,
+    name: str,
+    init: nn.initializers.Initializer,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    cfg: ModelConfig,
+) -> Array:
     """A parameter with logical axis names, returned in the compute dtype."""
-    value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
-                         dtype_of(cfg.param_dtype))
+    value = module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, dtype_of(cfg.param_dtype)
+    )
     return jnp.asarray(value, dtype_of(cfg.dtype))
 
 
@@ -59,25 +66,34 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 (self.axis_name,)),
-                           (x.shape[-1],), dtype_of(self.cfg.param_dtype))
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            dtype_of(self.cfg.param_dtype),
+        )
         x32 = x.astype(jnp.float32)
         mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.norm_eps)
         return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def llama3_inv_freq(inv_freq: np.ndarray, factor: float, low_freq_factor: float,
-                    high_freq_factor: float, original_max: float) -> np.ndarray:
+def llama3_inv_freq(
+    inv_freq: np.ndarray,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max: float,
+) -> np.ndarray:
     """Llama 3's rescaled rotary frequencies: long wavelengths slowed by `factor`, short ones
     kept, a smooth blend in between (what `transformers` computes for rope_type 'llama3')."""
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > original_max / low_freq_factor, inv_freq / factor, inv_freq)
     smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= original_max / high_freq_factor) & (wavelen <= original_max
-                                                             / low_freq_factor)
+    medium = (wavelen >= original_max / high_freq_factor) & (
+        wavelen <= original_max / low_freq_factor
+    )
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
@@ -130,9 +146,16 @@ class Attention(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, positions: Array, memory: Memory | None = None,
-                 cache: Mapping[str, Array] | None = None, cache_index: Array | None = None,
-                 layer: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+    def __call__(
+        self,
+        x: Array,
+        mask: Array,
+        positions: Array,
+        memory: Memory | None = None,
+        cache: Mapping[str, Array] | None = None,
+        cache_index: Array | None = None,
+        layer: Array | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
         cfg = self.cfg
         batch, length, d = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -169,11 +192,18 @@ class Attention(nn.Module):
         if cache is not None:
             zero = jnp.zeros((), jnp.int32)
             start = (layer, zero, cache_index, zero, zero)
-            new_cache = {name: jax.lax.dynamic_update_slice(
-                cache[name], value[None].astype(cache[name].dtype), start)
-                for name, value in (("k", k), ("v", v))}
-            k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False)
-                    .astype(q.dtype) for name in ("k", "v"))
+            new_cache = {
+                name: jax.lax.dynamic_update_slice(
+                    cache[name], value[None].astype(cache[name].dtype), start
+                )
+                for name, value in (("k", k), ("v", v))
+            }
+            k, v = (
+                jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False).astype(
+                    q.dtype
+                )
+                for name in ("k", "v")
+            )
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
         if memory and "keys" in memory:
             out = out + kv_memory_attention(q_unrotated, memory)

@@ -95,8 +95,9 @@ def grouped_ffn_memory(x: Array, memory: Memory) -> Array:
         out = out.at[order].add(down.reshape(batch, length, d))
     if fetched_weight is not None:
         generic = memory["generic"]
-        shared = _swiglu(x, generic["gate"], generic["up"], generic["down"],
-                         "btd,dr->btr", "btr,rd->btd")
+        shared = _swiglu(
+            x, generic["gate"], generic["up"], generic["down"], "btd,dr->btr", "btr,rd->btd"
+        )
         out = out * fetched_weight + shared * (1.0 - fetched_weight)
     return out
 
@@ -104,8 +105,9 @@ def grouped_ffn_memory(x: Array, memory: Memory) -> Array:
 # ----- step-level assembly (outside the model) --------------------------------------------
 
 
-def sequence_memory(fetched: Mapping[int, Memory], slots: Mapping[int, Array],
-                    rank_axes: Mapping[str, int]) -> dict[str, Array]:
+def sequence_memory(
+    fetched: Mapping[int, Memory], slots: Mapping[int, Array], rank_axes: Mapping[str, int]
+) -> dict[str, Array]:
     """Per-sequence memory[name] = [layers, B, ...R...] from unique blocks.
 
     fetched[level][name]: [U_l, layers, ...r_l...] unique blocks of the step;
@@ -121,8 +123,12 @@ def sequence_memory(fetched: Mapping[int, Memory], slots: Mapping[int, Array],
     return out
 
 
-def grouped_memory(fetched: Mapping[int, Memory], slots: Mapping[int, Array],
-                   generic: Memory | None = None, use_generic: Array | None = None) -> dict:
+def grouped_memory(
+    fetched: Mapping[int, Memory],
+    slots: Mapping[int, Array],
+    generic: Memory | None = None,
+    use_generic: Array | None = None,
+) -> dict:
     """Memory for the 'grouped' application: unique blocks per level, layer axis first.
 
     With a generic block, `generic[name]` is [1, layers, ...R...] and
@@ -142,8 +148,9 @@ def grouped_memory(fetched: Mapping[int, Memory], slots: Mapping[int, Array],
     return memory
 
 
-def select_generic(per_sequence: dict[str, Array], generic: Memory,
-                   use_generic: Array) -> dict[str, Array]:
+def select_generic(
+    per_sequence: dict[str, Array], generic: Memory, use_generic: Array
+) -> dict[str, Array]:
     """Replace the memory of sequences with use_generic[B] by the generic block.
 
     per_sequence[name]: [layers, B, ...]; generic[name]: [1, layers, ...].
@@ -165,4 +172,5 @@ def place_layers(memory: dict, layers: tuple[int, ...], num_layers: int) -> dict
     def spread(value: Array) -> Array:
         full = jnp.zeros((num_layers,) + value.shape[1:], value.dtype)
         return full.at[index].set(value)
+
     return jax.tree.map(spread, memory)

@@ -21,8 +21,15 @@ import jax.numpy as jnp
 
 from hmem_jax.config import ModelConfig
 from hmem_jax.model.cache import KVCache, advance, attention_mask
-from hmem_jax.model.layers import (Attention, RMSNorm, SwiGLU, dense, document_causal_mask,
-                                   dtype_of, truncated_normal)
+from hmem_jax.model.layers import (
+    Attention,
+    RMSNorm,
+    SwiGLU,
+    dense,
+    document_causal_mask,
+    dtype_of,
+    truncated_normal,
+)
 
 Array = jax.Array
 
@@ -43,13 +50,26 @@ class Block(nn.Module):
     lora_scale: float = 1.0
 
     @nn.compact
-    def __call__(self, carry: Any, mask: Array, positions: Array, memory: Any,
-                 cache_index: Array | None = None) -> tuple[Any, None]:
+    def __call__(
+        self,
+        carry: Any,
+        mask: Array,
+        positions: Array,
+        memory: Any,
+        cache_index: Array | None = None,
+    ) -> tuple[Any, None]:
         x, layer, cache = carry if isinstance(carry, tuple) else (carry, None, None)
         attn = Attention(self.cfg, self.lora_scale, name="attn")
         mlp = SwiGLU(self.cfg, self.lora_scale, name="mlp")
-        attended, cache = attn(RMSNorm(self.cfg, "embed", name="attn_norm")(x), mask,
-                               positions, memory, cache, cache_index, layer)
+        attended, cache = attn(
+            RMSNorm(self.cfg, "embed", name="attn_norm")(x),
+            mask,
+            positions,
+            memory,
+            cache,
+            cache_index,
+            layer,
+        )
         x = x + attended
         x = x + mlp(RMSNorm(self.cfg, "embed", name="mlp_norm")(x), memory)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -81,35 +101,49 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.lora_scale, name="blocks")
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(truncated_normal(cfg.init_std),
-                                                      ("vocab", "embed")),
-            (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
+            "embedding",
+            nn.with_logical_partitioning(truncated_normal(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            dtype_of(cfg.param_dtype),
+        )
         self.final_norm = RMSNorm(cfg, "embed")
         if not cfg.tie_embeddings:
             self.lm_head = self.param(
-                "lm_head", nn.with_logical_partitioning(
-                    truncated_normal(1.0 / math.sqrt(cfg.d_model)), ("embed", "vocab")),
-                (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
+                "lm_head",
+                nn.with_logical_partitioning(
+                    truncated_normal(1.0 / math.sqrt(cfg.d_model)), ("embed", "vocab")
+                ),
+                (cfg.d_model, cfg.vocab_size),
+                dtype_of(cfg.param_dtype),
+            )
 
     def embed(self, tokens: Array) -> Array:
         """Token embeddings[B, T, d] in the compute dtype."""
         # The lookup reads the table whole (as FSDP gathers any weight before use);
         # gathering rows from a table sharded over `embed` into a batch-sharded
         # output would otherwise make the partitioner replicate via a slow path.
-        table = nn.with_logical_constraint(jnp.asarray(self.embedding, dtype_of(self.cfg.dtype)),
-                                           (None, None))
+        table = nn.with_logical_constraint(
+            jnp.asarray(self.embedding, dtype_of(self.cfg.dtype)), (None, None)
+        )
         x = jnp.take(table, tokens, axis=0)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    def hidden_states(self, tokens: Array, segment_ids: Array, positions: Array,
-                      memory: Any = None) -> Array:
+    def hidden_states(
+        self, tokens: Array, segment_ids: Array, positions: Array, memory: Any = None
+    ) -> Array:
         """Final-normed hidden states[B, T, d] in the compute dtype."""
         mask = document_causal_mask(segment_ids)
         x, _ = self.blocks(self.embed(tokens), mask, positions, memory, None)
         return self.final_norm(x)
 
-    def extend(self, tokens: Array, segment_ids: Array, positions: Array, cache: KVCache,
-               memory: Any = None) -> tuple[Array, KVCache]:
+    def extend(
+        self,
+        tokens: Array,
+        segment_ids: Array,
+        positions: Array,
+        cache: KVCache,
+        memory: Any = None,
+    ) -> tuple[Array, KVCache]:
         """Run tokens[B, T] at cache slots [cache.index, cache.index + T): -> (logits, cache).
 
         The KV-cache path of decoding (see hmem_jax/model/cache.py): the same
@@ -131,8 +165,9 @@ class Transformer(nn.Module):
         out = dense(hidden, head).astype(jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
-    def __call__(self, tokens: Array, segment_ids: Array, positions: Array,
-                 memory: Any = None) -> Array:
+    def __call__(
+        self, tokens: Array, segment_ids: Array, positions: Array, memory: Any = None
+    ) -> Array:
         """tokens, segment_ids, positions: int32[B, T]; memory: per-layer pytree or None."""
         return self.logits(self.hidden_states(tokens, segment_ids, positions, memory))
 

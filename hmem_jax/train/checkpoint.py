@@ -29,16 +29,25 @@ from hmem_jax.train.state import TrainState
 class Checkpointer:
     """Saves every `every` steps, keeps the last `keep`, restores the latest."""
 
-    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True,
-                 bank_snapshot: Callable[[int], dict[str, Any]] | None = None,
-                 bank_collect: Callable[[Iterable[int]], Any] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        every: int,
+        keep: int,
+        async_save: bool = True,
+        bank_snapshot: Callable[[int], dict[str, Any]] | None = None,
+        bank_collect: Callable[[Iterable[int]], Any] | None = None,
+    ) -> None:
         """`bank_snapshot(step)` seals a streamed bank and returns what the record keeps of it;
         `bank_collect(steps)` drops bank versions not in `steps` (the kept checkpoints)."""
         self.directory = os.path.abspath(directory)
         self._bank_snapshot, self._bank_collect = bank_snapshot, bank_collect
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, create=True,
-            enable_async_checkpointing=async_save)
+            max_to_keep=keep,
+            save_interval_steps=every,
+            create=True,
+            enable_async_checkpointing=async_save,
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_blocking_s = 0.0
 
@@ -48,8 +57,9 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, record: dict[str, Any],
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: TrainState, record: dict[str, Any], force: bool = False
+    ) -> bool:
         """Start saving `state` as checkpoint `step` if the interval (or `force`) says so."""
         start = time.perf_counter()
         if self._bank_snapshot is not None:
@@ -59,8 +69,12 @@ class Checkpointer:
             # bank that is not fully on disk.
             record = {**record, **self._bank_snapshot(step)}
         saved = self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          record=ocp.args.JsonSave(record)), force=force)
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            ),
+            force=force,
+        )
         if saved and self._bank_collect is not None:
             self._bank_collect(set(self.all_steps()) | {step})
         self.last_blocking_s = time.perf_counter() - start
@@ -68,8 +82,11 @@ class Checkpointer:
 
     def read_record(self, step: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint `step`."""
-        return dict(self._manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore()))["record"])
+        return dict(
+            self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
+                "record"
+            ]
+        )
 
     def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
         """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings).
@@ -78,16 +95,19 @@ class Checkpointer:
         model config); a difference is an error naming the key, never a
         silent restore into a different run.
         """
-        record = self._manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore()))["record"]
+        record = self._manager.restore(
+            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+        )["record"]
         for key, value in expected.items():
             if record.get(key) != value:
                 raise CheckpointMismatchError(
                     f"Checkpoint {self.directory}/{step} was written with {key} = "
                     f"{record.get(key)!r}, but this run has {value!r}. Resume with the original "
-                    f"configuration, or start the new run in a fresh --workdir.")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
+                    f"configuration, or start the new run in a fresh --workdir."
+                )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
         return restored["state"]
 
     def restore_params(self, step: int, target: Any) -> Any:
@@ -98,14 +118,21 @@ class Checkpointer:
         """
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item={"params": target},
-                                             restore_args={"params": restore_args},
-                                             partial_restore=True)))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"params": target},
+                        restore_args={"params": restore_args},
+                        partial_restore=True,
+                    )
+                ),
+            )
         except (ValueError, KeyError) as err:
             raise CheckpointMismatchError(
                 f"The anchor in {self.directory}/{step} does not fit this model ({err}). "
-                "init_from must name a run of the same ModelConfig.") from err
+                "init_from must name a run of the same ModelConfig."
+            ) from err
         return restored["state"]["params"]
 
     def wait(self) -> None:

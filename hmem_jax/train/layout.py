@@ -21,6 +21,7 @@ from hmem_jax.data.loader import Loader
 def write_run_config(cfg: TrainConfig, workdir: str) -> None:
     """The operative gin config and the resolved dataclasses, next to the checkpoints."""
     import gin
+
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
@@ -50,11 +51,16 @@ def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
 
     if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
         if cfg.tree_dir:
-            raise FileNotFoundError(f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
-                                    f"({MANIFEST_NAME}); fit one with `python -m "
-                                    "hmem_jax.main.cluster`, or leave tree_dir empty.")
-        print(f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
-              f"on the corpus into {tree_dir}", flush=True)
+            raise FileNotFoundError(
+                f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
+                f"({MANIFEST_NAME}); fit one with `python -m "
+                "hmem_jax.main.cluster`, or leave tree_dir empty."
+            )
+        print(
+            f"hmem_jax: fitting a {cfg.hierarchy.branching}x{cfg.hierarchy.depth} cluster tree "
+            f"on the corpus into {tree_dir}",
+            flush=True,
+        )
         cluster_corpus(cfg.data, cfg.hierarchy, tree_dir, verbose=False)
     elif not cfg.tree_dir:
         _check_own_tree_embedder(cfg, tree_dir)
@@ -72,7 +78,8 @@ def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str) -> None:
             f"{tree_dir} was fitted with the '{fitted_with}' embedder, but the configuration names "
             f"HierarchyConfig.embedder = '{cfg.hierarchy.embedder}'. Use a new --workdir for the "
             f"new embedder, or add --gin_param=\"HierarchyConfig.embedder = '{fitted_with}'\" "
-            "to continue this run as it was.")
+            "to continue this run as it was."
+        )
 
 
 def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> Loader:
@@ -92,8 +99,16 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     from hmem_jax import sharding
 
     tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
-    return Loader(prepared, cfg.batch_size, cfg.seq_len, cfg.seed,
-                  process_index=jax.process_index(), process_count=jax.process_count(),
-                  batch_shards=sharding.batch_shards_for(cfg.mesh, devices or jax.device_count()),
-                  tree_hash=tree_hash, worker_count=cfg.data.worker_count,
-                  prefetch=cfg.data.prefetch, subtree=cfg.subtree if cfg.subtree >= 0 else None)
+    return Loader(
+        prepared,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        batch_shards=sharding.batch_shards_for(cfg.mesh, devices or jax.device_count()),
+        tree_hash=tree_hash,
+        worker_count=cfg.data.worker_count,
+        prefetch=cfg.data.prefetch,
+        subtree=cfg.subtree if cfg.subtree >= 0 else None,
+    )

@@ -9,10 +9,10 @@ device just to log.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
-import collections
 import os
 import time
 from collections.abc import Iterator
@@ -72,8 +72,18 @@ def fingerprint(obj: Any) -> str:
 def run_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     """What must not change between a checkpoint and the run that resumes it."""
     memory = dataclasses.asdict(cfg.memory)
-    structure = {k: memory[k] for k in ("kind", "level_sizes", "placement", "placement_layers",
-                                        "mode", "generic_probability", "init_seed")}
+    structure = {
+        k: memory[k]
+        for k in (
+            "kind",
+            "level_sizes",
+            "placement",
+            "placement_layers",
+            "mode",
+            "generic_probability",
+            "init_seed",
+        )
+    }
     return {
         "model": fingerprint(dataclasses.asdict(cfg.model)),
         "memory": fingerprint(structure),
@@ -84,9 +94,15 @@ def run_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
     }
 
 
-def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint: str,
-          until_step: int | None = None, peak_tflops: float = 0.0,
-          devices: list[jax.Device] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    workdir: str,
+    loader: BatchSource,
+    data_fingerprint: str,
+    until_step: int | None = None,
+    peak_tflops: float = 0.0,
+    devices: list[jax.Device] | None = None,
+) -> TrainResult:
     """Train to `cfg.steps` (or stop after `until_step`, as a preempted job would).
 
     `data_fingerprint` identifies the prepared data (tokenizer, tree, packing);
@@ -102,13 +118,16 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
         raise ValueError(
             f"TrainConfig.batch_size / grad_accum_steps = {micro} sequences per micro-batch does "
             f"not divide over the {shards} batch shards of the mesh {dict(mesh.shape)}; change "
-            f"batch_size, grad_accum_steps or MeshConfig.")
+            f"batch_size, grad_accum_steps or MeshConfig."
+        )
 
     plan = MemoryPlan.from_config(cfg)
     if plan is not None and loader.batch_shards != shards:
-        raise ValueError(f"The loader lists blocks for {loader.batch_shards} batch shards but "
-                         f"the mesh {dict(mesh.shape)} splits the batch {shards} ways; open the "
-                         "loader with batch_shards = sharding.batch_shards_for(...).")
+        raise ValueError(
+            f"The loader lists blocks for {loader.batch_shards} batch shards but "
+            f"the mesh {dict(mesh.shape)} splits the batch {shards} ways; open the "
+            "loader with batch_shards = sharding.batch_shards_for(...)."
+        )
     frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
     schedule = learning_rate_schedule(cfg.optim, cfg.steps)
@@ -119,33 +138,50 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
     record = run_record(cfg, data_fingerprint)
 
     snapshot, collect = tier.checkpoint_hooks()
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                                cfg.keep_checkpoints, cfg.async_checkpointing,
-                                bank_snapshot=snapshot, bank_collect=collect)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        cfg.checkpoint_every,
+        cfg.keep_checkpoints,
+        cfg.async_checkpointing,
+        bank_snapshot=snapshot,
+        bank_collect=collect,
+    )
     latest = checkpointer.latest_step()
     if latest is None:
         anchor = restore_anchor(cfg, model, mesh, rules) if cfg.init_from else None
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
         tier.restore(checkpointer.read_record(latest), f"{checkpointer.directory}/{latest}")
-        state = checkpointer.restore(latest, abstract_state(model, tx, mesh, rules, state_plan),
-                                     record)
+        state = checkpointer.restore(
+            latest, abstract_state(model, tx, mesh, rules, state_plan), record
+        )
     start_step = int(state.step)
     if jax.process_index() == 0:
         what = f"resuming from step {start_step}" if latest is not None else "starting fresh"
-        print(f"hmem_jax: {count_params(state.params):,} parameters, mesh {dict(mesh.shape)}, "
-              f"{jax.process_count()} process(es), {what}", flush=True)
+        print(
+            f"hmem_jax: {count_params(state.params):,} parameters, mesh {dict(mesh.shape)}, "
+            f"{jax.process_count()} process(es), {what}",
+            flush=True,
+        )
 
-    fns = StepFunctions(model=model, tx=tx, schedule=schedule,
-                        micro_batches=cfg.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                        plan=plan, freeze_anchor=frozen, host_bank=not tier.in_state,
-                        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
-                        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None)
+    fns = StepFunctions(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        micro_batches=cfg.grad_accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        plan=plan,
+        freeze_anchor=frozen,
+        host_bank=not tier.in_state,
+        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
+        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
+    )
     step_fn = compile_train_step(fns, mesh, rules, shardings)
     inputs = MODEL_INPUTS + (plan.batch_keys() if plan else ())
     fetched_params = plan.geometry.fetched_params if plan else 0
     flops_per_step = metrics_lib.train_flops_per_token(cfg.model, cfg.seq_len, fetched_params) * (
-        cfg.batch_size * cfg.seq_len)
+        cfg.batch_size * cfg.seq_len
+    )
     peak, _ = metrics_lib.peak_flops_per_device(peak_tflops)
     writer = metrics_lib.MetricWriter(workdir, cfg.steps)
     end_step = cfg.steps if until_step is None else min(until_step, cfg.steps)
@@ -179,13 +215,15 @@ def train(cfg: TrainConfig, workdir: str, loader: BatchSource, data_fingerprint:
                 elapsed = now - window_start
                 step_time = elapsed / window_steps
                 logged = dict(step_metrics)
-                logged.update({
-                    "perf/step_time_s": step_time,
-                    "perf/tokens_per_s": cfg.batch_size * cfg.seq_len / step_time,
-                    "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
-                    "perf/data_wait_s": data_wait / window_steps,
-                    "ckpt/blocking_s": checkpointer.last_blocking_s,
-                })
+                logged.update(
+                    {
+                        "perf/step_time_s": step_time,
+                        "perf/tokens_per_s": cfg.batch_size * cfg.seq_len / step_time,
+                        "perf/mfu": flops_per_step / step_time / (peak * jax.device_count()),
+                        "perf/data_wait_s": data_wait / window_steps,
+                        "ckpt/blocking_s": checkpointer.last_blocking_s,
+                    }
+                )
                 logged.update(tier.metrics(window_steps))
                 if run_start is None:
                     run_start, timed_steps = now, 0  # the first window includes compilation
@@ -225,7 +263,8 @@ def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) 
         if step is None:
             raise FileNotFoundError(
                 f"TrainConfig.init_from = {cfg.init_from!r} holds no checkpoint; point it at an "
-                "anchor run's workdir or one of its checkpoints/<step> folders.")
+                "anchor run's workdir or one of its checkpoints/<step> folders."
+            )
         return checkpointer.restore_params(step, target)
     finally:
         checkpointer.close()

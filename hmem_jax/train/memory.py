@@ -24,10 +24,9 @@ import numpy as np
 import optax
 
 from hmem_jax.bank import device as bank_lib
-from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.bank.exchange import BlockExchange, Reduced
-from hmem_jax.bank.sparse_adamw import (element_counters, is_narrow, row_rounding_keys,
-                                        sparse_adamw)
+from hmem_jax.bank.geometry import BankGeometry
+from hmem_jax.bank.sparse_adamw import element_counters, is_narrow, row_rounding_keys, sparse_adamw
 from hmem_jax.config import MemoryConfig, TrainConfig
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.train.optimizer import warmup_cosine
@@ -67,11 +66,15 @@ class MemoryPlan:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "MemoryPlan | None":
+    def from_config(cls, cfg: TrainConfig) -> MemoryPlan | None:
         if not cfg.memory.enabled:
             return None
-        return cls(BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy), cfg.memory,
-                   cfg.model.num_layers, cfg.seed)
+        return cls(
+            BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy),
+            cfg.memory,
+            cfg.model.num_layers,
+            cfg.seed,
+        )
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -103,20 +106,27 @@ class MemoryPlan:
         return ids
 
     def init_bank(self) -> dict[str, bank_lib.LevelBank]:
-        return bank_lib.init_bank(self.geometry, self.config.init_seed,
-                                  jnp.dtype(self.config.bank_dtype),
-                                  jnp.dtype(self.config.moment_dtype), self.with_generic)
+        return bank_lib.init_bank(
+            self.geometry,
+            self.config.init_seed,
+            jnp.dtype(self.config.bank_dtype),
+            jnp.dtype(self.config.moment_dtype),
+            self.with_generic,
+        )
 
     # ----- inside the step ----------------------------------------------------------------
 
     def _shards(self, batch: Mapping[str, Any]) -> int:
         return batch[ids_key(self.levels[0])].shape[0]
 
-    def device_views(self, bank: Mapping[str, bank_lib.LevelBank],
-                     batch: Mapping[str, Array]) -> dict[str, View]:
+    def device_views(
+        self, bank: Mapping[str, bank_lib.LevelBank], batch: Mapping[str, Array]
+    ) -> dict[str, View]:
         """The device tier's views: the whole bank, addressed by global block ids."""
-        views = {bank_lib.level_key(l): (batch[ids_key(l)], bank[bank_lib.level_key(l)], None)
-                 for l in self.levels}
+        views = {
+            bank_lib.level_key(l): (batch[ids_key(l)], bank[bank_lib.level_key(l)], None)
+            for l in self.levels
+        }
         if self.with_generic:
             generic = jnp.zeros((self._shards(batch), 1), jnp.int32)
             views[bank_lib.GENERIC] = (generic, bank[bank_lib.GENERIC], None)
@@ -131,8 +141,12 @@ class MemoryPlan:
         key = jax.random.fold_in(jax.random.key(self.seed + 7919), step)
         return jax.random.bernoulli(key, self.config.generic_probability, (batch_size,))
 
-    def model_memory(self, params: Mapping[str, Mapping[str, Array]], batch: Mapping[str, Array],
-                     use_generic: Array | None) -> Any:
+    def model_memory(
+        self,
+        params: Mapping[str, Mapping[str, Array]],
+        batch: Mapping[str, Array],
+        use_generic: Array | None,
+    ) -> Any:
         """The `memory` input of the model for these sequences (leading axis: all layers).
 
         params[key][name]: [S, C, layers, ...], shard s's blocks; the batch's rows are the
@@ -173,21 +187,35 @@ class MemoryPlan:
 
         split = lambda x: x.reshape((shards, -1) + x.shape[1:])  # noqa: E731
         use = None if generic is None else split(use_generic)
-        per_shard = jax.vmap(one_shard)(fetched, {l: split(s) for l, s in slots.items()},
-                                        generic, use)  # [S, layers, b/S, ...]
+        per_shard = jax.vmap(one_shard)(
+            fetched, {l: split(s) for l, s in slots.items()}, generic, use
+        )  # [S, layers, b/S, ...]
         return jax.tree.map(
-            lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], rows) + x.shape[3:]), per_shard)
+            lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[1], rows) + x.shape[3:]), per_shard
+        )
 
-    def reduce(self, exchange: BlockExchange, views: Mapping[str, View],
-               grads: Mapping[str, Mapping[str, Array]]) -> dict[str, Reduced]:
+    def reduce(
+        self,
+        exchange: BlockExchange,
+        views: Mapping[str, View],
+        grads: Mapping[str, Mapping[str, Array]],
+    ) -> dict[str, Reduced]:
         """level key -> the fetched blocks' gradients summed over the shards that used them."""
-        return {key: exchange.reduce(grads[key], ids, view.count.shape[0], view.params)
-                for key, (ids, view, _) in views.items()}
+        return {
+            key: exchange.reduce(grads[key], ids, view.count.shape[0], view.params)
+            for key, (ids, view, _) in views.items()
+        }
 
-    def update(self, exchange: BlockExchange, views: Mapping[str, View],
-               reduced: Mapping[str, Reduced], lr: Array, scale: Array,
-               use_generic: Array | None, step: Array
-               ) -> tuple[dict[str, bank_lib.LevelBank], dict[str, Array]]:
+    def update(
+        self,
+        exchange: BlockExchange,
+        views: Mapping[str, View],
+        reduced: Mapping[str, Reduced],
+        lr: Array,
+        scale: Array,
+        use_generic: Array | None,
+        step: Array,
+    ) -> tuple[dict[str, bank_lib.LevelBank], dict[str, Array]]:
         """Sparse AdamW (gradients times `scale`, the clip factor) on every view's blocks of
         the step -> (new views, the level's update metrics).
 
@@ -209,18 +237,36 @@ class MemoryPlan:
             # blocks at other positions than the device bank does.
             values = (lr, scale, active, step, row_ids)
 
-            def rule(rows: bank_lib.LevelBank, grads: dict, union: Array, places: dict,
-                     values: tuple, level: int = level, blocks: int = blocks) -> tuple:
+            def rule(
+                rows: bank_lib.LevelBank,
+                grads: dict,
+                union: Array,
+                places: dict,
+                values: tuple,
+                level: int = level,
+                blocks: int = blocks,
+            ) -> tuple:
                 lr, scale, active, step, row_ids = values
                 valid = (union < blocks) & active
                 block_ids = union if row_ids is None else jnp.take(row_ids, union, mode="clip")
                 keys = row_rounding_keys(self.seed + 104729, step, level, block_ids)
-                counters = {name: element_counters(rows.params[name].shape[1:], whole, axis, at)
-                            for name, (axis, at, whole) in places.items()}
+                counters = {
+                    name: element_counters(rows.params[name].shape[1:], whole, axis, at)
+                    for name, (axis, at, whole) in places.items()
+                }
                 scaled = {n: (g * scale).astype(g.dtype) for n, g in grads.items()}
-                params, mu, nu, count = sparse_adamw(rows.params, scaled, rows.mu, rows.nu,
-                                                     rows.count, valid, lr, self.config, keys,
-                                                     counters)
+                params, mu, nu, count = sparse_adamw(
+                    rows.params,
+                    scaled,
+                    rows.mu,
+                    rows.nu,
+                    rows.count,
+                    valid,
+                    lr,
+                    self.config,
+                    keys,
+                    counters,
+                )
                 new = bank_lib.LevelBank(params=params, mu=mu, nu=nu, count=count)
                 zero = jnp.zeros((), jnp.float32)
                 split, whole = [zero, zero, zero], [zero, zero, jnp.sum(valid).astype(zero.dtype)]
@@ -232,7 +278,8 @@ class MemoryPlan:
                 return new, (tuple(split), tuple(whole))
 
             new_views[key], (changed, total, unique) = exchange.update(
-                view, reduced[key], rule, values)
+                view, reduced[key], rule, values
+            )
             if not generic:
                 metrics[f"mem/unique_blocks_l{level}"] = unique
             changed_sum, total_sum = changed_sum + changed, total_sum + total

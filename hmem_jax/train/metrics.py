@@ -21,10 +21,18 @@ from hmem_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS_BY_DEVICE_KIND = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-    "NVIDIA B200": 2250e12, "NVIDIA GH200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA GH200": 989e12,
 }
 
 
@@ -96,6 +104,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
     def write(self, step: int, metrics: dict[str, Any], eta_s: float | None = None) -> None:
@@ -106,10 +115,15 @@ class MetricWriter:
         for name, value in values.items():
             self._tb.add_scalar(name, value, step)
         line = [f"step {step}/{self.total_steps}"]
-        for name, fmt in (("train/loss", "loss {:.4f}"), ("train/grad_norm", "gnorm {:.3f}"),
-                          ("train/lr", "lr {:.2e}"), ("perf/tokens_per_s", "{:,.0f} tok/s"),
-                          ("perf/mfu", "mfu {:.1%}"), ("perf/step_time_s", "{:.3f} s/step"),
-                          ("perf/data_wait_s", "data {:.3f} s")):
+        for name, fmt in (
+            ("train/loss", "loss {:.4f}"),
+            ("train/grad_norm", "gnorm {:.3f}"),
+            ("train/lr", "lr {:.2e}"),
+            ("perf/tokens_per_s", "{:,.0f} tok/s"),
+            ("perf/mfu", "mfu {:.1%}"),
+            ("perf/step_time_s", "{:.3f} s/step"),
+            ("perf/data_wait_s", "data {:.3f} s"),
+        ):
             if name in values:
                 line.append(fmt.format(values[name]))
         if eta_s is not None:

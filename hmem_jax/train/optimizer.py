@@ -22,16 +22,19 @@ def _warmup(warmup_steps: int, total_steps: int) -> int:
     return min(warmup_steps, max(total_steps - 1, 0))
 
 
-def warmup_cosine(peak: float, end: float, warmup_steps: int,
-                  total_steps: int) -> optax.Schedule:
+def warmup_cosine(peak: float, end: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `peak`, then cosine to `end` at `total_steps`.
 
     Shared by the anchor's and the memory bank's schedules.
     """
     warmup = _warmup(warmup_steps, total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=end)
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=end,
+    )
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -45,16 +48,20 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 def decay_mask(params: Any) -> Any:
     """True for every parameter that receives weight decay (all but norm gains)."""
+
     def is_decayed(path: tuple, _: Any) -> bool:
         return getattr(path[-1], "key", None) != "scale"
+
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int,
-                   frozen: bool = False) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, frozen: bool = False
+) -> optax.GradientTransformation:
     """AdamW for the anchor; a frozen anchor gets no optimizer state at all."""
     if frozen:
         return optax.set_to_zero()
     schedule = learning_rate_schedule(cfg, total_steps)
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )

@@ -53,17 +53,26 @@ class Recipe:
         """What `stage` binds on top of the recipe's gin files (parses gin: global state)."""
         recipe = self.settings()
         given = build_train_config()
-        shared = {"TrainConfig.tree_dir": given.tree_dir or os.path.join(self.workdir, "tree"),
-                  "DataConfig.prepared_dir": (given.data.prepared_dir
-                                              or os.path.join(self.workdir, "data"))}
+        shared = {
+            "TrainConfig.tree_dir": given.tree_dir or os.path.join(self.workdir, "tree"),
+            "DataConfig.prepared_dir": (
+                given.data.prepared_dir or os.path.join(self.workdir, "data")
+            ),
+        }
         if stage == MEMORY:
             # The baseline checkpoint the memory run starts from.
             anchor = os.path.join(self.stage_dir(BASELINE), "checkpoints", str(recipe.anchor_steps))
             return {**shared, "TrainConfig.init_from": anchor}
-        baseline = {**shared, "MemoryConfig.kind": "none", "MemoryConfig.level_sizes": (),
-                    "MemoryConfig.mode": "scratch", "MemoryConfig.bank_tier": "device",
-                    "MemoryConfig.bank_store": "", "TrainConfig.init_from": "",
-                    "TrainConfig.steps": recipe.anchor_steps + given.steps}
+        baseline = {
+            **shared,
+            "MemoryConfig.kind": "none",
+            "MemoryConfig.level_sizes": (),
+            "MemoryConfig.mode": "scratch",
+            "MemoryConfig.bank_tier": "device",
+            "MemoryConfig.bank_store": "",
+            "TrainConfig.init_from": "",
+            "TrainConfig.steps": recipe.anchor_steps + given.steps,
+        }
         try:
             baseline["TrainConfig.optim"] = gin.query_parameter("RecipeConfig.anchor_optim")
         except ValueError:  # not bound: the baseline's anchor uses OptimConfig as given
@@ -83,8 +92,10 @@ class Recipe:
         a memory run that starts from the anchor."""
         memory = self.config(MEMORY)
         if not memory.memory.enabled:
-            raise ConfigError("The recipe compares a memory run with an anchor-only baseline: "
-                              "set MemoryConfig.kind (e.g. 'ffn') and MemoryConfig.level_sizes.")
+            raise ConfigError(
+                "The recipe compares a memory run with an anchor-only baseline: "
+                "set MemoryConfig.kind (e.g. 'ffn') and MemoryConfig.level_sizes."
+            )
         self.config(BASELINE)
 
 
@@ -96,11 +107,13 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
     memory = recipe.config(MEMORY)
     fits_tree = memory.tree_dir == os.path.join(recipe.workdir, "tree")
     # With no tree given, WORKDIR/tree is fitted as a memory run fits its own.
-    ensure_tree(dataclasses.replace(memory, tree_dir="") if fits_tree else memory,
-                recipe.workdir)
+    ensure_tree(dataclasses.replace(memory, tree_dir="") if fits_tree else memory, recipe.workdir)
     anchor_steps = recipe.settings().anchor_steps
     stages: Sequence[tuple[str, int | None]] = (
-        (BASELINE, anchor_steps), (MEMORY, None), (BASELINE, None))
+        (BASELINE, anchor_steps),
+        (MEMORY, None),
+        (BASELINE, None),
+    )
     for stage, until in stages:
         cfg = recipe.config(stage)
         workdir = recipe.stage_dir(stage)

@@ -33,17 +33,27 @@ class TrainState:
     bank: Any = None  # dict level -> LevelBank (device tier), or None without memory
 
 
-def _boxed_state(model: Transformer, tx: optax.GradientTransformation, plan: MemoryPlan | None,
-                 key: jax.Array) -> TrainState:
+def _boxed_state(
+    model: Transformer, tx: optax.GradientTransformation, plan: MemoryPlan | None, key: jax.Array
+) -> TrainState:
     ids = jnp.zeros((1, 8), jnp.int32)
     params = model.init(key, ids, ids + 1, ids)["params"]
     # optax maps over the boxed tree, so the moments inherit each parameter's logical axes.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      bank=plan.init_bank() if plan is not None else None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        bank=plan.init_bank() if plan is not None else None,
+    )
 
 
-def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: Any, plan: MemoryPlan | None = None) -> TrainState:
+def state_shardings(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Any,
+    plan: MemoryPlan | None = None,
+) -> TrainState:
     """NamedShardings for every leaf of the (unboxed) train state; the bank's leaves are laid
     out as the step's block exchange reads them (`BlockExchange.spec`)."""
     abstract = jax.eval_shape(lambda: _boxed_state(model, tx, plan, jax.random.key(0)))
@@ -52,24 +62,34 @@ def state_shardings(model: Transformer, tx: optax.GradientTransformation, mesh: 
     if abstract.bank is None:
         return shards
     exchange = BlockExchange.for_mesh(mesh, rules)
-    bank = jax.tree.map(lambda x: NamedSharding(mesh, exchange.spec(tuple(x.shape))),
-                        abstract.bank)
+    bank = jax.tree.map(lambda x: NamedSharding(mesh, exchange.spec(tuple(x.shape))), abstract.bank)
     return shards.replace(bank=bank)
 
 
-def abstract_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh,
-                   rules: Any, plan: MemoryPlan | None = None) -> TrainState:
+def abstract_state(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Any,
+    plan: MemoryPlan | None = None,
+) -> TrainState:
     """ShapeDtypeStructs carrying shardings: the restore target for checkpoints."""
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(_boxed_state(model, tx, plan,
-                                                               jax.random.key(0))))
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(_boxed_state(model, tx, plan, jax.random.key(0))))
     shards = state_shardings(model, tx, mesh, rules, plan)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shards)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards
+    )
 
 
-def create_state(model: Transformer, tx: optax.GradientTransformation, mesh: Mesh, rules: Any,
-                 seed: int, plan: MemoryPlan | None = None,
-                 init_params: Any = None) -> TrainState:
+def create_state(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Any,
+    seed: int,
+    plan: MemoryPlan | None = None,
+    init_params: Any = None,
+) -> TrainState:
     """Freshly initialised state, laid out on the mesh.
 
     `init_params` (e.g. a trained anchor, for co-training) replaces the

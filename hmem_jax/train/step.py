@@ -43,8 +43,9 @@ def next_token_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.A
     return targets, weights.astype(jnp.float32)
 
 
-def cross_entropy_sum(logits: jax.Array, targets: jax.Array,
-                      weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_sum(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights), in float32."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -52,11 +53,13 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array,
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 
-def loss_sums(model: Transformer, params: Any, batch: Batch,
-              memory: Any = None) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    model: Transformer, params: Any, batch: Batch, memory: Any = None
+) -> tuple[jax.Array, jax.Array]:
     """(loss numerator, token count) of one (micro-)batch."""
-    logits = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                         batch["positions"], memory)
+    logits = model.apply(
+        {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], memory
+    )
     targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
     return cross_entropy_sum(logits, targets, weights)
 
@@ -67,14 +70,17 @@ def _split_micro_batches(batch: Batch, k: int) -> Batch:
     Strided, so each device's contiguous rows feed every micro-batch equally
     and no micro-batch lives on a subset of the devices.
     """
+
     def split(x: jax.Array) -> jax.Array:
         x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
         return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
     return {name: split(value) for name, value in batch.items()}
 
 
-def accumulate_gradients(loss_fn: LossFn, trainable: Any, batch: Batch,
-                         micro_batches: int) -> tuple[jax.Array, jax.Array, Any]:
+def accumulate_gradients(
+    loss_fn: LossFn, trainable: Any, batch: Batch, micro_batches: int
+) -> tuple[jax.Array, jax.Array, Any]:
     """(loss numerator, token count, gradient of the numerator) over `micro_batches` slices."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
@@ -89,8 +95,9 @@ def accumulate_gradients(loss_fn: LossFn, trainable: Any, batch: Batch,
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-    (loss_sum, count, grads), _ = jax.lax.scan(body, init,
-                                               _split_micro_batches(batch, micro_batches))
+    (loss_sum, count, grads), _ = jax.lax.scan(
+        body, init, _split_micro_batches(batch, micro_batches)
+    )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
     return loss_sum, count, grads
 
@@ -114,8 +121,9 @@ class StepFunctions:
 BankRows = Mapping[str, Any]  # level key -> a host tier's view (ids, LevelBank rows, block ids)
 
 
-def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
-               rows: BankRows | None = None) -> tuple[TrainState, dict, dict | None]:
+def train_step(
+    fns: StepFunctions, state: TrainState, batch: Batch, rows: BankRows | None = None
+) -> tuple[TrainState, dict, dict | None]:
     """One optimizer step -> (state, metrics, updated bank rows for a host bank or None).
 
     Metrics are device scalars (read them a step late). With a device-resident
@@ -144,16 +152,21 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
     if fns.freeze_anchor:
         frozen = jax.lax.stop_gradient(state.params)
         loss_sum, count, memory_grads = accumulate_gradients(
-            lambda m, micro: loss_fn((frozen, m), micro), memory_params, per_sequence,
-            fns.micro_batches)
+            lambda m, micro: loss_fn((frozen, m), micro),
+            memory_params,
+            per_sequence,
+            fns.micro_batches,
+        )
         anchor_grads = None
     else:
         loss_sum, count, (anchor_grads, memory_grads) = accumulate_gradients(
-            loss_fn, (state.params, memory_params), per_sequence, fns.micro_batches)
+            loss_fn, (state.params, memory_params), per_sequence, fns.micro_batches
+        )
 
     count = jnp.maximum(count, 1.0)
-    anchor_grads, memory_grads = jax.tree.map(lambda g: (g / count).astype(g.dtype),
-                                              (anchor_grads, memory_grads))
+    anchor_grads, memory_grads = jax.tree.map(
+        lambda g: (g / count).astype(g.dtype), (anchor_grads, memory_grads)
+    )
     reduced = plan.reduce(fns.exchange, views, memory_grads) if plan is not None else {}
     square_sum = sum((r.square_sum for r in reduced.values()), jnp.zeros((), jnp.float32))
     grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(anchor_grads)) + square_sum)
@@ -166,13 +179,18 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
     if not fns.freeze_anchor:
         updates, opt_state = fns.tx.update(anchor_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss_sum / count, "train/grad_norm": grad_norm,
-               "train/lr": fns.schedule(state.step), "train/tokens": count}
+    metrics = {
+        "train/loss": loss_sum / count,
+        "train/grad_norm": grad_norm,
+        "train/lr": fns.schedule(state.step),
+        "train/tokens": count,
+    }
     bank, rows_out = state.bank, None
     if plan is not None:
         memory_lr = fns.memory_schedule(state.step)
-        new_views, update_metrics = plan.update(fns.exchange, views, reduced, memory_lr, factor,
-                                                use_generic, state.step)
+        new_views, update_metrics = plan.update(
+            fns.exchange, views, reduced, memory_lr, factor, use_generic, state.step
+        )
         metrics.update(update_metrics)
         metrics.update(plan.fetch_metrics(views))
         if fns.host_bank:
@@ -184,8 +202,9 @@ def train_step(fns: StepFunctions, state: TrainState, batch: Batch,
     return new_state, metrics, rows_out
 
 
-def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
-                       state_shardings: TrainState) -> Callable[..., tuple]:
+def compile_train_step(
+    fns: StepFunctions, mesh: Mesh, rules: Any, state_shardings: TrainState
+) -> Callable[..., tuple]:
     """`train_step` under `jax.jit` with explicit shardings: run(state, batch, rows=None).
 
     The old state is donated, and so are a host bank's rows: the updated rows
@@ -198,12 +217,16 @@ def compile_train_step(fns: StepFunctions, mesh: Mesh, rules: Any,
         return train_step(fns, state, batch, rows)
 
     # A host bank's updated rows keep the layout of the rows given (None: as computed).
-    jitted = jax.jit(step, in_shardings=(state_shardings, None, None),
-                     out_shardings=(state_shardings, replicated, None),
-                     donate_argnums=(0, 2))
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, None, None),
+        out_shardings=(state_shardings, replicated, None),
+        donate_argnums=(0, 2),
+    )
 
-    def run(state: TrainState, batch: Batch,
-            rows: BankRows | None = None) -> tuple[TrainState, dict, dict | None]:
+    def run(
+        state: TrainState, batch: Batch, rows: BankRows | None = None
+    ) -> tuple[TrainState, dict, dict | None]:
         with sharding.activate(mesh, rules):
             return jitted(state, batch, rows)
 
