@@ -48,6 +48,12 @@ def test_a_paper_preset_is_selected_through_gin():
         ((), ("model_preset.name = 'huge'", "TrainConfig.model = @model_preset()"), "huge"),
         ((), ("OptimConfig.schedule = 'linear'",), "schedule"),
         ((), ("TrainConfig.steps = ",), "Invalid gin"),
+        ((), ("TrainConfig.steps = 2.5",), r"TrainConfig.steps = 2.5 must be an int\."),
+        ((), ("TrainConfig.steps = 'abc'",), "TrainConfig.steps = 'abc' must be an int"),
+        ((), ("OptimConfig.peak_lr = '3e-3'",), "OptimConfig.peak_lr = '3e-3' must be a number"),
+        ((), ("MemoryConfig.level_sizes = (8, 4.5)",), "must be a tuple of ints"),
+        ((), ("ModelConfig.tie_embeddings = 1",), "must be True or False"),
+        ((), ("ModelConfig.num_kv_heads = 'two'",), "must be an int or None"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(files, params, fragment):
