@@ -645,6 +645,16 @@ class TrainConfig:
             "MemoryConfig.mode = 'frozen_anchor', or subtree = -1.",
         )
 
+    def check_batch_shards(self, shards: int, mesh: str) -> None:
+        """The micro-batch divides over the `shards` batch shards of `mesh` (a description)."""
+        micro = self.batch_size // self.grad_accum_steps
+        _require(
+            micro % shards == 0,
+            f"TrainConfig.batch_size / grad_accum_steps = {micro} sequences per micro-batch does "
+            f"not divide over the {shards} batch shards of the mesh {mesh}; change "
+            "batch_size, grad_accum_steps or MeshConfig.",
+        )
+
     def check_startable(self) -> None:
         """What a run needs before its first step, beyond valid values (checked at train time,
         so a config that a recipe completes can still be described by `hmem info`)."""

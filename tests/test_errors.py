@@ -120,3 +120,49 @@ def test_a_missing_extra_names_the_extra_to_install_and_faults_keep_their_traceb
         done = _run(["-c", ENTRY, kind])
         assert done.returncode != 0 and "Traceback" in done.stderr, done.stderr[-2000:]
         assert message in done.stderr
+
+
+def _tree_hashes(root):
+    """path -> sha256 of every file under `root`."""
+    import hashlib
+
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                out[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
+    return out
+
+
+def test_a_refused_resume_or_a_mesh_that_does_not_fit_changes_nothing(
+    tmp_path, small_prepared_data
+):
+    """A resume with another d_model stops in one line before writing anything: the run's
+    config and checkpoints stay byte for byte; a mesh that does not fit is refused first."""
+    _, params = small_prepared_data
+    params = params + (
+        "MemoryConfig.kind = 'none'",
+        "TrainConfig.steps = 2",
+        "TrainConfig.batch_size = 4",
+        "TrainConfig.checkpoint_every = 2",
+    )
+    workdir = tmp_path / "run"
+    train = ["-m", "hmem_jax.main.train", f"--workdir={workdir}", "--probe_limit=0"]
+    done = _run(train + [f"--gin_param={p}" for p in params])
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = _tree_hashes(workdir)
+    assert "config.gin" in before and any(k.startswith("checkpoints/") for k in before)
+
+    changed = params + ("model_preset.d_model = 32",)
+    _one_line(_run(train + [f"--gin_param={p}" for p in changed]), "model", "fresh --workdir")
+    assert _tree_hashes(workdir) == before
+
+    fresh = tmp_path / "fresh"
+    mesh = params + ("MeshConfig.data = 3", "MeshConfig.fsdp = 1")
+    done = _run(
+        ["-m", "hmem_jax.main.train", f"--workdir={fresh}", "--probe_limit=0"]
+        + [f"--gin_param={p}" for p in mesh]
+    )
+    _one_line(done, "MeshConfig", "devices")
+    assert not fresh.exists() or not any(fresh.iterdir())

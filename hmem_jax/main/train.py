@@ -38,20 +38,22 @@ PEAK_TFLOPS = flags.DEFINE_float(
 def main(argv: list[str]) -> None:
     import jax
 
-    from hmem_jax.train.layout import make_loader, write_run_config
+    from hmem_jax.train.layout import check_resume, make_loader, write_run_config
     from hmem_jax.train.loop import fingerprint, train
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     workdir = os.path.abspath(WORKDIR.value)
-    if jax.process_index() == 0:
-        write_run_config(cfg, workdir)
     try:
         loader = make_loader(cfg, workdir)
+        data_fingerprint = fingerprint(loader.fingerprint)
+        check_resume(cfg, workdir, data_fingerprint)
+        if jax.process_index() == 0:
+            write_run_config(cfg, workdir)
         train(
             cfg,
             workdir,
             loader,
-            fingerprint(loader.fingerprint),
+            data_fingerprint,
             until_step=UNTIL_STEP.value,
             peak_tflops=PEAK_TFLOPS.value,
         )

@@ -88,16 +88,10 @@ class Checkpointer:
             ]
         )
 
-    def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
-        """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings).
-
-        `expected` holds fingerprints that must equal the saved ones (e.g. the
-        model config); a difference is an error naming the key, never a
-        silent restore into a different run.
-        """
-        record = self._manager.restore(
-            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-        )["record"]
+    def check_record(self, step: int, expected: dict[str, Any]) -> None:
+        """Raise CheckpointMismatchError naming the first of `expected`'s fingerprints (e.g. the
+        model config) that differs from checkpoint `step`'s record."""
+        record = self.read_record(step)
         for key, value in expected.items():
             if record.get(key) != value:
                 raise CheckpointMismatchError(
@@ -105,6 +99,11 @@ class Checkpointer:
                     f"{record.get(key)!r}, but this run has {value!r}. Resume with the original "
                     f"configuration, or start the new run in a fresh --workdir."
                 )
+
+    def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
+        """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings), after
+        `check_record(step, expected)`: never a silent restore into a different run."""
+        self.check_record(step, expected)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )

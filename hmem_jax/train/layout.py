@@ -29,6 +29,24 @@ def write_run_config(cfg: TrainConfig, workdir: str) -> None:
         json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
 
 
+def check_resume(cfg: TrainConfig, workdir: str, data_fingerprint: str) -> None:
+    """If the workdir holds checkpoints, the configuration must be able to resume the latest
+    (checked before anything of the run is written, so a refused resume changes nothing)."""
+    from hmem_jax.train.checkpoint import Checkpointer
+    from hmem_jax.train.loop import run_record
+
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    checkpointer = Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
+    try:
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            checkpointer.check_record(latest, run_record(cfg, data_fingerprint))
+    finally:
+        checkpointer.close()
+
+
 def tree_dir_of(cfg: TrainConfig, workdir: str) -> str | None:
     """Where the run's ClusterTree lives (None: an anchor-only run without one)."""
     if cfg.tree_dir:
@@ -88,16 +106,21 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     import jax
     from jax.experimental import multihost_utils
 
+    from hmem_jax import sharding
     from hmem_jax.data.prepare import TreeRouter, ensure_prepared
 
+    # Before any slow step (tree fit, preparation): the mesh must fit the devices and the batch.
+    count = devices or jax.device_count()
+    batch_shards = sharding.batch_shards_for(cfg.mesh, count)
+    cfg.check_batch_shards(
+        batch_shards, str(dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, count))))
+    )
     prepared = prepared_dir_of(cfg, workdir)
     tree_dir = tree_dir_of(cfg, workdir)
     if jax.process_index() == 0:
         ensure_tree(cfg, workdir)
         ensure_prepared(cfg, prepared, tree_dir)
     multihost_utils.sync_global_devices("hmem_jax.data.prepared")
-    from hmem_jax import sharding
-
     tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
     return Loader(
         prepared,
@@ -106,7 +129,7 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
         cfg.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        batch_shards=sharding.batch_shards_for(cfg.mesh, devices or jax.device_count()),
+        batch_shards=batch_shards,
         tree_hash=tree_hash,
         worker_count=cfg.data.worker_count,
         prefetch=cfg.data.prefetch,

@@ -113,13 +113,7 @@ def train(
     mesh = sharding.build_mesh(cfg.mesh, devices)
     rules = sharding.rules_of(cfg.mesh)
     shards = sharding.batch_shards(mesh, rules)
-    micro = cfg.batch_size // cfg.grad_accum_steps
-    if micro % shards:
-        raise ValueError(
-            f"TrainConfig.batch_size / grad_accum_steps = {micro} sequences per micro-batch does "
-            f"not divide over the {shards} batch shards of the mesh {dict(mesh.shape)}; change "
-            f"batch_size, grad_accum_steps or MeshConfig."
-        )
+    cfg.check_batch_shards(shards, str(dict(mesh.shape)))
 
     plan = MemoryPlan.from_config(cfg)
     if plan is not None and loader.batch_shards != shards:

@@ -101,7 +101,7 @@ class Recipe:
 
 def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
     """Train (or resume) both runs."""
-    from hmem_jax.train.layout import ensure_tree, make_loader, write_run_config
+    from hmem_jax.train.layout import check_resume, ensure_tree, make_loader, write_run_config
     from hmem_jax.train.loop import fingerprint, train
 
     memory = recipe.config(MEMORY)
@@ -118,6 +118,8 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
         cfg = recipe.config(stage)
         workdir = recipe.stage_dir(stage)
         say(f"hmem_jax recipe: {stage} run, steps to {until or cfg.steps} ({workdir})")
-        write_run_config(cfg, workdir)
         loader = make_loader(cfg, workdir)
-        train(cfg, workdir, loader, fingerprint(loader.fingerprint), until_step=until)
+        data_fingerprint = fingerprint(loader.fingerprint)
+        check_resume(cfg, workdir, data_fingerprint)
+        write_run_config(cfg, workdir)
+        train(cfg, workdir, loader, data_fingerprint, until_step=until)
