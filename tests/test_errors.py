@@ -166,3 +166,12 @@ def test_a_refused_resume_or_a_mesh_that_does_not_fit_changes_nothing(
     )
     _one_line(done, "MeshConfig", "devices")
     assert not fresh.exists() or not any(fresh.iterdir())
+
+
+def test_export_refuses_a_folder_that_holds_files(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    done = _run(["-m", "hmem_jax.main.export", f"--workdir={tmp_path / 'run'}", f"--out={out}"])
+    _one_line(done, "--out=", "config.json", "--overwrite")
+    assert (out / "config.json").read_text() == '{"mine": true}'

@@ -42,6 +42,7 @@ NORM_BLOCKS = flags.DEFINE_integer(
 )
 SUBTREE_RUNS = flags.DEFINE_list("subtree_runs", [], "merge: the subtree jobs' run folders.")
 MERGED = flags.DEFINE_string("merged_workdir", "", "merge: the new run folder to write.")
+OVERWRITE = common.overwrite_flag()
 BATCH_BLOCKS = 16
 
 
@@ -200,6 +201,7 @@ def main(argv: list[str]) -> None:
         else:
             if not OUT.value:
                 common.fail("export needs --export_dir=DIR.")
+            common.refuse_to_overwrite(OUT.value, "--export_dir", OVERWRITE.value)
             for path in export(store, OUT.value):
                 print(path)
     except (BankStoreError, ConfigError, ValueError) as error:

@@ -65,6 +65,26 @@ def out_flag(help_text: str, required: bool = False) -> flags.FlagHolder:
     return flags.DEFINE_string("out", None if required else "", help_text, required=required)
 
 
+def overwrite_flag() -> flags.FlagHolder:
+    """--overwrite, for commands that write into an output folder."""
+    return flags.DEFINE_bool(
+        "overwrite", False, "Write into an output folder that already holds files."
+    )
+
+
+def refuse_to_overwrite(path: str, flag: str, overwrite: bool) -> None:
+    """Stop with one line if `path` is a folder holding files and --overwrite is not given."""
+    if overwrite or not os.path.isdir(path):
+        return
+    held = sorted(os.listdir(path))
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        fail(
+            f"{flag}={path} already holds {len(held)} file(s) ({shown}); choose an empty or new "
+            "folder, or pass --overwrite to replace what is there."
+        )
+
+
 def config_from_flags() -> TrainConfig:
     quiet_library_logs()
     return load_train_config(GIN_FILES.value, GIN_PARAMS.value)

@@ -24,6 +24,7 @@ ROUTE_TEXT = flags.DEFINE_string("route_text", "", "Text whose route picks the p
 PATH = flags.DEFINE_string("path", "", "Comma-separated child index per level (fetched).")
 BANK = flags.DEFINE_string("bank", "", "Also export the bank into this folder.")
 STEP = common.step_flag()
+OVERWRITE = common.overwrite_flag()
 
 
 def main(argv: list[str]) -> None:
@@ -33,6 +34,9 @@ def main(argv: list[str]) -> None:
     from hmem_jax.infer.run import load_run
     from hmem_jax.interop.hf_export import export_bank, export_hf
 
+    common.refuse_to_overwrite(OUT.value, "--out", OVERWRITE.value)
+    if BANK.value:
+        common.refuse_to_overwrite(BANK.value, "--bank", OVERWRITE.value)
     try:
         run = load_run(WORKDIR.value, STEP.value)
         engine = Engine(run)
