@@ -66,3 +66,36 @@ def test_the_command_line_creates_and_inspects_a_bank(tmp_path):
     assert inspected.returncode == 0, inspected.stderr
     report = json.loads(inspected.stdout)
     assert report["version"] is None and report["levels"]["l1"]["touched_fraction"] == 0
+
+
+def test_a_lost_manifest_is_never_replaced_by_a_new_bank_and_can_be_recovered(tmp_path):
+    import pytest
+
+    from hmem_jax.bank.geometry import BankGeometry
+    from hmem_jax.bank.store import BankMismatchError, BankStore, BankStoreError
+    from hmem_jax.config import HierarchyConfig, MemoryConfig, ModelConfig
+
+    store, rows = trained_store(tmp_path / "bank")
+    uid = store.uid
+    os.remove(tmp_path / "bank" / "manifest.json")
+    for create in (True, False):
+        with pytest.raises(BankStoreError, match="holds bank data but no manifest.json"):
+            open_store(tmp_path / "bank", create=create)
+    assert not (tmp_path / "bank" / "manifest.json").exists()
+
+    other = BankGeometry.from_configs(
+        ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, head_dim=16),
+        MemoryConfig(kind="ffn", level_sizes=(4, 3)),
+        HierarchyConfig(branching=4, depth=2),
+    )
+    spec = {"driver": "file", "path": str(tmp_path / "bank") + "/"}
+    with pytest.raises(BankMismatchError, match="Nothing was written"):
+        BankStore(spec, other, True, "float32", "float32", 0, recover_uid=uid)
+    assert not (tmp_path / "bank" / "manifest.json").exists()
+
+    recovered = open_store(tmp_path / "bank", recover_uid=uid)
+    assert recovered.uid == uid
+    recovered.restore(5)
+    np.testing.assert_array_equal(
+        recovered.read("l2", np.array([2, 9]))["params/up"], rows["params/up"]
+    )

@@ -118,7 +118,10 @@ class BankStore:
         create: bool = True,
         writer: bool = True,
         splits: int = 1,
+        recover_uid: str = "",
     ) -> None:
+        """Open (or, with `create`, start) the bank at `spec`. `recover_uid` rewrites a lost
+        manifest of a store that holds data, after checking its arrays fit this layout."""
         self.spec = dict(spec)
         self.where = describe_location(self.spec)
         self.geometry = geometry
@@ -133,7 +136,17 @@ class BankStore:
         expected = manifest_for(geometry, with_generic, bank_dtype, moment_dtype, init_seed)
         found = self._read_json("manifest.json")
         if found is None:
-            if not create:
+            holds_data = self._holds_data()
+            if holds_data and not recover_uid:
+                raise BankStoreError(
+                    f"The store at {self.where} holds bank data but no manifest.json (deleted, "
+                    "or the store is damaged); nothing was written to it. Restore manifest.json "
+                    "from a copy of the bank, or rewrite it for the run's configuration with "
+                    "`python -m hmem_jax.main.bank create --store=... --gin_file=RUN/config.gin "
+                    "--recover_uid=UID`, UID being the bank_uid in the run's checkpoint record "
+                    "(RUN/checkpoints/<step>/record/metadata)."
+                )
+            if not create and not recover_uid:
                 raise BankStoreError(
                     f"No bank at {self.where} (manifest.json is missing). "
                     "Create it first (python -m hmem_jax.main.bank create)."
@@ -142,21 +155,17 @@ class BankStore:
                 **expected,
                 "blocks_per_shard": int(blocks_per_shard),
                 "splits": int(splits),
-                "uid": uuid.uuid4().hex,
+                "uid": recover_uid or uuid.uuid4().hex,
             }
+            if holds_data:
+                self._check_arrays_fit(found)
             self._write_json("manifest.json", found)
         self._check_manifest(found, expected)
         self.manifest = found
         self.uid: str = found["uid"]
         self.blocks_per_shard = int(found["blocks_per_shard"])
         self.splits = int(found.get("splits", 1))
-        self.split_axes = {
-            key: {
-                field: _split_axis(shape, self.splits)
-                for field, (shape, _) in layout.fields.items()
-            }
-            for key, layout in self.layouts.items()
-        }
+        self.split_axes = self._split_axes()
         self.gen_map: dict[str, np.ndarray] = {
             k: np.full(l.clusters, UNTOUCHED, np.int32) for k, l in self.layouts.items()
         }
@@ -190,6 +199,41 @@ class BankStore:
                 "configuration it was created with, or point MemoryConfig.bank_store at a new "
                 "location."
             )
+
+    def _split_axes(self) -> dict[str, dict[str, int | None]]:
+        return {
+            key: {f: _split_axis(shape, self.splits) for f, (shape, _) in layout.fields.items()}
+            for key, layout in self.layouts.items()
+        }
+
+    def _holds_data(self) -> bool:
+        """Whether anything but a manifest was ever written here (a writer claims a generation
+        before its first block)."""
+        return self._read_bytes("generation.json") is not None or bool(self.versions())
+
+    def _check_arrays_fit(self, manifest: Mapping[str, Any]) -> None:
+        """A manifest rewritten for a store that holds data must describe its arrays: open the
+        newest version's arrays with the layout the manifest implies (tensorstore compares)."""
+        self.blocks_per_shard = int(manifest["blocks_per_shard"])
+        self.splits = int(manifest["splits"])
+        self.split_axes = self._split_axes()
+        versions = self.versions()
+        if not versions:
+            return
+        maps = self.load_version_map(versions[-1])
+        for key, gens in maps.items():
+            for gen in np.unique(gens[gens != UNTOUCHED]):
+                for field in self.layouts[key].fields:
+                    try:
+                        ts.open(
+                            self._array_spec(int(gen), key, field), context=self._context, open=True
+                        ).result()
+                    except ValueError as err:
+                        raise BankMismatchError(
+                            f"The store at {self.where} does not hold the bank this "
+                            f"configuration describes ({key} {field}: {err}); give the run's own "
+                            "gin config (RUN/config.gin). Nothing was written."
+                        ) from err
 
     def _start_generation(self) -> int:
         """Claim a generation no earlier process has written to (torn writes stay unreferenced)."""

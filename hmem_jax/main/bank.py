@@ -43,10 +43,16 @@ NORM_BLOCKS = flags.DEFINE_integer(
 SUBTREE_RUNS = flags.DEFINE_list("subtree_runs", [], "merge: the subtree jobs' run folders.")
 MERGED = flags.DEFINE_string("merged_workdir", "", "merge: the new run folder to write.")
 OVERWRITE = common.overwrite_flag()
+RECOVER_UID = flags.DEFINE_string(
+    "recover_uid",
+    "",
+    "create: rewrite a lost manifest.json of a store that holds data, with this uid (the "
+    "bank_uid of the run's checkpoint record) and the layout the config gives.",
+)
 BATCH_BLOCKS = 16
 
 
-def open_store(location: str, create: bool, writer: bool):
+def open_store(location: str, create: bool, writer: bool, recover_uid: str = ""):
     from hmem_jax.bank.layout import kvstore_spec
     from hmem_jax.bank.store import BankStore
     from hmem_jax.train.memory import MemoryPlan
@@ -67,6 +73,7 @@ def open_store(location: str, create: bool, writer: bool):
         create=create,
         writer=writer,
         splits=cfg.memory.store_splits or 1,
+        recover_uid=recover_uid,
     )
 
 
@@ -178,11 +185,19 @@ def main(argv: list[str]) -> None:
         print(f"merged {len(SUBTREE_RUNS.value)} subtree jobs into {out}")
         return
     try:
-        store = open_store(STORE.value, create=command == "create", writer=False)
+        if RECOVER_UID.value and command != "create":
+            common.fail("--recover_uid goes with the create command.")
+        store = open_store(
+            STORE.value,
+            create=command == "create",
+            writer=False,
+            recover_uid=RECOVER_UID.value if command == "create" else "",
+        )
         if command == "create":
+            stored = f"versions {store.versions()}" if store.versions() else "nothing stored yet"
             print(
                 f"bank {store.uid} at {store.where}: "
-                f"{store.geometry.bank_params:,} parameters, nothing stored yet"
+                f"{store.geometry.bank_params:,} parameters, {stored}"
             )
             return
         version = at_version(store, VERSION.value)
