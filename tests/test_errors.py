@@ -1,5 +1,6 @@
 """User mistakes end an entry point with one line and exit status 2; faults keep their traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,78 @@ def test_export_refuses_a_folder_that_holds_files(tmp_path):
     done = _run(["-m", "hmem_jax.main.export", f"--workdir={tmp_path / 'run'}", f"--out={out}"])
     _one_line(done, "--out=", "config.json", "--overwrite")
     assert (out / "config.json").read_text() == '{"mine": true}'
+
+
+def _truncate_arrays(step_dir):
+    for folder, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            if "/d" in folder.replace(str(step_dir), ""):
+                path = os.path.join(folder, name)
+                with open(path, "r+b") as handle:
+                    handle.truncate(max(1, os.path.getsize(path) // 3))
+
+
+def _junk(step_dir):
+    import shutil
+
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+    (step_dir / "notes.txt").write_text("not a checkpoint")
+
+
+DAMAGE_PARAMS = (
+    "MemoryConfig.kind = 'none'",
+    "TrainConfig.steps = 6",
+    "TrainConfig.batch_size = 4",
+    "TrainConfig.checkpoint_every = 2",
+    "TrainConfig.log_every = 1",
+)
+
+
+@pytest.fixture(scope="module")
+def runs_to_damage(tmp_path_factory, small_prepared_data):
+    """(train command, a run of 6 steps, a run stopped after step 4 with checkpoints 2 and 4)."""
+    _, params = small_prepared_data
+    root = tmp_path_factory.mktemp("damage")
+    train = ["-m", "hmem_jax.main.train", "--probe_limit=0"]
+    train += [f"--gin_param={p}" for p in params + DAMAGE_PARAMS]
+    assert _run([*train, f"--workdir={root / 'whole'}"]).returncode == 0
+    assert _run([*train, f"--workdir={root / 'stopped'}", "--until_step=4"]).returncode == 0
+    return train, root / "whole", root / "stopped"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate_arrays, lambda d: os.remove(d / "record" / "metadata"), _junk],
+    ids=["truncated-arrays", "missing-record", "junk-folder"],
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable(
+    tmp_path, runs_to_damage, damage
+):
+    """Checkpoints 2 and 4, the 4th damaged: training resumes from 2 with a warning naming the
+    bad folder, keeps that folder byte for byte as 4.unreadable, and ends as a run never
+    interrupted would; generate reads the newest readable checkpoint too."""
+    import shutil
+
+    train, whole, stopped = runs_to_damage
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    bad = run / "checkpoints" / "4"
+    damage(bad)
+    damaged = _tree_hashes(bad)
+
+    if damage is _truncate_arrays:
+        generate = ["-m", "hmem_jax.main.generate", f"--workdir={run}", "--prompt=The"]
+        done = _run([*generate, "--max_new_tokens=2", "--memory=none"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"checkpoint {bad} cannot be read" in done.stderr and "Traceback" not in done.stderr
+
+    done = _run([*train, f"--workdir={run}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"checkpoint {bad} cannot be read" in done.stderr and "Traceback" not in done.stderr
+    assert "resuming from step 2" in done.stdout
+    assert _tree_hashes(run / "checkpoints" / "4.unreadable") == damaged
+    losses = lambda w: {  # noqa: E731
+        r["step"]: r["train/loss"] for r in map(json.loads, open(w / "metrics.jsonl"))
+    }
+    assert losses(run)[6] == losses(whole)[6] and losses(run)[4] == losses(whole)[4]

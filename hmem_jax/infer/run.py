@@ -101,10 +101,16 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False
     )
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
+        if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
-        state = checkpointer.restore(step, target, expected={})
+        if step is not None and step not in checkpointer.all_steps():
+            raise FileNotFoundError(
+                f"{workdir}/checkpoints has no step {step}; it holds {checkpointer.all_steps()}."
+            )
+        # The newest readable checkpoint (or exactly `step`), naming any it skips.
+        step, state, _ = checkpointer.restore_newest(
+            target, expected={}, steps=None if step is None else [step]
+        )
         streamed = (
             open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) if streaming else None
         )

@@ -16,14 +16,32 @@ are collected (docs/bank.md).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-from hmem_jax.errors import CheckpointMismatchError
+from hmem_jax.errors import CheckpointMismatchError, HmemError
 from hmem_jax.train.state import TrainState
+
+
+def _ignore_abandoned_reads() -> None:
+    """A failed orbax restore closes its event loop while tensorstore reads of the same
+    checkpoint are still in flight; their completions then report 'Event loop is closed' as
+    unraisable errors. Those reads belong to a checkpoint already given up: drop just them."""
+    previous = sys.unraisablehook
+    if getattr(previous, "hmem_ignores_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.hmem_ignores_abandoned_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -88,10 +106,12 @@ class Checkpointer:
             ]
         )
 
-    def check_record(self, step: int, expected: dict[str, Any]) -> None:
+    def check_record(
+        self, step: int, expected: dict[str, Any], record: dict[str, Any] | None = None
+    ) -> None:
         """Raise CheckpointMismatchError naming the first of `expected`'s fingerprints (e.g. the
-        model config) that differs from checkpoint `step`'s record."""
-        record = self.read_record(step)
+        model config) that differs from checkpoint `step`'s record (read if not given)."""
+        record = self.read_record(step) if record is None else record
         for key, value in expected.items():
             if record.get(key) != value:
                 raise CheckpointMismatchError(
@@ -108,6 +128,78 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         return restored["state"]
+
+    def newest_record(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, record) of the newest checkpoint whose record reads; None if there is none."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.read_record(step)
+            except Exception:  # a damaged checkpoint: `restore_newest` names it
+                continue
+        return None
+
+    def restore_newest(
+        self,
+        target: TrainState,
+        expected: dict[str, Any],
+        on_record: Callable[[int, dict[str, Any]], None] | None = None,
+        steps: Iterable[int] | None = None,
+    ) -> tuple[int, TrainState, list[int]]:
+        """Restore the newest readable of `steps` (default: every checkpoint) -> (step, state,
+        the newer steps skipped as unreadable, each named in a warning).
+
+        A checkpoint whose files are damaged (truncated, missing, not a checkpoint) is
+        skipped for the next older one; one written by another configuration is an error
+        (CheckpointMismatchError), never skipped. `on_record(step, record)` runs before the
+        state of that step is read (a streamed bank points itself at the step's version).
+        """
+        order = sorted(self.all_steps() if steps is None else steps, reverse=True)
+        skipped: list[int] = []
+        _ignore_abandoned_reads()
+        for step in order:
+            try:
+                record = self.read_record(step)
+                self.check_record(step, expected, record)
+                if on_record is not None:
+                    on_record(step, record)
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )
+            except HmemError:
+                raise
+            except Exception as err:  # damaged files raise many kinds of error
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                print(
+                    f"hmem_jax: warning: checkpoint {self.directory}/{step} cannot be read "
+                    f"({reason}); trying the previous one",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                skipped.append(step)
+                continue
+            return step, restored["state"], skipped
+        raise CheckpointMismatchError(
+            f"No checkpoint in {self.directory} can be read (steps {order}, warnings above). "
+            "Move the folder aside to start the run afresh, or restore it from a copy."
+        )
+
+    def set_aside(self, steps: Iterable[int]) -> list[str]:
+        """Rename unreadable step folders to `<step>.unreadable` (kept byte for byte, ignored
+        from now on), so the run can write those steps again; returns the new names."""
+        moved = []
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            target, n = f"{source}.unreadable", 1
+            while os.path.exists(target):
+                target, n = f"{source}.unreadable{n}", n + 1
+            os.rename(source, target)
+            moved.append(target)
+        self.reload()
+        return moved
+
+    def reload(self) -> None:
+        """Re-read the step folders on disk (after another process changed them)."""
+        self._manager.reload()
 
     def restore_params(self, step: int, target: Any) -> Any:
         """Only the model parameters of checkpoint `step`, into `target`'s layout.

@@ -40,9 +40,9 @@ def check_resume(cfg: TrainConfig, workdir: str, data_fingerprint: str) -> None:
         return
     checkpointer = Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
     try:
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            checkpointer.check_record(latest, run_record(cfg, data_fingerprint))
+        newest = checkpointer.newest_record()
+        if newest is not None:
+            checkpointer.check_record(newest[0], run_record(cfg, data_fingerprint), newest[1])
     finally:
         checkpointer.close()
 

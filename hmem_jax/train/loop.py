@@ -145,10 +145,13 @@ def train(
         anchor = restore_anchor(cfg, model, mesh, rules) if cfg.init_from else None
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
-        tier.restore(checkpointer.read_record(latest), f"{checkpointer.directory}/{latest}")
-        state = checkpointer.restore(
-            latest, abstract_state(model, tx, mesh, rules, state_plan), record
+        latest, state, unreadable = checkpointer.restore_newest(
+            abstract_state(model, tx, mesh, rules, state_plan),
+            record,
+            on_record=lambda step, saved: tier.restore(saved, f"{checkpointer.directory}/{step}"),
         )
+        if unreadable:
+            set_aside_unreadable(checkpointer, unreadable)
     start_step = int(state.step)
     if jax.process_index() == 0:
         what = f"resuming from step {start_step}" if latest is not None else "starting fresh"
@@ -238,6 +241,17 @@ def train(
             close()
     multihost_utils.sync_global_devices("hmem_jax.train.done")
     return TrainResult(state=state, losses=losses, workdir=workdir, bank_store=tier.store_spec)
+
+
+def set_aside_unreadable(checkpointer: Checkpointer, steps: list[int]) -> None:
+    """Process 0 renames unreadable newer checkpoints (kept, ignored) so the run can save
+    those steps again; every process then sees the same checkpoint list."""
+    multihost_utils.sync_global_devices("hmem_jax.checkpoint.unreadable")
+    if jax.process_index() == 0:
+        for name in checkpointer.set_aside(steps):
+            print(f"hmem_jax: warning: kept the unreadable checkpoint as {name}", flush=True)
+    multihost_utils.sync_global_devices("hmem_jax.checkpoint.set_aside")
+    checkpointer.reload()
 
 
 def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) -> Any:
