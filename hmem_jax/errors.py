@@ -50,6 +50,10 @@ class CheckpointMismatchError(HmemError, RuntimeError):
     """A checkpoint was written by a run incompatible with the current config."""
 
 
+class CheckpointSaveError(HmemError, RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
 class BankStoreError(HmemError, RuntimeError):
     """The streamed bank cannot be opened, read or written as asked."""
 

@@ -251,3 +251,41 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable(
         r["step"]: r["train/loss"] for r in map(json.loads, open(w / "metrics.jsonl"))
     }
     assert losses(run)[6] == losses(whole)[6] and losses(run)[4] == losses(whole)[4]
+
+
+def _small_file_limit():
+    """In the child: writes past 200 kB fail (EFBIG), as on a disk that has filled up."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, runs_to_damage):
+    """The final save fails (no room for its files): one line naming the last complete
+    checkpoint, which stays intact, and rerunning the command resumes from it to the end."""
+    import shutil
+
+    train, whole, stopped = runs_to_damage
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    kept = _tree_hashes(run / "checkpoints" / "4")
+    done = subprocess.run(
+        [sys.executable, *train, f"--workdir={run}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        preexec_fn=_small_file_limit,
+    )
+    _one_line(
+        done, "Writing a checkpoint", "File too large", "newest complete checkpoint is step 4"
+    )
+    assert _tree_hashes(run / "checkpoints" / "4") == kept
+    done = _run([*train, f"--workdir={run}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = lambda w: {  # noqa: E731
+        r["step"]: r["train/loss"] for r in map(json.loads, open(w / "metrics.jsonl"))
+    }
+    assert losses(run)[6] == losses(whole)[6]

@@ -11,6 +11,7 @@ itself (SLURM, TPU pods, GKE).
 
 from __future__ import annotations
 
+import logging as logging_lib
 import os
 import sys
 from collections.abc import Callable
@@ -95,10 +96,19 @@ def quiet_library_logs() -> None:
 
     An explicit `--verbosity` (or `-v`) still wins.
     """
+
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # Orbax logs a failed (asynchronous) checkpoint write with its traceback from its
+        # background threads; the run reports it as one line (CheckpointSaveError) instead.
+        logging.get_absl_logger().addFilter(_drop_orbax_background_failures)
+
+
+def _drop_orbax_background_failures(record: logging_lib.LogRecord) -> bool:
+    from_orbax = os.path.join("orbax", "checkpoint") in record.pathname
+    return not (record.levelno >= logging_lib.ERROR and from_orbax)
 
 
 def initialize_distributed() -> None:

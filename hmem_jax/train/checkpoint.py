@@ -15,15 +15,16 @@ are collected (docs/bank.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-from hmem_jax.errors import CheckpointMismatchError, HmemError
+from hmem_jax.errors import CheckpointMismatchError, CheckpointSaveError, HmemError
 from hmem_jax.train.state import TrainState
 
 
@@ -68,6 +69,8 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_blocking_s = 0.0
+        self._save_failed = False
+        _ignore_abandoned_reads()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -78,21 +81,28 @@ class Checkpointer:
     def save(
         self, step: int, state: TrainState, record: dict[str, Any], force: bool = False
     ) -> bool:
-        """Start saving `state` as checkpoint `step` if the interval (or `force`) says so."""
+        """Start saving `state` as checkpoint `step` if the interval (or `force`) says so.
+
+        Raises CheckpointSaveError as soon as an earlier (asynchronous) save is known to have
+        failed, so a run never trains on past a checkpoint it could not write.
+        """
         start = time.perf_counter()
+        with self._saving():
+            self._manager.check_for_errors()
         if self._bank_snapshot is not None:
             if not (force or self._manager.should_save(step)):
                 return False
             # The bank version is durable before orbax starts: a checkpoint never names a
             # bank that is not fully on disk.
             record = {**record, **self._bank_snapshot(step)}
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-            force=force,
-        )
+        with self._saving():
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+                ),
+                force=force,
+            )
         if saved and self._bank_collect is not None:
             self._bank_collect(set(self.all_steps()) | {step})
         self.last_blocking_s = time.perf_counter() - start
@@ -229,6 +239,38 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
+    @contextlib.contextmanager
+    def _saving(self) -> Iterator[None]:
+        """Turn a failed write into one CheckpointSaveError naming the last good checkpoint."""
+        try:
+            yield
+        except HmemError:
+            raise
+        except Exception as err:  # I/O errors reach here in several wrappings
+            self._save_failed = True
+            text = str(err).strip().splitlines()
+            reason = (text[0] if len(text[0]) <= 240 else "..." + text[0][-240:]) if text else ""
+            good = self._complete_steps()
+            raise CheckpointSaveError(
+                f"Writing a checkpoint under {self.directory} failed ({reason or type(err)}). "
+                f"The newest "
+                f"complete checkpoint is step {max(good) if good else 'none'}; free space there "
+                "(or lower TrainConfig.keep_checkpoints) and rerun the same command to resume."
+            ) from err
+
+    def _complete_steps(self) -> list[int]:
+        self._manager.reload()
+        return list(self._manager.all_steps())
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save (its failure is a CheckpointSaveError) and release."""
+        try:
+            if not self._save_failed:
+                with self._saving():
+                    self._manager.wait_until_finished()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._save_failed:
+                    raise
