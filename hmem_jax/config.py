@@ -74,20 +74,33 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive(
-            "ModelConfig", vocab_size=self.vocab_size, num_layers=self.num_layers,
-            d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
-            d_ff=self.d_ff, rope_base=self.rope_base, norm_eps=self.norm_eps,
-            init_std=self.init_std)
+            "ModelConfig",
+            vocab_size=self.vocab_size,
+            num_layers=self.num_layers,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            d_ff=self.d_ff,
+            rope_base=self.rope_base,
+            norm_eps=self.norm_eps,
+            init_std=self.init_std,
+        )
         kv = self.kv_heads
-        _require(kv > 0 and self.num_heads % kv == 0,
-                 f"ModelConfig.num_kv_heads = {self.num_kv_heads} must divide "
-                 f"num_heads = {self.num_heads} (grouped-query attention).")
-        _require(self.head_dim % 2 == 0,
-                 f"ModelConfig.head_dim = {self.head_dim} must be even for rotary embeddings.")
+        _require(
+            kv > 0 and self.num_heads % kv == 0,
+            f"ModelConfig.num_kv_heads = {self.num_kv_heads} must divide "
+            f"num_heads = {self.num_heads} (grouped-query attention).",
+        )
+        _require(
+            self.head_dim % 2 == 0,
+            f"ModelConfig.head_dim = {self.head_dim} must be even for rotary embeddings.",
+        )
         _check_choice("ModelConfig", "qk_norm", self.qk_norm, ("full", "per_head", "none"))
-        _require(len(self.rope_llama3) in (0, 4),
-                 f"ModelConfig.rope_llama3 = {self.rope_llama3} must be () or (factor, "
-                 "low_freq_factor, high_freq_factor, original_max_position_embeddings).")
+        _require(
+            len(self.rope_llama3) in (0, 4),
+            f"ModelConfig.rope_llama3 = {self.rope_llama3} must be () or (factor, "
+            "low_freq_factor, high_freq_factor, original_max_position_embeddings).",
+        )
         _check_choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
         _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))
@@ -99,15 +112,49 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized anchor for tests and the embedded default run.
-    "tiny": dict(vocab_size=2048, num_layers=4, d_model=128, num_heads=4, head_dim=32,
-                 d_ff=512, tie_embeddings=True),
+    "tiny": dict(
+        vocab_size=2048,
+        num_layers=4,
+        d_model=128,
+        num_heads=4,
+        head_dim=32,
+        d_ff=512,
+        tie_embeddings=True,
+    ),
     # docs/method.md, vocabulary of the GPT-NeoX tokenizer padded to 50,432.
-    "160m": dict(vocab_size=50_432, num_layers=35, d_model=512, num_heads=12, head_dim=32,
-                 d_ff=2048, tie_embeddings=True, param_dtype="bfloat16", dtype="bfloat16"),
-    "410m": dict(vocab_size=50_432, num_layers=24, d_model=1024, num_heads=16, head_dim=64,
-                 d_ff=2816, tie_embeddings=False, param_dtype="bfloat16", dtype="bfloat16"),
-    "1p4b": dict(vocab_size=50_432, num_layers=24, d_model=2048, num_heads=16, head_dim=128,
-                 d_ff=5632, tie_embeddings=False, param_dtype="bfloat16", dtype="bfloat16"),
+    "160m": dict(
+        vocab_size=50_432,
+        num_layers=35,
+        d_model=512,
+        num_heads=12,
+        head_dim=32,
+        d_ff=2048,
+        tie_embeddings=True,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
+    "410m": dict(
+        vocab_size=50_432,
+        num_layers=24,
+        d_model=1024,
+        num_heads=16,
+        head_dim=64,
+        d_ff=2816,
+        tie_embeddings=False,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
+    "1p4b": dict(
+        vocab_size=50_432,
+        num_layers=24,
+        d_model=2048,
+        num_heads=16,
+        head_dim=128,
+        d_ff=5632,
+        tie_embeddings=False,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -115,8 +162,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 def model_preset(name: str = "tiny", **overrides: Any) -> ModelConfig:
     """A paper anchor by name ('tiny', '160m', '410m', '1p4b'), with field overrides."""
     if name not in MODEL_PRESETS:
-        raise ConfigError(f"model_preset.name = {name!r} is unknown; choose one of "
-                          f"{sorted(MODEL_PRESETS)}.")
+        raise ConfigError(
+            f"model_preset.name = {name!r} is unknown; choose one of {sorted(MODEL_PRESETS)}."
+        )
     return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
 
 
@@ -178,8 +226,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_positive("OptimConfig", peak_lr=self.peak_lr, eps=self.eps)
-        _require(0 <= self.end_lr <= self.peak_lr,
-                 f"OptimConfig.end_lr = {self.end_lr} must be in [0, peak_lr={self.peak_lr}].")
+        _require(
+            0 <= self.end_lr <= self.peak_lr,
+            f"OptimConfig.end_lr = {self.end_lr} must be in [0, peak_lr={self.peak_lr}].",
+        )
         _require(self.warmup_steps >= 0, "OptimConfig.warmup_steps must be >= 0.")
         _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "OptimConfig.b1 and b2 must be in [0, 1).")
         _require(self.weight_decay >= 0, "OptimConfig.weight_decay must be >= 0.")
@@ -214,23 +264,30 @@ class HierarchyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("HierarchyConfig", "embedder", self.embedder,
-                      ("hashed", "hashed_idf", "minilm"))
+        _check_choice(
+            "HierarchyConfig", "embedder", self.embedder, ("hashed", "hashed_idf", "minilm")
+        )
         _require(self.branching >= 2, f"HierarchyConfig.branching = {self.branching} must be >= 2.")
         _require(self.depth >= 1, f"HierarchyConfig.depth = {self.depth} must be >= 1.")
-        _require(self.branching ** self.depth < 2 ** 31,
-                 f"HierarchyConfig: branching**depth = {self.branching ** self.depth} leaves "
-                 "overflow int32 block ids; lower branching or depth.")
-        _check_positive("HierarchyConfig", em_steps=self.em_steps,
-                        samples_per_step=self.samples_per_step)
-        _require(self.samples_per_step >= self.branching,
-                 f"HierarchyConfig.samples_per_step = {self.samples_per_step} must be >= "
-                 f"branching = {self.branching} so a minibatch can populate every cluster.")
-        _require(self.balance_threshold is None
-                 or 1 / self.branching <= self.balance_threshold <= 1,
-                 f"HierarchyConfig.balance_threshold = {self.balance_threshold} must be in "
-                 f"[1/branching = {1 / self.branching:.4g}, 1] or None (the paper's 0.094 at "
-                 f"branching 16, scaled: {0.094 * 16 / self.branching:.4g} here).")
+        _require(
+            self.branching**self.depth < 2**31,
+            f"HierarchyConfig: branching**depth = {self.branching**self.depth} leaves "
+            "overflow int32 block ids; lower branching or depth.",
+        )
+        _check_positive(
+            "HierarchyConfig", em_steps=self.em_steps, samples_per_step=self.samples_per_step
+        )
+        _require(
+            self.samples_per_step >= self.branching,
+            f"HierarchyConfig.samples_per_step = {self.samples_per_step} must be >= "
+            f"branching = {self.branching} so a minibatch can populate every cluster.",
+        )
+        _require(
+            self.balance_threshold is None or 1 / self.branching <= self.balance_threshold <= 1,
+            f"HierarchyConfig.balance_threshold = {self.balance_threshold} must be in "
+            f"[1/branching = {1 / self.branching:.4g}, 1] or None (the paper's 0.094 at "
+            f"branching 16, scaled: {0.094 * 16 / self.branching:.4g} here).",
+        )
 
     @property
     def effective_balance_threshold(self) -> float:
@@ -279,21 +336,31 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
-        _check_choice("DataConfig", "source", self.source,
-                      ("embedded", "jsonl", "text_dir", "seqio"))
+        _check_choice(
+            "DataConfig", "source", self.source, ("embedded", "jsonl", "text_dir", "seqio")
+        )
         _check_choice("DataConfig", "tokenizer", self.tokenizer, ("sentencepiece", "hf"))
-        _require(self.source == "embedded" or self.path,
-                 f"DataConfig.source = {self.source!r} needs DataConfig.path.")
-        _check_positive("DataConfig", vocab_size=self.vocab_size,
-                        embedded_entities=self.embedded_entities,
-                        max_document_chars=self.max_document_chars,
-                        tokenizer_train_chars=self.tokenizer_train_chars,
-                        prepare_chunk_documents=self.prepare_chunk_documents)
-        _require(self.vocab_size >= 300,
-                 f"DataConfig.vocab_size = {self.vocab_size} is too small: a byte-fallback "
-                 "tokenizer needs 256 byte pieces plus specials; use >= 300.")
-        _require(self.worker_count >= 0 and self.prefetch >= 0 and self.prepare_workers >= 0,
-                 "DataConfig.worker_count, prefetch and prepare_workers must be >= 0.")
+        _require(
+            self.source == "embedded" or self.path,
+            f"DataConfig.source = {self.source!r} needs DataConfig.path.",
+        )
+        _check_positive(
+            "DataConfig",
+            vocab_size=self.vocab_size,
+            embedded_entities=self.embedded_entities,
+            max_document_chars=self.max_document_chars,
+            tokenizer_train_chars=self.tokenizer_train_chars,
+            prepare_chunk_documents=self.prepare_chunk_documents,
+        )
+        _require(
+            self.vocab_size >= 300,
+            f"DataConfig.vocab_size = {self.vocab_size} is too small: a byte-fallback "
+            "tokenizer needs 256 byte pieces plus specials; use >= 300.",
+        )
+        _require(
+            self.worker_count >= 0 and self.prefetch >= 0 and self.prepare_workers >= 0,
+            "DataConfig.worker_count, prefetch and prepare_workers must be >= 0.",
+        )
 
 
 MEMORY_KINDS = ("none", "ffn", "lora_qk", "lora_ov", "lora_ffn", "kv")
@@ -368,43 +435,65 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         _check_choice("MemoryConfig", "kind", self.kind, MEMORY_KINDS)
         _check_choice("MemoryConfig", "bank_tier", self.bank_tier, ("device", "streaming"))
-        _require(self.host_cache_bytes > 0,
-                 f"MemoryConfig.host_cache_bytes must be > 0, got {self.host_cache_bytes}; give "
-                 "the host RAM (bytes) the streamed bank may hold, e.g. 4 << 30.")
-        _require(self.prefetch_steps >= 0,
-                 f"MemoryConfig.prefetch_steps must be >= 0 (0 = no prefetch), got "
-                 f"{self.prefetch_steps}.")
-        _require(self.blocks_per_shard >= 1,
-                 f"MemoryConfig.blocks_per_shard must be >= 1 (1 = one file per block), got "
-                 f"{self.blocks_per_shard}.")
-        _require(self.store_splits >= 0,
-                 f"MemoryConfig.store_splits must be >= 0 (0 = one chunk per process of the run "
-                 f"that creates the store), got {self.store_splits}.")
-        _require(self.bank_tier == "device" or self.kind != "none" or not self.bank_store,
-                 "MemoryConfig.bank_store is set but MemoryConfig.kind = 'none' has no bank.")
+        _require(
+            self.host_cache_bytes > 0,
+            f"MemoryConfig.host_cache_bytes must be > 0, got {self.host_cache_bytes}; give "
+            "the host RAM (bytes) the streamed bank may hold, e.g. 4 << 30.",
+        )
+        _require(
+            self.prefetch_steps >= 0,
+            f"MemoryConfig.prefetch_steps must be >= 0 (0 = no prefetch), got "
+            f"{self.prefetch_steps}.",
+        )
+        _require(
+            self.blocks_per_shard >= 1,
+            f"MemoryConfig.blocks_per_shard must be >= 1 (1 = one file per block), got "
+            f"{self.blocks_per_shard}.",
+        )
+        _require(
+            self.store_splits >= 0,
+            f"MemoryConfig.store_splits must be >= 0 (0 = one chunk per process of the run "
+            f"that creates the store), got {self.store_splits}.",
+        )
+        _require(
+            self.bank_tier == "device" or self.kind != "none" or not self.bank_store,
+            "MemoryConfig.bank_store is set but MemoryConfig.kind = 'none' has no bank.",
+        )
         _check_choice("MemoryConfig", "placement", self.placement, ("all", "first", "last"))
         _check_choice("MemoryConfig", "mode", self.mode, TRAINING_MODES)
         _check_choice("MemoryConfig", "application", self.application, ("gather", "grouped"))
         _check_choice("MemoryConfig", "bank_dtype", self.bank_dtype, DTYPES)
         _check_choice("MemoryConfig", "moment_dtype", self.moment_dtype, DTYPES)
-        _check_choice("MemoryConfig", "bank_rounding", self.bank_rounding,
-                      ("stochastic", "nearest"))
-        _require(all(int(r) >= 0 for r in self.level_sizes),
-                 f"MemoryConfig.level_sizes = {self.level_sizes} must be >= 0 per level.")
-        _require(self.kind == "none" or sum(self.level_sizes) > 0,
-                 f"MemoryConfig.kind = {self.kind!r} needs MemoryConfig.level_sizes with at least "
-                 "one level > 0, e.g. (256, 64, 16, 0).")
-        _require(self.placement == "all" or self.placement_layers > 0,
-                 f"MemoryConfig.placement = {self.placement!r} needs placement_layers > 0.")
-        _require(self.application == "gather" or self.kind == "ffn",
-                 f"MemoryConfig.application = 'grouped' supports kind 'ffn' only, not "
-                 f"{self.kind!r}; use application = 'gather'.")
-        _require(0 <= self.generic_probability < 1,
-                 "MemoryConfig.generic_probability must be in [0, 1).")
+        _check_choice(
+            "MemoryConfig", "bank_rounding", self.bank_rounding, ("stochastic", "nearest")
+        )
+        _require(
+            all(int(r) >= 0 for r in self.level_sizes),
+            f"MemoryConfig.level_sizes = {self.level_sizes} must be >= 0 per level.",
+        )
+        _require(
+            self.kind == "none" or sum(self.level_sizes) > 0,
+            f"MemoryConfig.kind = {self.kind!r} needs MemoryConfig.level_sizes with at least "
+            "one level > 0, e.g. (256, 64, 16, 0).",
+        )
+        _require(
+            self.placement == "all" or self.placement_layers > 0,
+            f"MemoryConfig.placement = {self.placement!r} needs placement_layers > 0.",
+        )
+        _require(
+            self.application == "gather" or self.kind == "ffn",
+            f"MemoryConfig.application = 'grouped' supports kind 'ffn' only, not "
+            f"{self.kind!r}; use application = 'gather'.",
+        )
+        _require(
+            0 <= self.generic_probability < 1, "MemoryConfig.generic_probability must be in [0, 1)."
+        )
         _check_positive("MemoryConfig", lr=self.lr, eps=self.eps, lora_alpha=self.lora_alpha)
         _require(0 <= self.end_lr <= self.lr, "MemoryConfig.end_lr must be in [0, lr].")
-        _require(self.weight_decay >= 0 and self.warmup_steps >= 0,
-                 "MemoryConfig.weight_decay and warmup_steps must be >= 0.")
+        _require(
+            self.weight_decay >= 0 and self.warmup_steps >= 0,
+            "MemoryConfig.weight_decay and warmup_steps must be >= 0.",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -454,33 +543,49 @@ class TrainConfig:
     async_checkpointing: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("TrainConfig", steps=self.steps, batch_size=self.batch_size,
-                        seq_len=self.seq_len, grad_accum_steps=self.grad_accum_steps,
-                        log_every=self.log_every, checkpoint_every=self.checkpoint_every,
-                        keep_checkpoints=self.keep_checkpoints)
-        _require(self.batch_size % self.grad_accum_steps == 0,
-                 f"TrainConfig.batch_size = {self.batch_size} must be divisible by "
-                 f"grad_accum_steps = {self.grad_accum_steps}.")
-        _require(not (self.memory.enabled and not self.memory.needs_anchor and self.init_from),
-                 f"TrainConfig.init_from = {self.init_from!r} is set but MemoryConfig.mode = "
-                 "'scratch' trains the anchor from initialisation; use mode = 'cotrain' (or "
-                 "'frozen_anchor'), or leave init_from empty.")
-        _require(self.model.vocab_size >= self.data.vocab_size,
-                 f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
-                 f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.")
+        _check_positive(
+            "TrainConfig",
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            grad_accum_steps=self.grad_accum_steps,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+        )
+        _require(
+            self.batch_size % self.grad_accum_steps == 0,
+            f"TrainConfig.batch_size = {self.batch_size} must be divisible by "
+            f"grad_accum_steps = {self.grad_accum_steps}.",
+        )
+        _require(
+            not (self.memory.enabled and not self.memory.needs_anchor and self.init_from),
+            f"TrainConfig.init_from = {self.init_from!r} is set but MemoryConfig.mode = "
+            "'scratch' trains the anchor from initialisation; use mode = 'cotrain' (or "
+            "'frozen_anchor'), or leave init_from empty.",
+        )
+        _require(
+            self.model.vocab_size >= self.data.vocab_size,
+            f"ModelConfig.vocab_size = {self.model.vocab_size} is smaller than the "
+            f"tokenizer's DataConfig.vocab_size = {self.data.vocab_size}; raise the model's.",
+        )
 
-        _require(self.subtree < 0 or (self.memory.enabled and self.memory.mode == "frozen_anchor"),
-                 f"TrainConfig.subtree = {self.subtree} trains one level-1 subtree's memory "
-                 "beside a frozen anchor (the jobs' banks are merged afterwards): set "
-                 "MemoryConfig.mode = 'frozen_anchor', or subtree = -1.")
+        _require(
+            self.subtree < 0 or (self.memory.enabled and self.memory.mode == "frozen_anchor"),
+            f"TrainConfig.subtree = {self.subtree} trains one level-1 subtree's memory "
+            "beside a frozen anchor (the jobs' banks are merged afterwards): set "
+            "MemoryConfig.mode = 'frozen_anchor', or subtree = -1.",
+        )
 
     def check_startable(self) -> None:
         """What a run needs before its first step, beyond valid values (checked at train time,
         so a config that a recipe completes can still be described by `hmem info`)."""
-        _require(not self.memory.needs_anchor or bool(self.init_from),
-                 f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
-                 "TrainConfig.init_from to that run's workdir (or use mode = 'scratch'), or run "
-                 "the recipe (`python -m hmem_jax.main.recipe`), which trains the anchor first.")
+        _require(
+            not self.memory.needs_anchor or bool(self.init_from),
+            f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "
+            "TrainConfig.init_from to that run's workdir (or use mode = 'scratch'), or run "
+            "the recipe (`python -m hmem_jax.main.recipe`), which trains the anchor first.",
+        )
 
 
 @gin.configurable
