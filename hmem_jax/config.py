@@ -341,7 +341,7 @@ class DataConfig:
         )
         _check_choice("DataConfig", "tokenizer", self.tokenizer, ("sentencepiece", "hf"))
         _require(
-            self.source == "embedded" or self.path,
+            self.source == "embedded" or bool(self.path),
             f"DataConfig.source = {self.source!r} needs DataConfig.path.",
         )
         _check_positive(

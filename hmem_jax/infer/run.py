@@ -105,9 +105,9 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
         state = checkpointer.restore(step, target, expected={})
-        streamed = (
-            open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) if streaming else None
-        )
+        streamed = None
+        if plan is not None and streaming:
+            streamed = open_streamed(cfg, plan, workdir, checkpointer.read_record(step))
     finally:
         checkpointer.close()
     return LoadedRun(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -129,7 +130,7 @@ def run(
     app.run(guarded)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit with a one-line error (no traceback) for user mistakes."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
