@@ -14,7 +14,6 @@ with `TrainConfig.model = @model_preset()` and `model_preset.name = '160m'`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any
@@ -31,9 +30,13 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -407,7 +410,7 @@ class DataConfig:
         )
         _check_choice("DataConfig", "tokenizer", self.tokenizer, ("sentencepiece", "hf"))
         _require(
-            self.source == "embedded" or self.path,
+            self.source == "embedded" or bool(self.path),
             f"DataConfig.source = {self.source!r} needs DataConfig.path.",
         )
         _check_positive(

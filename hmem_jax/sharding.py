@@ -84,6 +84,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int) -> NamedSharding:
     """Leading axis over the 'batch' rule's mesh axes, the rest replicated."""
     spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+    assert spec is not None
     return NamedSharding(mesh, spec)
 
 

@@ -77,6 +77,7 @@ def init_level(
     if level == GENERIC:
         clusters, rank = 1, geometry.fetched_rank
     else:
+        assert isinstance(level, int), level
         clusters, rank = geometry.clusters(level), geometry.level_sizes[level - 1]
     ids = jnp.arange(clusters)
     params = jax.vmap(lambda i: init_block(geometry, rank, seed, level, i, dtype))(ids)

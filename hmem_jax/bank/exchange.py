@@ -144,15 +144,16 @@ class BlockExchange:
             every = self._all_ids(mine).reshape(-1)
             out = {}
             for name, x in local.items():
-                if axes[name] is None:
+                axis = axes[name]
+                if axis is None:
                     out[name] = jnp.take(x, mine, axis=0, mode="clip")[None]
                     continue
                 pieces = jnp.take(x, every, axis=0, mode="clip")
                 pieces = pieces.reshape((slices, mine.shape[0]) + pieces.shape[1:])
                 got = jax.lax.all_to_all(pieces, self.slice_axes, 0, 0, tiled=True)
-                got = jnp.moveaxis(got, 0, axes[name])  # [C, ..., P, size/P, ...]
+                got = jnp.moveaxis(got, 0, axis)  # [C, ..., P, size/P, ...]
                 full = list(x.shape)
-                full[axes[name]] *= slices
+                full[axis] *= slices
                 out[name] = got.reshape((1, mine.shape[0]) + tuple(full[1:]))
             return out
 
@@ -218,10 +219,11 @@ class BlockExchange:
             places = {}
             for name, x in local.params.items():
                 row = list(x.shape[1:])
-                if axes[name] is None:
+                block_axis = axes[name]
+                if block_axis is None:
                     places[name] = (0, 0, tuple(row))
                     continue
-                axis = axes[name] - 1
+                axis = block_axis - 1
                 offset = index * row[axis]
                 row[axis] *= slices
                 places[name] = (axis, offset, tuple(row))

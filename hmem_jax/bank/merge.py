@@ -25,6 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hmem_jax.bank.device import GENERIC, LevelBank
@@ -69,11 +70,8 @@ def _mean_generic(generic: Sequence[LevelBank]) -> LevelBank:
         total = sum(w * a.astype(np.float32) for w, a in zip(weights, arrays))
         return total.astype(arrays[0].dtype)
 
-    params = {n: mean(*[g.params[n] for g in generic]) for n in generic[0].params}
-    mu = {n: mean(*[g.mu[n] for g in generic]) for n in generic[0].mu}
-    nu = {n: mean(*[g.nu[n] for g in generic]) for n in generic[0].nu}
     count = np.array([int(counts.sum())], generic[0].count.dtype)
-    return LevelBank(params=params, mu=mu, nu=nu, count=count)
+    return jax.tree.map(mean, *generic).replace(count=count)
 
 
 def merge_subtree_runs(run_dirs: Sequence[str], out_dir: str) -> str:
@@ -123,7 +121,7 @@ def merge_subtree_runs(run_dirs: Sequence[str], out_dir: str) -> str:
     bank = merge_banks([run.bank for run in runs], subtrees, first.hierarchy.branching)
     step = max(run.step for run in runs)
     state = TrainState(
-        step=np.asarray(step, np.int32),
+        step=jnp.asarray(step, jnp.int32),
         params=runs[0].params,
         opt_state=runs[0].opt_state,
         bank=bank,

@@ -79,7 +79,7 @@ def _device_boxes(exchange: BlockExchange, shape: tuple[int, ...]) -> dict[int, 
         box = tuple(
             (s.start or 0, shape[a] if s.stop is None else s.stop) for a, s in enumerate(index[1:])
         )
-        out.setdefault(device.process_index, []).append(box)
+        out.setdefault(device.process_index, []).append(box)  # type: ignore[attr-defined]
     return out
 
 
@@ -164,7 +164,8 @@ def to_global(
     """A step's view leaf [U, *block] on the mesh from this process's part [U, *held]."""
     part = np.asarray(part)
 
-    def local(index: tuple[slice, ...]) -> np.ndarray:
+    def local(index: tuple[slice, ...] | None) -> np.ndarray:
+        assert index is not None
         inner = tuple(
             slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
             for s, (lo, _), n in zip(index[1:], held, shape[1:])

@@ -27,6 +27,7 @@ process drops a block before all its pieces are stored.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -60,9 +61,10 @@ def _agree(value: int, process_count: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-def to_level_bank(rows: Mapping[str, np.ndarray]) -> bank_lib.LevelBank:
-    """field -> [U, ...] arrays as a LevelBank (the step's input/output layout)."""
-    tree: dict[str, dict[str, np.ndarray]] = {"params": {}, "mu": {}, "nu": {}}
+def to_level_bank(rows: Mapping[str, Any]) -> bank_lib.LevelBank:
+    """field -> [U, ...] arrays (host or device) as a LevelBank (the step's input/output
+    layout)."""
+    tree: dict[str, dict[str, Any]] = {"params": {}, "mu": {}, "nu": {}}
     for field, value in rows.items():
         if field != COUNT:
             kind, name = field.split("/", 1)
@@ -143,7 +145,7 @@ class StreamedBank:
                     future = self._reader.submit(self._read_into_cache, key, np.array(todo), epochs)
                     for b in todo:
                         self._pending[(key, b)] = future
-                future.add_done_callback(lambda f, k=key, t=tuple(todo): self._done(k, t, f))
+                future.add_done_callback(functools.partial(self._done, key, tuple(todo)))
 
     def _done(self, key: str, blocks: tuple[int, ...], future: concurrent.futures.Future) -> None:
         with self._pending_lock:

@@ -164,12 +164,15 @@ class StreamedTier:
             views[key] = (positions, self._place(key, rows), ids)
         return views
 
-    def finish(self, rows_out: Mapping[str, Any], ahead: Sequence[Mapping[str, Any]]) -> None:
+    def finish(
+        self, rows_out: Mapping[str, Any] | None, ahead: Sequence[Mapping[str, Any]]
+    ) -> None:
         """Start reading the next steps' blocks, then hand the updated rows to the bank.
 
         Called right after the step is dispatched: the prefetch overlaps the
         step's compute, and reading `rows_out` waits for the step.
         """
+        assert rows_out is not None, "a host bank's step returns its updated rows"
         upcoming = [self.plan.host_ids(b) for b in ahead]
         if self.bank.prefetch_steps:
             self.bank.prefetch(upcoming)

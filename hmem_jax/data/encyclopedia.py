@@ -257,6 +257,12 @@ class Entity:
     bucket: int = -1
 
 
+def _entity_index(attribute: object) -> int:
+    """An attribute value that refers to another entity: that entity's index."""
+    assert isinstance(attribute, int), attribute
+    return attribute
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """A prompt whose correct continuation starts with the integer `answer`."""
@@ -427,6 +433,10 @@ class _Generator:
         entity.mentions += 1
         return entity.name
 
+    def _referenced(self, attribute: object) -> str:
+        """`_name` of the entity an attribute value refers to by index."""
+        return self._name(_entity_index(attribute))
+
     # ----- facts, phrased ---------------------------------------------------------------
     def _fact_sentences(
         self, entity: Entity, count: int | None = None, only: int | None = None
@@ -438,7 +448,7 @@ class _Generator:
         """
         a = entity.attributes
         n = lambda: self._name(entity.index)  # noqa: E731 - counted at each use
-        ref = self._name
+        ref = self._referenced
         stated = functools.partial(self._stating, entity.index)
         if entity.kind == "element":
             number = stated(a["atomic_number"])
@@ -540,7 +550,7 @@ class _Generator:
         """`count` question/answer pairs about the entity (lambdas: only those used count)."""
         a = entity.attributes
         n = lambda: self._name(entity.index)  # noqa: E731
-        ref = self._name
+        ref = self._referenced
         stated = functools.partial(self._stating, entity.index)
         if entity.kind == "element":
             pairs = [
@@ -565,7 +575,7 @@ class _Generator:
 
     def _related(self, entity: Entity) -> list[int]:
         return [
-            value
+            _entity_index(value)
             for key, value in entity.attributes.items()
             if key in ("discovered_in", "discoverer", "birthplace", "mentor")
         ]

@@ -253,12 +253,13 @@ class ShardWriter:
         self.records_per_shard = max(1, _SHARD_TARGET_BYTES // record_bytes)
         self.shard_records: list[int] = []
         self.num_records = 0
-        self._writer = None
+        self._writer: ArrayRecordWriter | None = None
         self._leaves = open(os.path.join(directory, RECORD_LEAVES_FILE), "wb")
 
     def write(self, leaf: int, tokens: np.ndarray, segment_ids: np.ndarray) -> None:
         if self._writer is None or self.shard_records[-1] >= self.records_per_shard:
             self._rotate()
+            assert self._writer is not None
         self._writer.write(
             tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
             + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()

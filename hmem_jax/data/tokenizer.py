@@ -214,7 +214,10 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def piece(self, token_id: int) -> str:
-        return self._tokenizer.id_to_token(int(token_id))
+        piece = self._tokenizer.id_to_token(int(token_id))
+        if piece is None:
+            raise TokenizerError(f"Token id {token_id} is not in the tokenizer's vocabulary.")
+        return piece
 
 
 _CLASSES: dict[str, type[Tokenizer]] = {
@@ -344,7 +347,7 @@ def load_tokenizer(prepared_dir: str) -> Tokenizer:
     with open(path, "rb") as handle:
         data = handle.read()
     # Hash first: a damaged file must be reported as a mismatch, not as a parser crash.
-    found = {"sha256": hashlib.sha256(data).hexdigest()}
+    found: dict[str, object] = {"sha256": hashlib.sha256(data).hexdigest()}
     if found["sha256"] == expected["sha256"]:
         found = tokenizer_from_bytes(expected["kind"], data).describe()
     for key in ("sha256", "vocab_size", "eot_id", "pad_id"):

@@ -52,9 +52,8 @@ def cluster_corpus(
         + (f" (repairs: {stats.problems()})" if stats.problems() else "")
     )
 
-    embedder = get_embedder(
-        hierarchy.embedder, **({"show_progress": verbose} if hierarchy.embedder == "minilm" else {})
-    )
+    options = {"show_progress": verbose} if hierarchy.embedder == "minilm" else {}
+    embedder = get_embedder(hierarchy.embedder, state=None, **options)
     started = time.perf_counter()
     fit_embedder(embedder, texts)  # corpus statistics first (hashed_idf): they key the cache
     embeddings = embed_cached(embedder, texts, cache_dir or None)

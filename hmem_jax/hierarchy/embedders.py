@@ -61,7 +61,9 @@ class Embedder(Protocol):
 
     name: str
     dim: int
-    version: str
+
+    @property
+    def version(self) -> str: ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """float32[len(texts), dim], each row of unit L2 norm."""
@@ -314,7 +316,7 @@ class HashedNgramEmbedder:
         rows = np.bincount(
             np.concatenate(flat), weights=np.concatenate(signs), minlength=count * groups * dim
         )
-        grouped = rows.reshape(count, groups, dim)
+        grouped: np.ndarray = rows.reshape(count, groups, dim)
         norms = np.linalg.norm(grouped, axis=2, keepdims=True)
         grouped = grouped / np.where(norms > 0, norms, 1.0)
         vectors = np.einsum("ngd,g->nd", grouped, self.group_weights)

@@ -108,7 +108,7 @@ class Decoder:
         cache: KVCache,
         memory: Any,
     ) -> tuple[Array, KVCache]:
-        return self.model.apply(
+        return self.model.apply(  # type: ignore[return-value]
             {"params": params},
             tokens,
             segment_ids,
@@ -127,8 +127,9 @@ class Decoder:
         key: Array,
         sampling: Sampling,
         memory: Any,
-    ) -> Array:
-        """int32[B, max_new_tokens] sampled tokens; stops early once every row hit a stop id."""
+    ) -> tuple[Array, Array]:
+        """(int32[B, max_new_tokens] sampled tokens, steps run); stops early once every row hit
+        a stop id."""
         batch = last_logits.shape[0]
         stops = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
 

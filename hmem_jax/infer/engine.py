@@ -40,7 +40,8 @@ class Engine:
 
     @property
     def has_generic(self) -> bool:
-        return self.has_memory and self.run.plan.with_generic
+        plan = self.run.plan
+        return plan is not None and plan.with_generic
 
     @functools.cached_property
     def embedder(self) -> Any:

@@ -86,8 +86,9 @@ def route(
     level1 = tree.levels[0]
     distances = squared_norms(level1)[None, :] - 2.0 * embeddings @ level1.T
     if per_row:
-        rows = np.flatnonzero(blocked_level1 >= 0)
-        distances[rows, blocked_level1[rows]] = np.inf
+        blocked = np.asarray(blocked_level1)
+        rows = np.flatnonzero(blocked >= 0)
+        distances[rows, blocked[rows]] = np.inf
     else:
         if len(blocked_level1) >= tree.branching:
             raise ValueError("Blocking every level-1 subtree leaves nothing to route to.")
@@ -138,5 +139,5 @@ def select_rows(memory: Any, rows: np.ndarray) -> Any:
     """The memory of a subset of inputs (memory leaves are [layers, N, ...])."""
     if memory is None:
         return None
-    rows = jnp.asarray(rows)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=1), memory)
+    indices = jnp.asarray(rows)
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=1), memory)

@@ -111,9 +111,9 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         step, state, _ = checkpointer.restore_newest(
             target, expected={}, steps=None if step is None else [step]
         )
-        streamed = (
-            open_streamed(cfg, plan, workdir, checkpointer.read_record(step)) if streaming else None
-        )
+        streamed = None
+        if plan is not None and streaming:
+            streamed = open_streamed(cfg, plan, workdir, checkpointer.read_record(step))
     finally:
         checkpointer.close()
     return LoadedRun(

@@ -36,7 +36,10 @@ def _token_logprobs(
 ) -> tuple[jax.Array, jax.Array]:
     """(log p of tokens[:, 1:], is-argmax of tokens[:, 1:]), both [B, T-1]."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits = model.apply({"params": params}, tokens, segment_ids, positions, memory)[:, :-1]
+    logits: jax.Array = model.apply(  # type: ignore[assignment]
+        {"params": params}, tokens, segment_ids, positions, memory
+    )
+    logits = logits[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     target = tokens[:, 1:]
     picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]

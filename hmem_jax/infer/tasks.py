@@ -92,14 +92,14 @@ def evaluate_choice(
     queries = [item.query for item in items]
     memory = engine.memory_for(queries, mode)
     documents = rag(queries) if rag else [""] * len(items)
-    contexts, continuations, owner = [], [], []
+    contexts, continuations, owners = [], [], []
     for index, (item, document) in enumerate(zip(items, documents)):
         context = engine.encode(prefix + (document + "\n\n" if document else "") + item.query)
         for choice in item.choices:
             contexts.append(context)
             continuations.append(engine.run.tokenizer.encode(" " + choice))
-            owner.append(index)
-    owner = np.array(owner)
+            owners.append(index)
+    owner = np.array(owners)
     scores = continuation_logprobs(
         engine.model,
         engine.run.params,

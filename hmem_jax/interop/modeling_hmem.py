@@ -45,6 +45,7 @@ class HmemForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config: HmemConfig) -> None:
         super().__init__(config)
         q_width = config.num_attention_heads * config.head_dim
+        assert config.num_key_value_heads is not None  # Qwen3Config fills it in
         k_width = config.num_key_value_heads * config.head_dim
         for layer in self.model.layers:
             layer.self_attn.q_norm = FullWidthRMSNorm(q_width, config.rms_norm_eps)

@@ -158,6 +158,7 @@ def export(store, out: str) -> list[str]:
                 array[ids] = rows[f]
         for array in arrays.values():
             array.flush()
+            assert array.filename is not None
             written.append(array.filename)
     return written
 

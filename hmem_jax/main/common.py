@@ -15,6 +15,7 @@ import logging as logging_lib
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -159,7 +160,7 @@ def run(
     app.run(guarded)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit with a one-line error (no traceback) for user mistakes."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)

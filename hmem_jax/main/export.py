@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
         )
         print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
         if BANK.value:
-            if run.bank is None:
+            if run.bank is None or run.plan is None:
                 common.fail("--bank: this run has no memory bank.")
             export_bank(
                 BANK.value,

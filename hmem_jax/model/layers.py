@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         normed = x32 * jax.lax.rsqrt(mean_square + self.cfg.norm_eps)
-        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)  # type: ignore[attr-defined]
 
 
 def llama3_inv_freq(
@@ -190,6 +190,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_cache = None
         if cache is not None:
+            assert layer is not None and cache_index is not None, "a cache needs both"
             zero = jnp.zeros((), jnp.int32)
             start = (layer, zero, cache_index, zero, zero)
             new_cache = {

@@ -51,9 +51,10 @@ def _swiglu(x: Array, gate: Array, up: Array, down: Array, into: str, out_of: st
 
 def lora(x: Array, memory: Memory, name: str, scale: float) -> Array | None:
     """scale·(x·A)·B for projection `name` with per-sequence A[B, in, R], B[B, R, out]; or None."""
-    a, b = memory.get(f"{name}_a"), memory.get(f"{name}_b")
+    a = memory.get(f"{name}_a")
     if a is None:
         return None
+    b = memory[f"{name}_b"]
     low = jnp.einsum("btd,bdr->btr", x, a.astype(x.dtype))
     return scale * jnp.einsum("btr,bro->bto", low, b.astype(x.dtype))
 
@@ -71,7 +72,7 @@ def kv_memory_attention(q: Array, memory: Memory) -> Array:
     return jax.nn.dot_product_attention(q, keys, values)
 
 
-def grouped_ffn_memory(x: Array, memory: Memory) -> Array:
+def grouped_ffn_memory(x: Array, memory: Mapping[str, Any]) -> Array:
     """FFN-memories as one grouped matmul per level over the step's unique blocks.
 
     memory["grouped"][level] = {gate[U, d, r], up[U, d, r], down[U, r, d],
@@ -143,6 +144,7 @@ def grouped_memory(
         levels[f"l{level}"] = entry
     memory: dict[str, Any] = {"grouped": levels}
     if generic is not None:
+        assert use_generic is not None, "a generic block needs use_generic"
         memory["generic"] = {name: generic[name][0] for name in ("gate", "up", "down")}
         memory["use_generic"] = jnp.broadcast_to(use_generic, (layers,) + use_generic.shape)
     return memory

@@ -232,7 +232,11 @@ class MemoryPlan:
             generic = key == bank_lib.GENERIC
             level = 0 if generic else int(key[1:])
             blocks = view.count.shape[0]
-            active = jnp.any(use_generic) if generic else jnp.ones((), bool)
+            if generic:
+                assert use_generic is not None, "a generic block needs use_generic"
+                active = jnp.any(use_generic)
+            else:
+                active = jnp.ones((), bool)
             # Rounding follows block ids, not view rows: a host tier's view holds the step's
             # blocks at other positions than the device bank does.
             values = (lr, scale, active, step, row_ids)

@@ -111,6 +111,7 @@ class MetricWriter:
         values = {k: float(np.asarray(v)) for k, v in metrics.items()}
         if not self.enabled:
             return
+        assert self._jsonl is not None and self._tb is not None
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         for name, value in values.items():
             self._tb.add_scalar(name, value, step)

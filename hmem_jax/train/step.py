@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.model import Transformer
-from hmem_jax.train.memory import MemoryPlan
+from hmem_jax.train.memory import MemoryPlan, View
 from hmem_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -57,7 +57,7 @@ def loss_sums(
     model: Transformer, params: Any, batch: Batch, memory: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """(loss numerator, token count) of one (micro-)batch."""
-    logits = model.apply(
+    logits: jax.Array = model.apply(  # type: ignore[assignment]
         {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], memory
     )
     targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
@@ -133,10 +133,18 @@ def train_step(
     """
     plan = fns.plan
     per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
-    views, memory_params, use_generic = {}, {}, None
+    views: Mapping[str, View] = {}
+    memory_params: dict[str, Any] = {}
+    use_generic = None
     if plan is not None:
-        views = rows if fns.host_bank else plan.device_views(state.bank, batch)
-        memory_params = plan.fetch(fns.exchange, views)
+        assert fns.exchange is not None and fns.memory_schedule is not None, "a plan needs both"
+        exchange, memory_schedule = fns.exchange, fns.memory_schedule
+        if fns.host_bank:
+            assert rows is not None, "a host bank's step needs the step's rows"
+            views = rows
+        else:
+            views = plan.device_views(state.bank, batch)
+        memory_params = plan.fetch(exchange, views)
         per_sequence.update({k: batch[k] for k in plan.sequence_keys()})
         if plan.with_generic:
             use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
@@ -167,7 +175,7 @@ def train_step(
     anchor_grads, memory_grads = jax.tree.map(
         lambda g: (g / count).astype(g.dtype), (anchor_grads, memory_grads)
     )
-    reduced = plan.reduce(fns.exchange, views, memory_grads) if plan is not None else {}
+    reduced = plan.reduce(exchange, views, memory_grads) if plan is not None else {}
     square_sum = sum((r.square_sum for r in reduced.values()), jnp.zeros((), jnp.float32))
     grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(anchor_grads)) + square_sum)
     factor = jnp.ones((), jnp.float32)
@@ -187,9 +195,9 @@ def train_step(
     }
     bank, rows_out = state.bank, None
     if plan is not None:
-        memory_lr = fns.memory_schedule(state.step)
+        memory_lr = memory_schedule(state.step)
         new_views, update_metrics = plan.update(
-            fns.exchange, views, reduced, memory_lr, factor, use_generic, state.step
+            exchange, views, reduced, memory_lr, factor, use_generic, state.step
         )
         metrics.update(update_metrics)
         metrics.update(plan.fetch_metrics(views))
@@ -202,9 +210,29 @@ def train_step(
     return new_state, metrics, rows_out
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledTrainStep:
+    """`train_step` under `jax.jit` for a mesh: run(state, batch, rows=None)."""
+
+    jitted: jax.stages.Wrapped
+    mesh: Mesh
+    rules: Any
+
+    def __call__(
+        self, state: TrainState, batch: Batch, rows: BankRows | None = None
+    ) -> tuple[TrainState, dict, dict | None]:
+        with sharding.activate(self.mesh, self.rules):
+            return self.jitted(state, batch, rows)
+
+    def compiled(self, state: TrainState, batch: Batch, rows: BankRows | None = None) -> Any:
+        """The compiled executable (for memory and cost analysis in benchmarks)."""
+        with sharding.activate(self.mesh, self.rules):
+            return self.jitted.lower(state, batch, rows).compile()
+
+
 def compile_train_step(
     fns: StepFunctions, mesh: Mesh, rules: Any, state_shardings: TrainState
-) -> Callable[..., tuple]:
+) -> CompiledTrainStep:
     """`train_step` under `jax.jit` with explicit shardings: run(state, batch, rows=None).
 
     The old state is donated, and so are a host bank's rows: the updated rows
@@ -223,17 +251,4 @@ def compile_train_step(
         out_shardings=(state_shardings, replicated, None),
         donate_argnums=(0, 2),
     )
-
-    def run(
-        state: TrainState, batch: Batch, rows: BankRows | None = None
-    ) -> tuple[TrainState, dict, dict | None]:
-        with sharding.activate(mesh, rules):
-            return jitted(state, batch, rows)
-
-    def compiled(state: TrainState, batch: Batch, rows: BankRows | None = None) -> Any:
-        """The compiled executable (for memory and cost analysis in benchmarks)."""
-        with sharding.activate(mesh, rules):
-            return jitted.lower(state, batch, rows).compile()
-
-    run.compiled = compiled
-    return run
+    return CompiledTrainStep(jitted, mesh, rules)
