@@ -72,11 +72,6 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules: Sequence[tuple[st
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """NamedShardings for a boxed (LogicallyPartitioned) parameter tree, abstract or real."""
-    return logical_to_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

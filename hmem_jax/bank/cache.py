@@ -48,7 +48,6 @@ class BlockCache:
         self._clock = 0
         self._lock = threading.Lock()
         self.nbytes = 0
-        self.evictions = 0
 
     def __contains__(self, key: Key) -> bool:
         with self._lock:
@@ -120,7 +119,6 @@ class BlockCache:
                 if self.nbytes <= self.capacity_bytes:
                     break
                 self.nbytes -= self._entries.pop(key).nbytes
-                self.evictions += 1
             return max(0, self.nbytes - self.capacity_bytes)
 
     def _add(self, key: Key, rows: dict[str, np.ndarray], dirty: bool) -> None:

@@ -327,10 +327,6 @@ class Loader:
         )
         return rows if self._records is None else self._records[rows]
 
-    def epoch_of(self, step: int) -> float:
-        count = self.num_records if self._records is None else len(self._records)
-        return step * self.global_batch_size / count
-
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of global batch `step`; the same arrays every time it is asked."""
         records = self.record_indices(step)

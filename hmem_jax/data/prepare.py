@@ -51,7 +51,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import logging
@@ -61,6 +61,10 @@ from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import Document, SourceStats, describe_source, read_documents
 from hmem_jax.errors import PreparedDataError
+
+if TYPE_CHECKING:
+    from hmem_jax.hierarchy.tree import ClusterTree
+
 
 FORMAT_VERSION = 1
 PACKING = "first_fit"  # LeafPacker; recorded so data packed otherwise is not reused
@@ -80,23 +84,11 @@ _NO_TREE_LEAF = ()
 
 
 class TreeRouter:
-    """What prepare needs from a ClusterTree: paths and block ids for texts, plus identity.
+    """What prepare needs from a ClusterTree: paths and block ids for texts, plus identity."""
 
-    `tree` is a `hmem_jax.hierarchy.tree.ClusterTree` (or any object with the
-    same attributes: `content_hash`, `depth`, `branching`, `embedder_name`,
-    `num_clusters` per level, `route_texts(texts, embedder)` or
-    `route(embeddings) -> int[N, depth]`, `block_ids(paths) -> int[N, depth]`
-    with id_l = id_{l-1} * branching + child_l).
-    """
-
-    def __init__(self, tree: Any, embedder: Any | None = None) -> None:
+    def __init__(self, tree: ClusterTree, embedder: Any | None = None) -> None:
         self.tree = tree
-        if embedder is None:
-            from hmem_jax.hierarchy.embedders import get_embedder
-
-            make = getattr(tree, "make_embedder", None)
-            embedder = make() if make is not None else get_embedder(tree.embedder_name)
-        self.embedder = embedder
+        self.embedder = tree.make_embedder() if embedder is None else embedder
 
     @classmethod
     def load(cls, tree_dir: str) -> TreeRouter:
@@ -106,34 +98,28 @@ class TreeRouter:
 
     @property
     def content_hash(self) -> str:
-        return str(self.tree.content_hash)
+        return self.tree.content_hash
 
     @property
     def depth(self) -> int:
-        return int(self.tree.depth)
+        return self.tree.depth
 
     def clusters_per_level(self) -> list[int]:
         """Number of blocks at each level 1..depth: the exclusive bound of its block ids."""
-        counts = getattr(self.tree, "num_clusters", None)
-        if counts is None:
-            counts = [int(self.tree.branching) ** level for level in range(1, self.depth + 1)]
-        return [int(count) for count in (counts() if callable(counts) else counts)]
+        return list(self.tree.num_clusters)
 
     def describe(self) -> dict[str, object]:
         return {
             "content_hash": self.content_hash,
             "depth": self.depth,
-            "branching": int(self.tree.branching),
+            "branching": self.tree.branching,
             "embedder": self.tree.embedder_name,
             "clusters_per_level": self.clusters_per_level(),
         }
 
     def route(self, texts: Sequence[str]) -> np.ndarray:
         """int32[N, depth] child index per level for each text."""
-        if hasattr(self.tree, "route_texts"):
-            paths = self.tree.route_texts(list(texts), self.embedder)
-        else:
-            paths = self.tree.route(self.embedder.embed(list(texts)))
+        paths = self.tree.route_texts(list(texts), self.embedder)
         return np.asarray(paths, dtype=np.int32).reshape(len(texts), self.depth)
 
     def block_ids(self, paths: np.ndarray) -> np.ndarray:

@@ -99,12 +99,6 @@ def embedder_state(embedder: Embedder) -> dict[str, np.ndarray]:
     return dict(state()) if state is not None else {}
 
 
-def l2_normalise(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows are left at zero (caller decides)."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
-
-
 # --------------------------------------------------------------------------------------
 # Hashed n-gram embedder (numpy only)
 # --------------------------------------------------------------------------------------

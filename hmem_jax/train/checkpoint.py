@@ -86,12 +86,12 @@ class Checkpointer:
         Raises CheckpointSaveError as soon as an earlier (asynchronous) save is known to have
         failed, so a run never trains on past a checkpoint it could not write.
         """
-        start = time.perf_counter()
         with self._saving():
             self._manager.check_for_errors()
+        if not (force or self._manager.should_save(step)):
+            return False
+        start = time.perf_counter()
         if self._bank_snapshot is not None:
-            if not (force or self._manager.should_save(step)):
-                return False
             # The bank version is durable before orbax starts: a checkpoint never names a
             # bank that is not fully on disk.
             record = {**record, **self._bank_snapshot(step)}
@@ -101,7 +101,7 @@ class Checkpointer:
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
                 ),
-                force=force,
+                force=True,
             )
         if saved and self._bank_collect is not None:
             self._bank_collect(set(self.all_steps()) | {step})

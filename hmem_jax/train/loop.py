@@ -3,8 +3,9 @@
 A run is a pure function of (config, workdir): batch s is a function of
 (seed, s) only, and a workdir holding checkpoints resumes from the latest,
 so a run stopped and restarted reproduces the uninterrupted run's losses.
-Device metrics are read one step late, so the host never waits on the
-device just to log.
+A step's loss is read after the next step is dispatched, so recording it
+does not stall the device; at each log step (`TrainConfig.log_every`) the host
+waits for that step's metrics, to time the window and write the line.
 """
 
 from __future__ import annotations
