@@ -289,3 +289,16 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
         r["step"]: r["train/loss"] for r in map(json.loads, open(w / "metrics.jsonl"))
     }
     assert losses(run)[6] == losses(whole)[6]
+
+
+def test_verbose_adds_the_traceback_below_the_same_one_line_error(tmp_path):
+    args = [
+        "-m",
+        "hmem_jax.main.train",
+        f"--workdir={tmp_path}",
+        "--gin_param=TrainConfig.steps = 2.5",
+    ]
+    _one_line(_run(args), "TrainConfig.steps = 2.5 must be an int")
+    done = _run([*args, "--verbose"])
+    assert done.returncode == 2 and "Traceback" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: TrainConfig.steps = 2.5 must be an int."

@@ -29,6 +29,11 @@ GIN_FILES = flags.DEFINE_multi_string(
 GIN_PARAMS = flags.DEFINE_multi_string(
     "gin_param", [], "Gin binding, e.g. 'TrainConfig.steps = 100'; repeatable, applied last."
 )
+VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "On a user mistake, print the traceback below the one-line error (for bug reports).",
+)
 DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "off",
@@ -136,7 +141,8 @@ def run(
     libraries' logs, start multi-host JAX first when `distributed`, then call `main`.
 
     A user mistake (any `HmemError`, or an optional dependency that is not installed) ends with
-    one line on stderr and exit status 2; anything else is a fault and keeps its traceback.
+    one line on stderr and exit status 2 (`--verbose` adds its traceback); anything else is a
+    fault and keeps its traceback.
     `hint` says how to pass what a stray argument probably meant.
     """
 
@@ -150,14 +156,24 @@ def run(
         try:
             main(argv)
         except HmemError as error:
+            _detail()
             fail(str(error))
         except ModuleNotFoundError as error:
             user_error = missing_extra(error)
             if user_error is None:
                 raise
+            _detail()
             fail(str(user_error))
 
     app.run(guarded)
+
+
+def _detail() -> None:
+    """With --verbose, the traceback of the error being handled (above its one-line message)."""
+    if VERBOSE.value:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def fail(message: str) -> NoReturn:
