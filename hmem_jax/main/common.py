@@ -165,7 +165,17 @@ def run(
             _detail()
             fail(str(user_error))
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown or malformed flag as a one-line user error."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        command = f"python -m {spec.name}" if spec else os.path.basename(argv[0])
+        fail(f"{str(error).rstrip('.')}. `{command} --help` lists the flags.")
 
 
 def _detail() -> None:
