@@ -100,6 +100,27 @@ def _check_own_tree_embedder(cfg: TrainConfig, tree_dir: str) -> None:
         )
 
 
+def check_before_start(cfg: TrainConfig, devices: int) -> None:
+    """What can be refused before any slow step (tree fit, data preparation): memory that does
+    not fit the tree, a run that needs an anchor it was not given (or one that is not there),
+    a mesh that does not fit the devices or the batch."""
+    from hmem_jax import sharding
+
+    if cfg.memory.enabled:
+        from hmem_jax.bank.geometry import BankGeometry
+
+        BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy)
+    cfg.check_startable()
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        raise ConfigError(
+            f"TrainConfig.init_from = {cfg.init_from!r} does not exist; point it at an anchor "
+            "run's workdir or one of its checkpoints/<step> folders."
+        )
+    shards = sharding.batch_shards_for(cfg.mesh, devices)
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
+    cfg.check_batch_shards(shards, str(mesh))
+
+
 def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> Loader:
     """Fit the tree and prepare the data if needed (process 0), then open this process's loader
     for a mesh over `devices` devices (default: all of them; `train(devices=...)` may use fewer)."""
@@ -109,12 +130,9 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     from hmem_jax import sharding
     from hmem_jax.data.prepare import TreeRouter, ensure_prepared
 
-    # Before any slow step (tree fit, preparation): the mesh must fit the devices and the batch.
     count = devices or jax.device_count()
+    check_before_start(cfg, count)
     batch_shards = sharding.batch_shards_for(cfg.mesh, count)
-    cfg.check_batch_shards(
-        batch_shards, str(dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, count))))
-    )
     prepared = prepared_dir_of(cfg, workdir)
     tree_dir = tree_dir_of(cfg, workdir)
     if jax.process_index() == 0:
