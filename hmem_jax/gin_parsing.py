@@ -52,8 +52,16 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
     try:
         gin.parse_config_files_and_bindings(paths, list(params), finalize_config=False)
     except (OSError, ValueError, KeyError, SyntaxError) as err:
-        where = ", ".join(paths + list(params)) or "none"
-        raise ConfigError(f"Invalid gin configuration ({where}): {err}") from err
+        raise ConfigError(f"Invalid gin configuration: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    """gin's multi-line parse error as one line: the problem, then where (the file or binding
+    line) and the offending text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[0] + (f" ({'; '.join(lines[1:])})" if len(lines) > 1 else "")
 
 
 def build_train_config() -> TrainConfig:

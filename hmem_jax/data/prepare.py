@@ -60,7 +60,7 @@ from hmem_jax.config import DataConfig, TrainConfig
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import Document, SourceStats, describe_source, read_documents
-from hmem_jax.errors import PreparedDataError
+from hmem_jax.errors import PreparedDataError, SourceError
 
 if TYPE_CHECKING:
     from hmem_jax.hierarchy.tree import ClusterTree
@@ -427,13 +427,22 @@ def settings_mismatches(
 
 
 def _training_sample(config: DataConfig) -> list[str]:
-    """The first `tokenizer_train_chars` characters of the corpus, as whole documents."""
+    """The first `tokenizer_train_chars` characters of the corpus, as whole documents; a
+    corpus with no document at all is a SourceError naming what was read."""
     texts, total = [], 0
-    for document in read_documents(config):
+    stats = SourceStats()
+    for document in read_documents(config, stats):
         texts.append(document.text)
         total += len(document.text)
         if total >= config.tokenizer_train_chars:
             break
+    if not texts:
+        raise SourceError(
+            f"The corpus ({describe_source(config)}) has no document with text "
+            f"({stats.malformed_skipped} malformed entries skipped, {stats.empty_skipped} empty): "
+            "check DataConfig.source and DataConfig.path (jsonl: one JSON object with a string "
+            "'text' per line)."
+        )
     return texts
 
 

@@ -113,7 +113,13 @@ class SentencePieceTokenizer(Tokenizer):
 
         super().__init__(data)
         self._processor = sentencepiece.SentencePieceProcessor()
-        self._processor.LoadFromSerializedProto(data)
+        try:
+            self._processor.LoadFromSerializedProto(data)
+        except RuntimeError as err:
+            raise TokenizerError(
+                f"Not a sentencepiece model ({str(err).strip()[:120]}); give a .model file "
+                "written by sentencepiece, or DataConfig.tokenizer = 'hf' for a tokenizer.json."
+            ) from err
         if self._processor.eos_id() < 0:
             raise TokenizerError(
                 "This sentencepiece model has no end-of-sequence piece, which "
@@ -164,7 +170,14 @@ class HuggingFaceTokenizer(Tokenizer):
                 "install it with `pip install 'hmem_jax[hf]'`."
             ) from error
         super().__init__(data)
-        self._tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a bare Exception; bytes may not be UTF-8
+            raise TokenizerError(
+                f"Not a Hugging Face tokenizer.json ({str(err).strip()[:120]}); give the "
+                "tokenizer.json of a tokenizers model, or DataConfig.tokenizer = 'sentencepiece' "
+                "for a .model file."
+            ) from err
         eot = self._first_present(_HF_EOT_CANDIDATES)
         if eot is None:
             raise TokenizerError(
@@ -318,7 +331,11 @@ def build_tokenizer(
     if tokenizer_path:
         check_tokenizer_path(tokenizer_path)
         with open(tokenizer_path, "rb") as handle:
-            return tokenizer_from_bytes(kind, handle.read())
+            data = handle.read()
+        try:
+            return tokenizer_from_bytes(kind, data)
+        except TokenizerError as err:
+            raise TokenizerError(f"DataConfig.tokenizer_path = {tokenizer_path!r}: {err}") from err
     if kind == "sentencepiece":
         return train_sentencepiece(training_texts, vocab_size)
     return train_hf_bpe(training_texts, vocab_size)
