@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_bank_store import GEOMETRY, bumped, open_store
+from helpers.bank import GEOMETRY, bumped, open_store
 
 from hmem_jax.main import bank as bank_cli
 

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from test_bank_store import bumped, chunk_files, open_store
+from helpers.bank import bumped, chunk_files, open_store
 
 from hmem_jax import sharding
 from hmem_jax.bank import parts as parts_lib

@@ -5,35 +5,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.bank import GEOMETRY, bumped, chunk_files, open_store
 
 from hmem_jax.bank import device as bank_lib
-from hmem_jax.bank.geometry import BankGeometry
-from hmem_jax.bank.store import BankCorruptionError, BankMismatchError, BankStore
-from hmem_jax.config import HierarchyConfig, MemoryConfig, ModelConfig
-
-GEOMETRY = BankGeometry.from_configs(
-    ModelConfig(num_layers=2, d_model=32, d_ff=64, num_heads=2, head_dim=16),
-    MemoryConfig(kind="ffn", level_sizes=(4, 2)),
-    HierarchyConfig(branching=4, depth=2),
-)
-
-
-def open_store(path, seed=0, **kwargs):
-    spec = path if isinstance(path, dict) else {"driver": "file", "path": str(path) + "/"}
-    return BankStore(spec, GEOMETRY, True, "float32", "float32", seed, **kwargs)
-
-
-def chunk_files(path):
-    return [
-        os.path.join(d, f)
-        for d, _, files in os.walk(path)
-        for f in files
-        if "/c/" in os.path.join(d, f) + "/" and f != "zarr.json"
-    ]
-
-
-def bumped(rows, by=1.0):
-    return {f: (v + 1 if f == "count" else v + by).astype(v.dtype) for f, v in rows.items()}
+from hmem_jax.bank.store import BankCorruptionError, BankMismatchError
 
 
 @pytest.mark.parametrize("blocks_per_shard", [1, 4])

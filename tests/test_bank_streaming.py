@@ -10,14 +10,13 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from test_memory_training import _config as memory_config
+from helpers.bank import assert_banks_equal, streamed_bank
+from helpers.training import memory_config
 
 from hmem_jax import sharding
-from hmem_jax.bank.store import BankStore
 from hmem_jax.config import MeshConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.train.loop import fingerprint, train
-from hmem_jax.train.memory import MemoryPlan
 
 
 def bank_config(params, **overrides):
@@ -36,37 +35,6 @@ def run(cfg, prepared, workdir, **kwargs):
         **kwargs,
     )
     return result, loader
-
-
-def streamed_bank(cfg, spec, version=None):
-    """level key -> {field: [clusters, ...]} of the store's latest (or given) version."""
-    plan = MemoryPlan.from_config(cfg)
-    store = BankStore(
-        spec,
-        plan.geometry,
-        plan.with_generic,
-        cfg.memory.bank_dtype,
-        cfg.memory.moment_dtype,
-        cfg.memory.init_seed,
-        create=False,
-        writer=False,
-    )
-    store.restore(store.versions()[-1] if version is None else version)
-    return {
-        key: store.read(key, np.arange(layout.clusters)) for key, layout in store.layouts.items()
-    }
-
-
-def assert_banks_equal(device_bank, streamed, exact=True):
-    for key, level in device_bank.items():
-        for kind in ("params", "mu", "nu"):
-            for name, value in getattr(level, kind).items():
-                got, want = streamed[key][f"{kind}/{name}"], np.asarray(value)
-                if exact:
-                    np.testing.assert_array_equal(got, want, err_msg=f"{key} {kind}/{name}")
-                else:
-                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-        np.testing.assert_array_equal(streamed[key]["count"], np.asarray(level.count))
 
 
 @pytest.fixture(scope="module")

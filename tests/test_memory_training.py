@@ -1,6 +1,5 @@
 """Memory-augmented training: sparse updates, lazy AdamW, modes, resume, sharding."""
 
-import dataclasses
 import json
 
 import jax
@@ -8,37 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.training import memory_config
 
 from hmem_jax import sharding
 from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw, stochastic_round
 from hmem_jax.config import MemoryConfig, MeshConfig
 from hmem_jax.data.loader import Loader
-from hmem_jax.main.common import load_train_config
 from hmem_jax.train.loop import fingerprint, train
 from hmem_jax.train.memory import MemoryPlan
-
-
-def _config(params, **overrides):
-    memory = overrides.pop("memory", {})
-    cfg = load_train_config(
-        (),
-        params
-        + (
-            "TrainConfig.batch_size = 8",
-            "TrainConfig.steps = 6",
-            "TrainConfig.log_every = 1",
-            "TrainConfig.checkpoint_every = 3",
-            "TrainConfig.async_checkpointing = False",
-            "MemoryConfig.kind = 'ffn'",
-            "MemoryConfig.level_sizes = (8, 4)",
-            "MemoryConfig.lr = 1e-2",
-            "MemoryConfig.end_lr = 1e-3",
-            "MemoryConfig.warmup_steps = 1",
-            "MeshConfig.fsdp = 1",
-            "MeshConfig.data = 1",
-        ),
-    )
-    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
 
 
 def _train(cfg, prepared, workdir, devices=None, **kwargs):
@@ -64,7 +40,7 @@ def test_only_fetched_blocks_change_and_counts_equal_fetches(
     tmp_path, small_prepared_tree_data, mesh
 ):
     prepared, _, params = small_prepared_tree_data
-    cfg = _config(params, steps=5, **({"mesh": mesh} if mesh else {}))
+    cfg = memory_config(params, steps=5, **({"mesh": mesh} if mesh else {}))
     result, loader = _train(
         cfg, prepared, tmp_path / "run", devices=jax.devices() if mesh else None
     )
@@ -116,7 +92,7 @@ def test_lazy_adamw_on_a_block_equals_optax_adamw_on_that_block_alone():
 
 def test_resume_reproduces_losses_and_the_bank_exactly(tmp_path, small_prepared_tree_data):
     prepared, _, params = small_prepared_tree_data
-    cfg = _config(params, steps=6)
+    cfg = memory_config(params, steps=6)
     full, _ = _train(cfg, prepared, tmp_path / "full")
     first, _ = _train(cfg, prepared, tmp_path / "resumed", until_step=4)
     second, _ = _train(cfg, prepared, tmp_path / "resumed")
@@ -129,10 +105,10 @@ def test_a_run_split_over_8_devices_resumes_on_one(tmp_path, small_prepared_tree
     """The bank keeps the model's shape whatever the mesh, so a checkpoint written with every
     block split 8 ways restores on one device and continues like a one-device run."""
     prepared, _, params = small_prepared_tree_data
-    full, _ = _train(_config(params, steps=6), prepared, tmp_path / "full")
-    split = _config(params, steps=6, mesh=MeshConfig(data=2, fsdp=4))
+    full, _ = _train(memory_config(params, steps=6), prepared, tmp_path / "full")
+    split = memory_config(params, steps=6, mesh=MeshConfig(data=2, fsdp=4))
     first, _ = _train(split, prepared, tmp_path / "moved", devices=jax.devices(), until_step=3)
-    second, _ = _train(_config(params, steps=6), prepared, tmp_path / "moved")
+    second, _ = _train(memory_config(params, steps=6), prepared, tmp_path / "moved")
     losses = {**first.losses, **second.losses}
     np.testing.assert_allclose([losses[k] for k in sorted(losses)], _losses(full), rtol=2e-5)
     for a, b in zip(jax.tree.leaves(full.state.bank), jax.tree.leaves(second.state.bank)):
@@ -143,9 +119,9 @@ def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(
     tmp_path, small_prepared_tree_data
 ):
     prepared, _, params = small_prepared_tree_data
-    anchor_cfg = _config(params, steps=3, memory={"kind": "none"})
+    anchor_cfg = memory_config(params, steps=3, memory={"kind": "none"})
     anchor, _ = _train(anchor_cfg, prepared, tmp_path / "anchor")
-    frozen_cfg = _config(
+    frozen_cfg = memory_config(
         params, steps=3, init_from=str(tmp_path / "anchor"), memory={"mode": "frozen_anchor"}
     )
     frozen, _ = _train(frozen_cfg, prepared, tmp_path / "frozen")
@@ -153,7 +129,7 @@ def test_frozen_anchor_keeps_the_anchor_bitwise_and_cotrain_moves_it(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(frozen.state.bank["l1"].count.sum()) > 0
     # The memory starts with no effect: the first loss is the trained anchor's on that batch.
-    cotrain_cfg = _config(
+    cotrain_cfg = memory_config(
         params, steps=3, init_from=str(tmp_path / "anchor"), memory={"mode": "cotrain"}
     )
     cotrain, _ = _train(cotrain_cfg, prepared, tmp_path / "cotrain")
@@ -170,7 +146,7 @@ def anchor_only_losses(tmp_path_factory, small_prepared_tree_data):
     """Losses of 2 steps without memory: what every freshly initialised memory must reproduce."""
     prepared, _, params = small_prepared_tree_data
     base, _ = _train(
-        _config(params, steps=2, memory={"kind": "none"}),
+        memory_config(params, steps=2, memory={"kind": "none"}),
         prepared,
         tmp_path_factory.mktemp("anchor_only"),
     )
@@ -182,7 +158,9 @@ def test_other_memory_types_start_without_effect_and_train(
     tmp_path, small_prepared_tree_data, anchor_only_losses, kind
 ):
     prepared, _, params = small_prepared_tree_data
-    result, _ = _train(_config(params, steps=2, memory={"kind": kind}), prepared, tmp_path / "m")
+    result, _ = _train(
+        memory_config(params, steps=2, memory={"kind": kind}), prepared, tmp_path / "m"
+    )
     assert result.losses[1] == pytest.approx(anchor_only_losses[1], rel=1e-6)
     zero_init = {"lora_qk": "q_b", "lora_ov": "v_b", "lora_ffn": "up_b", "kv": "values"}[kind]
     assert float(jnp.abs(result.state.bank["l1"].params[zero_init]).max()) > 0
@@ -219,8 +197,8 @@ def test_per_shard_blocks_with_micro_batches_and_grouped_application_match_one_d
 
 def _check_8_devices_match_one(tmp_path, small_prepared_tree_data, mesh, **variant):
     prepared, _, params = small_prepared_tree_data
-    one, _ = _train(_config(params, steps=3, **variant), prepared, tmp_path / "one")
-    cfg8 = _config(params, steps=3, mesh=mesh, **variant)
+    one, _ = _train(memory_config(params, steps=3, **variant), prepared, tmp_path / "one")
+    cfg8 = memory_config(params, steps=3, mesh=mesh, **variant)
     eight, loader = _train(cfg8, prepared, tmp_path / "eight", devices=jax.devices())
     slices = mesh.data * mesh.fsdp * mesh.memory  # every device but the tensor axis
     shards = mesh.data * mesh.fsdp
@@ -298,7 +276,7 @@ def test_bf16_bank_trains_and_reports_the_share_of_entries_updates_change(
         ("nearest", {"bank_dtype": "bfloat16", "bank_rounding": "nearest"}),
         ("stochastic", {"bank_dtype": "bfloat16"}),
     ):
-        cfg = _config(params, steps=4, memory={"lr": 1e-4, "end_lr": 1e-4, **memory})
+        cfg = memory_config(params, steps=4, memory={"lr": 1e-4, "end_lr": 1e-4, **memory})
         result, _ = _train(cfg, prepared, tmp_path / name)
         losses[name] = _losses(result)
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]

@@ -117,7 +117,7 @@ def _store_log(prefix, pid):
 def _final_bank(workdir):
     """level -> field -> value of every block in the run's latest bank version."""
     import gin
-    from test_bank_streaming import streamed_bank
+    from helpers.bank import streamed_bank
 
     from hmem_jax.main.common import load_train_config
 

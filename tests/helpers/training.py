@@ -1,0 +1,29 @@
+"""Training helpers: the memory-training tests' config (batch 8, 6 steps, checkpoints every 3,
+ffn memory (8, 4), one device), with per-test overrides."""
+
+import dataclasses
+
+from hmem_jax.main.common import load_train_config
+
+
+def memory_config(params, **overrides):
+    memory = overrides.pop("memory", {})
+    cfg = load_train_config(
+        (),
+        params
+        + (
+            "TrainConfig.batch_size = 8",
+            "TrainConfig.steps = 6",
+            "TrainConfig.log_every = 1",
+            "TrainConfig.checkpoint_every = 3",
+            "TrainConfig.async_checkpointing = False",
+            "MemoryConfig.kind = 'ffn'",
+            "MemoryConfig.level_sizes = (8, 4)",
+            "MemoryConfig.lr = 1e-2",
+            "MemoryConfig.end_lr = 1e-3",
+            "MemoryConfig.warmup_steps = 1",
+            "MeshConfig.fsdp = 1",
+            "MeshConfig.data = 1",
+        ),
+    )
+    return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
