@@ -128,9 +128,10 @@ def test_bfloat16_parameters_and_compute_give_float32_logits_close_to_float32():
     ones, pos = np.ones((1, 12)), np.arange(12)[None]
     out16 = model16.apply({"params": params16}, tokens, ones, pos)
     assert out16.dtype == jnp.float32
-    np.testing.assert_allclose(
-        np.asarray(out16), _apply(model32, params, tokens, ones, pos), atol=0.1
-    )
+    out32 = np.asarray(_apply(model32, params, tokens, ones, pos))
+    # bf16 keeps 8 bits of mantissa: here the logits move by ~3% of their spread (0.0039 of
+    # std 0.117); allow 5%, far below what a float32 step lost in bf16 would cost.
+    np.testing.assert_allclose(np.asarray(out16), out32, rtol=0, atol=0.05 * out32.std())
 
 
 def test_remat_does_not_change_the_gradient():

@@ -27,3 +27,13 @@ def memory_config(params, **overrides):
         ),
     )
     return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
+
+
+def assert_close_to_scale(got, want, rtol=1e-3, of_scale=1e-3, err_msg=""):
+    """Elementwise |got - want| <= rtol |want| + of_scale * max |want|: a tolerance that scales
+    with the values compared (an optimizer moment of 1e-6 is not compared at 1e-4)."""
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=of_scale * scale, err_msg=err_msg)
