@@ -4,7 +4,7 @@ Why one base: an entry point (`main/common.run`) turns any `HmemError` into one
 line on stderr and exit status 2, so a user mistake never shows a traceback,
 while an unexpected internal error still does. Each message names the
 problem and the fix. The subclasses keep a built-in base (ValueError,
-RuntimeError) so callers that caught those before still do.
+RuntimeError, FileNotFoundError) so callers that caught those before still do.
 """
 
 from __future__ import annotations
@@ -73,6 +73,30 @@ class ProbeFileError(HmemError, ValueError):
 class UnsupportedCheckpointError(HmemError, ValueError):
     """The checkpoint's architecture differs from hmem_jax's anchor in a way we cannot map
     exactly."""
+
+
+class MissingPathError(HmemError, FileNotFoundError):
+    """A path the user named (a flag, a config field) does not exist or lacks what it must hold."""
+
+
+class RunLayoutError(MissingPathError):
+    """A run folder lacks what the command needs: config.gin, a checkpoint, the step asked for."""
+
+
+class TreeError(HmemError, ValueError):
+    """A cluster tree folder is malformed, or the tree does not fit the embedder or embeddings."""
+
+
+class InputFileError(HmemError, ValueError):
+    """A prompt, task or document file is missing or malformed; the message says which line."""
+
+
+class MemoryModeError(HmemError, ValueError):
+    """The memory asked for is unknown, or is not one the run was trained with."""
+
+
+class UnsupportedExportError(HmemError, ValueError):
+    """The run cannot be exported to transformers exactly as asked (no equivalent architecture)."""
 
 
 class MissingExtraError(HmemError, ImportError):

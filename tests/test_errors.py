@@ -37,17 +37,28 @@ def test_every_user_error_is_an_hmem_error_and_keeps_its_builtin_base():
         "DataMismatchError",
         "ProbeFileError",
         "UnsupportedCheckpointError",
+        "TreeError",
+        "InputFileError",
+        "MemoryModeError",
+        "UnsupportedExportError",
     ):
         cls = getattr(errors, name)
         assert issubclass(cls, errors.HmemError) and issubclass(cls, ValueError), name
     for name in (
         "CheckpointMismatchError",
+        "CheckpointSaveError",
         "BankStoreError",
         "BankMismatchError",
         "BankCorruptionError",
     ):
         cls = getattr(errors, name)
         assert issubclass(cls, errors.HmemError) and issubclass(cls, RuntimeError), name
+    for name in ("MissingPathError", "RunLayoutError"):
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.HmemError) and issubclass(cls, FileNotFoundError), name
+    assert issubclass(errors.RunLayoutError, errors.MissingPathError)
+    assert issubclass(errors.MissingExtraError, errors.HmemError)
+    assert issubclass(errors.MissingExtraError, ImportError)
     from hmem_jax.bank.store import BankMismatchError
     from hmem_jax.config import ConfigError
     from hmem_jax.data.loader import DataMismatchError
@@ -90,6 +101,67 @@ def test_train_reports_a_user_mistake_in_one_line(tmp_path, params, needle):
         + [f"--gin_param={p}" for p in params]
     )
     _one_line(done, needle)
+
+
+@pytest.mark.parametrize(
+    "command, needle",
+    [
+        (("hmem_jax.main.evaluate", "--workdir={tmp}"), "no config.gin"),
+        (
+            ("hmem_jax.main.generate", "--workdir={tmp}", "--prompts_file={tmp}/prompts.txt"),
+            "--prompts_file=",
+        ),
+        (("hmem_jax.main.generate", "--workdir={tmp}", "--prompt=x", "--top_p=0"), "top_p"),
+        (("hmem_jax.main.export", "--workdir={tmp}", "--out={tmp}/hf"), "no config.gin"),
+        (("hmem_jax.main.import_hf", "--hf_dir={tmp}", "--out={tmp}/anchor"), "config.json"),
+        (("hmem_jax.main.prepare", "--out={tmp}/data", "--tree={tmp}"), "tree.json"),
+    ],
+    ids=["no-run", "no-prompts-file", "bad-sampling", "export-no-run", "no-hf-config", "no-tree"],
+)
+def test_a_missing_path_or_bad_value_is_one_line_in_every_command(tmp_path, command, needle):
+    module, *flags = command
+    _one_line(_run(["-m", module, *(f.format(tmp=tmp_path) for f in flags)]), needle)
+
+
+def test_prompt_task_and_document_files_name_the_file_and_line(tmp_path):
+    from hmem_jax.infer.inputs import read_documents, read_prompts
+    from hmem_jax.infer.tasks import read_task
+
+    with pytest.raises(errors.MissingPathError, match="no such file"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The atomic number of Zorium is"}\n{"text": "x"}\n')
+    with pytest.raises(errors.InputFileError, match=r"prompts.jsonl:2: .*\"prompt\""):
+        read_prompts(str(prompts))
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"question": "2 plus 2 is", "choices": ["3", "4"], "answer": 2}\n')
+    with pytest.raises(errors.InputFileError, match=r"task.jsonl:1: 'answer' must be the index"):
+        read_task(str(task))
+    task.write_text("{not json\n")
+    with pytest.raises(errors.InputFileError, match=r"task.jsonl:1: not JSON"):
+        read_task(str(task))
+    documents = tmp_path / "documents.jsonl"
+    documents.write_text('{"text": "a", "bucket": 0}\n{"body": "b"}\n')
+    with pytest.raises(errors.InputFileError, match=r"documents.jsonl:2: needs a \"text\""):
+        read_documents(str(documents))
+
+
+def test_a_damaged_tree_folder_is_a_tree_error(tmp_path):
+    import numpy as np
+
+    from hmem_jax.config import HierarchyConfig
+    from hmem_jax.hierarchy.tree import ClusterTree
+
+    points = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    config = HierarchyConfig(branching=4, depth=2, samples_per_step=64)
+    ClusterTree.fit(points, config, "hashed").save(tmp_path)
+    with open(tmp_path / "centroids_level2.npy", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(errors.TreeError, match="cannot be read.*restore it or re-fit"):
+        ClusterTree.load(tmp_path)
+    (tmp_path / "tree.json").write_text("{")
+    with pytest.raises(errors.TreeError, match="tree.json is not JSON"):
+        ClusterTree.load(tmp_path)
 
 
 def test_stray_arguments_are_refused_in_one_line_with_the_commands_hint(tmp_path):

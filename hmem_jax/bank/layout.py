@@ -19,6 +19,7 @@ import numpy as np
 
 from hmem_jax.bank import device as bank_lib
 from hmem_jax.bank.geometry import BankGeometry
+from hmem_jax.errors import ConfigError
 
 COUNT = "count"
 
@@ -88,12 +89,19 @@ def kvstore_spec(location: str, workdir: str) -> dict[str, Any]:
         try:
             spec = json.loads(location)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"MemoryConfig.bank_store looks like a JSON kvstore spec but does not "
                 f"parse ({err}): {location!r}."
             ) from err
     elif "://" in location:
-        spec = ts.KvStore.Spec(location).to_json()
+        try:
+            spec = ts.KvStore.Spec(location).to_json()
+        except ValueError as err:  # tensorstore's word for a URL it cannot parse
+            raise ConfigError(
+                f"MemoryConfig.bank_store = {location!r} is not a kvstore URL tensorstore "
+                f"reads ({err}); give a local path, a URL such as gs://bucket/bank/ or "
+                "file:///abs/path/, or a JSON kvstore spec."
+            ) from err
     else:
         spec = {"driver": "file", "path": os.path.abspath(location)}
     if spec.get("driver") == "file":

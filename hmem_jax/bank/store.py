@@ -129,7 +129,14 @@ class BankStore:
             geometry, with_generic, bank_dtype, moment_dtype
         )
         self._context = ts.Context()
-        self._kv = ts.KvStore.open(self.spec, context=self._context).result()
+        try:
+            self._kv = ts.KvStore.open(self.spec, context=self._context).result()
+        except ValueError as err:  # tensorstore's word for a spec it cannot open
+            raise BankStoreError(
+                f"The bank store {self.where} cannot be opened ({err}); check "
+                "MemoryConfig.bank_store (or --store): a local path, a kvstore URL or a JSON "
+                "kvstore spec."
+            ) from err
         self._lock = threading.RLock()
         self._arrays: dict[tuple, ts.TensorStore] = {}
         self._materializer = Materializer(geometry, init_seed)

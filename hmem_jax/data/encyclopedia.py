@@ -39,6 +39,7 @@ import random
 from collections.abc import Callable, Iterable
 
 from hmem_jax.data.sources import Document
+from hmem_jax.errors import ConfigError
 
 NUM_BUCKETS = 5
 _DOCS_PER_ENTITY_SCALE = 0.23  # A = this * num_entities: the head entity's extra documents
@@ -305,9 +306,9 @@ def read_probes(path: str) -> list[Probe]:
 def generate_corpus(num_entities: int, seed: int) -> Corpus:
     """The whole corpus for (num_entities, seed); the same arguments give identical output."""
     if num_entities < NUM_BUCKETS:
-        raise ValueError(
-            f"generate_corpus needs at least {NUM_BUCKETS} entities (one per "
-            f"frequency bucket), got {num_entities}."
+        raise ConfigError(
+            f"The embedded corpus needs at least {NUM_BUCKETS} entities (one per frequency "
+            f"bucket), got {num_entities}; raise DataConfig.embedded_entities."
         )
     return _Generator(num_entities, seed).run()
 

@@ -51,7 +51,7 @@ import numpy as np
 
 from hmem_jax.data import prepare as prepare_lib
 from hmem_jax.data.tokenizer import Tokenizer, load_tokenizer
-from hmem_jax.errors import DataMismatchError
+from hmem_jax.errors import ConfigError, DataMismatchError
 
 _FINGERPRINT_KEYS = (
     "format_version",
@@ -221,7 +221,7 @@ class Loader:
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"process_index = {index} must be in [0, process_count = {count}).")
         if batch < 1 or batch % count:
-            raise ValueError(
+            raise ConfigError(
                 f"The global batch size {batch} must be a positive multiple of the "
                 f"process count {count}; change TrainConfig.batch_size."
             )
@@ -229,7 +229,7 @@ class Loader:
     @staticmethod
     def _check_shards(batch: int, processes: int, shards: int) -> None:
         if shards < 1 or shards % processes or batch % shards:
-            raise ValueError(
+            raise ConfigError(
                 f"The batch is split into {shards} shards over {processes} process(es): the "
                 f"shard count must be a multiple of the process count and divide the global "
                 f"batch size {batch}; change TrainConfig.batch_size or MeshConfig."
@@ -245,8 +245,9 @@ class Loader:
             )
         branching = self.block_id_padding[0]
         if not 0 <= subtree < branching:
-            raise ValueError(
-                f"subtree = {subtree} is not a level-1 cluster of this tree (0 .. {branching - 1})."
+            raise ConfigError(
+                f"TrainConfig.subtree = {subtree} is not a level-1 cluster of the tree "
+                f"{self.prepared_dir!r} was routed with; choose one of 0 .. {branching - 1}."
             )
         records = np.flatnonzero(self._leaf_paths[self._record_leaves, 0] == subtree)
         if not len(records):

@@ -20,6 +20,7 @@ import gin
 import numpy as np
 
 from hmem_jax.config import DataConfig, HierarchyConfig
+from hmem_jax.errors import SourceError
 
 
 def cluster_corpus(
@@ -42,7 +43,7 @@ def cluster_corpus(
     documents = list(read_documents(data, stats))
     timings["read_s"] = time.perf_counter() - started
     if not documents:
-        raise ValueError(
+        raise SourceError(
             f"The corpus ({data.source} {data.path!r}) has no documents; nothing to "
             "cluster. Check --docs (jsonl lines need a non-empty 'text' field)."
         )

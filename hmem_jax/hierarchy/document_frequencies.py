@@ -22,6 +22,8 @@ import hashlib
 
 import numpy as np
 
+from hmem_jax.errors import TreeError
+
 DEFAULT_BUCKET_BITS = 20  # 1,048,576 counters (8 MB): collisions stay rare below ~10^5 features
 _COUNTS_KEY = "document_frequencies"
 _DOCUMENTS_KEY = "documents"
@@ -43,7 +45,7 @@ class DocumentFrequencies:
                 f"power of two; got shape {counts.shape}."
             )
         if self.documents < 0 or counts.min() < 0 or counts.max() > self.documents:
-            raise ValueError(
+            raise TreeError(
                 "Document-frequency counts must lie in [0, documents]; the table "
                 "is corrupt. Re-fit the tree."
             )
@@ -106,7 +108,7 @@ class DocumentFrequencies:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DocumentFrequencies:
         missing = {_COUNTS_KEY, _DOCUMENTS_KEY} - set(arrays)
         if missing:
-            raise ValueError(
+            raise TreeError(
                 f"The embedder state lacks {sorted(missing)}; it was not written by a "
                 "'hashed_idf' embedder. Re-fit the tree."
             )

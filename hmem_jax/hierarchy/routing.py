@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from hmem_jax.errors import TreeError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -75,7 +77,8 @@ def parallel_map(
 def validate_embeddings(
     embeddings: np.ndarray, dim: int | None, allow_empty: bool, what: str = "embeddings"
 ) -> np.ndarray:
-    """`embeddings` as C-contiguous float32[N, D], or a ValueError saying what is wrong."""
+    """`embeddings` as C-contiguous float32[N, D], or an error saying what is wrong: a ValueError
+    for an array that is not a float matrix, a TreeError for data that does not fit the tree."""
     array = np.asarray(embeddings)
     if array.ndim != 2:
         raise ValueError(
@@ -85,12 +88,12 @@ def validate_embeddings(
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what} must be floating point; got dtype {array.dtype}.")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(
+        raise TreeError(
             f"{what} have dimension {array.shape[1]} but the cluster tree expects "
             f"{dim}; embed with the embedder the tree was fitted with."
         )
     if array.shape[0] == 0 and not allow_empty:
-        raise ValueError(
+        raise TreeError(
             f"{what} are empty (0 documents); a cluster tree needs at least one "
             "document. Check that the corpus path is right and not empty."
         )
@@ -98,7 +101,7 @@ def validate_embeddings(
     # min/max propagate NaN and expose infinities, and are much cheaper than isfinite(array).
     if array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
         bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
-        raise ValueError(
+        raise TreeError(
             f"{what} contain NaN or infinite values in {len(bad)} rows (first: "
             f"{bad[:5].tolist()}); fix or drop those documents before clustering."
         )

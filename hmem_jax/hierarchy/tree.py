@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hmem_jax.config import HierarchyConfig
+from hmem_jax.errors import MissingPathError, TreeError
 from hmem_jax.hierarchy.embedders import Embedder, embedder_state
 from hmem_jax.hierarchy.kmeans import fit_hierarchical_kmeans
 from hmem_jax.hierarchy.routing import (
@@ -47,14 +48,21 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """A saved tree's `tree.json` (identity, files, provenance), without loading its arrays."""
     manifest_path = Path(directory) / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"No {MANIFEST_NAME} in {directory}; expected a folder written "
             "by ClusterTree.save or python -m hmem_jax.main.cluster."
         )
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{manifest_path} has format_version {manifest.get('format_version')};"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TreeError(
+            f"{manifest_path} is not JSON ({error}); the tree folder is damaged: restore it or "
+            "re-fit the tree."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise TreeError(
+            f"{manifest_path} has format_version {found};"
             f" this code reads version {FORMAT_VERSION}. Re-fit the tree."
         )
     return manifest
@@ -150,12 +158,12 @@ class ClusterTree:
         return embedder
 
     def check_embedder(self, embedder: Embedder | str, dim: int | None = None) -> None:
-        """Raise ValueError unless `embedder` (or its name and `dim`) matches the tree's."""
+        """Raise TreeError unless `embedder` (or its name and `dim`) matches the tree's."""
         name = embedder if isinstance(embedder, str) else embedder.name
         if dim is None and not isinstance(embedder, str):
             dim = embedder.dim
         if name != self.embedder_name or (dim is not None and dim != self.dim):
-            raise ValueError(
+            raise TreeError(
                 f"This cluster tree was fitted on '{self.embedder_name}' embeddings of dimension "
                 f"{self.dim}, but the caller uses '{name}' of dimension {dim}. Routes are only "
                 f"meaningful in the tree's own space: embed with '{self.embedder_name}' "
@@ -170,7 +178,7 @@ class ClusterTree:
                 "tree.make_embedder(), not a fresh get_embedder()."
             )
         if version and self.embedder_version and version != self.embedder_version:
-            raise ValueError(
+            raise TreeError(
                 f"This cluster tree was fitted on '{self.embedder_name}' version "
                 f"'{self.embedder_version}', but the caller's '{name}' is version '{version}' "
                 "(same name, different vectors). Re-fit the tree with the current embedder "
@@ -301,21 +309,51 @@ class ClusterTree:
         """Read a saved tree; if `embedder` (and `dim`) is given, it must match the tree's."""
         directory = Path(directory)
         manifest = read_manifest(directory)
+        if manifest.get("embedder_state"):
+            if not (directory / manifest["embedder_state"]).is_file():
+                raise TreeError(
+                    f"{directory}: the tree's {manifest['embedder_state']} (its "
+                    "embedder's corpus statistics) is missing; restore the folder "
+                    "or re-fit the tree."
+                )
+        try:
+            tree = cls._from_files(directory, manifest)
+            identity = (manifest["dim"], manifest["depth"], manifest["content_hash"])
+        except (OSError, EOFError, KeyError, TypeError, ValueError) as error:
+            raise TreeError(
+                f"{directory}: the tree's files cannot be read ({type(error).__name__}: "
+                f"{error}); the folder is damaged or incomplete: restore it or re-fit the tree."
+            ) from error
+        saved_dim, saved_depth, content_hash = identity
+        if tree.dim != saved_dim or tree.depth != saved_depth:
+            raise TreeError(
+                f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
+                f"disagree with the manifest (dim {saved_dim}, depth {saved_depth}); the folder "
+                "is corrupt, re-fit the tree."
+            )
+        if tree.content_hash != content_hash:
+            raise TreeError(
+                f"{directory}: the centroids' content hash {tree.content_hash[:12]} "
+                f"differs from the manifest's {str(content_hash)[:12]}; the "
+                "arrays were modified or truncated. Re-fit or restore the tree."
+            )
+        if embedder is not None:
+            tree.check_embedder(embedder, dim)
+        return tree
+
+    @classmethod
+    def _from_files(cls, directory: Path, manifest: dict[str, Any]) -> ClusterTree:
+        """The tree the manifest and its array files describe (not yet checked against the
+        manifest's identity and hash)."""
         levels = tuple(
             np.load(directory / entry["file"], allow_pickle=False)
             for entry in sorted(manifest["levels"], key=lambda e: e["level"])
         )
         state: dict[str, np.ndarray] = {}
         if manifest.get("embedder_state"):
-            if not (directory / manifest["embedder_state"]).is_file():
-                raise ValueError(
-                    f"{directory}: the tree's {manifest['embedder_state']} (its "
-                    "embedder's corpus statistics) is missing; restore the folder "
-                    "or re-fit the tree."
-                )
             with np.load(directory / manifest["embedder_state"], allow_pickle=False) as arrays:
                 state = {key: arrays[key] for key in arrays.files}
-        tree = cls(
+        return cls(
             levels,
             embedder_name=manifest["embedder"],
             branching=manifest["branching"],
@@ -324,18 +362,3 @@ class ClusterTree:
             fit_info=manifest.get("fit", {}),
             embedder_state=state,
         )
-        if tree.dim != manifest["dim"] or tree.depth != manifest["depth"]:
-            raise ValueError(
-                f"{directory}: centroid arrays (dim {tree.dim}, depth {tree.depth}) "
-                f"disagree with the manifest (dim {manifest['dim']}, depth "
-                f"{manifest['depth']}); the folder is corrupt, re-fit the tree."
-            )
-        if tree.content_hash != manifest["content_hash"]:
-            raise ValueError(
-                f"{directory}: the centroids' content hash {tree.content_hash[:12]} "
-                f"differs from the manifest's {manifest['content_hash'][:12]}; the "
-                "arrays were modified or truncated. Re-fit or restore the tree."
-            )
-        if embedder is not None:
-            tree.check_embedder(embedder, dim)
-        return tree

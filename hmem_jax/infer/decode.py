@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hmem_jax.errors import ConfigError
 from hmem_jax.model.cache import KVCache, init_cache
 from hmem_jax.model.transformer import Transformer
 
@@ -38,9 +39,9 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"Sampling.max_new_tokens = {self.max_new_tokens} must be >= 1.")
+            raise ConfigError(f"Sampling.max_new_tokens = {self.max_new_tokens} must be >= 1.")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Sampling needs temperature >= 0, top_k >= 0 and top_p in (0, 1]; "
                 f"got {self.temperature}, {self.top_k}, {self.top_p}."
             )

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hmem_jax.errors import ProbeFileError
+from hmem_jax.errors import ConfigError, ProbeFileError
 from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.engine import Engine
 
@@ -263,7 +263,7 @@ def run_probe(
             prefixes = [d + "\n\n" for d in rag(prompts)]
             got = _generate(engine, prompts, "none", sampling, batch_size, prefixes=prefixes)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown probe condition {condition!r}; choose from {PROBE_CONDITIONS}."
             )
         correct = np.array([item.is_correct(text) for item, text in zip(items, got)], bool)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmem_jax.bank import device as bank_lib
+from hmem_jax.errors import MemoryModeError
 from hmem_jax.hierarchy.routing import descend_one_level, squared_norms
 from hmem_jax.train.memory import MemoryPlan, slots_key
 
@@ -44,7 +45,7 @@ class DeviceBlocks:
 
     def fetch(self, level_key: str, ids: np.ndarray) -> Mapping[str, Array]:
         if level_key not in self.bank:
-            raise KeyError(
+            raise MemoryModeError(
                 f"The bank has no level {level_key!r} (levels: {sorted(self.bank)}); "
                 "the generic memory exists only when MemoryConfig.generic_probability "
                 "> 0 during training."
@@ -109,11 +110,11 @@ def build_memory(
 ) -> Any:
     """The model's memory input for inputs with block_ids int32[N, depth] (None for 'none')."""
     if mode not in MEMORY_MODES:
-        raise ValueError(f"memory mode {mode!r} is not one of {MEMORY_MODES}.")
+        raise MemoryModeError(f"memory mode {mode!r} is not one of {MEMORY_MODES}.")
     if mode == "none":
         return None
     if plan is None or blocks is None:
-        raise ValueError(
+        raise MemoryModeError(
             f"memory mode {mode!r} needs a run trained with memory "
             "(MemoryConfig.kind != 'none'); use mode 'none' for an anchor-only run."
         )

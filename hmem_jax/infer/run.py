@@ -18,6 +18,7 @@ import jax
 
 from hmem_jax import sharding
 from hmem_jax.config import MeshConfig, TrainConfig
+from hmem_jax.errors import CheckpointMismatchError, RunLayoutError
 from hmem_jax.model import Transformer
 from hmem_jax.train.layout import prepared_dir_of
 from hmem_jax.train.memory import MemoryPlan
@@ -67,7 +68,7 @@ def load_config(workdir: str) -> TrainConfig:
 
     path = os.path.join(workdir, "config.gin")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise RunLayoutError(
             f"{workdir!r} has no config.gin; point --workdir at a folder "
             "written by `python -m hmem_jax.main.train`."
         )
@@ -102,10 +103,11 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     )
     try:
         if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
+            raise RunLayoutError(f"{workdir}/checkpoints holds no checkpoint yet; train first.")
         if step is not None and step not in checkpointer.all_steps():
-            raise FileNotFoundError(
-                f"{workdir}/checkpoints has no step {step}; it holds {checkpointer.all_steps()}."
+            raise RunLayoutError(
+                f"{workdir}/checkpoints has no step {step}; it holds {checkpointer.all_steps()}: "
+                "pass one of those with --step, or leave --step out for the latest."
             )
         # The newest readable checkpoint (or exactly `step`), naming any it skips.
         step, state, _ = checkpointer.restore_newest(
@@ -135,7 +137,7 @@ def open_streamed(cfg: TrainConfig, plan: MemoryPlan, workdir: str, record: dict
     from hmem_jax.bank.streaming import StreamedBank
 
     if "bank_version" not in record:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"The checkpoint of {workdir} records no streamed bank version; was it "
             "trained with MemoryConfig.bank_tier = 'streaming'?"
         )

@@ -11,15 +11,16 @@ question alone, never from the few-shot examples. With a retrieval baseline
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from hmem_jax.errors import InputFileError
 from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.engine import Engine
+from hmem_jax.infer.inputs import read_jsonl
 from hmem_jax.infer.retrieval import select_rows
 from hmem_jax.infer.scoring import continuation_logprobs
 
@@ -39,26 +40,46 @@ class Item:
 def read_task(path: str) -> list[Item]:
     """Items of a jsonl task file; every line must be the same kind."""
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            query = row.get("question", row.get("context", row.get("prompt")))
-            if query is None:
-                raise ValueError(f"{path}:{number}: needs a 'question', 'context' or 'prompt'.")
-            if "choices" in row:
-                items.append(Item(query, tuple(row["choices"]), answer=int(row["answer"])))
-            else:
-                answers = row.get("answers", row.get("answer"))
-                answers = [answers] if isinstance(answers, (str, int)) else answers
-                items.append(Item(query, answers=tuple(str(a) for a in answers)))
+    for number, row in read_jsonl(path, "--task"):
+        where = f"{path}:{number}"
+        query = row.get("question", row.get("context", row.get("prompt")))
+        if query is None:
+            raise InputFileError(f"{where}: needs a 'question', 'context' or 'prompt'.")
+        if "choices" in row:
+            choices = row["choices"]
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise InputFileError(f"{where}: 'choices' must be a list of at least two answers.")
+            answer = _choice_index(row.get("answer"), len(choices))
+            if answer is None:
+                raise InputFileError(
+                    f"{where}: 'answer' must be the index of the right choice, 0 .. "
+                    f"{len(choices) - 1}; got {row.get('answer')!r}."
+                )
+            items.append(Item(str(query), tuple(str(c) for c in choices), answer=answer))
+        else:
+            answers = row.get("answers", row.get("answer"))
+            answers = [answers] if isinstance(answers, (str, int)) else answers
+            if not isinstance(answers, list) or not answers:
+                raise InputFileError(
+                    f"{where}: a generation item needs an 'answer' (a string, or a list of "
+                    "accepted strings); a multiple-choice item needs 'choices'."
+                )
+            items.append(Item(str(query), answers=tuple(str(a) for a in answers)))
     if not items or len({item.is_choice for item in items}) != 1:
-        raise ValueError(
+        raise InputFileError(
             f"{path}: expected a non-empty file of one kind of item (all multiple "
             "choice, or all generation)."
         )
     return items
+
+
+def _choice_index(answer: Any, choices: int) -> int | None:
+    """`answer` as an index into `choices` choices, or None when it is not one."""
+    try:
+        index = int(answer)
+    except (TypeError, ValueError):
+        return None
+    return index if 0 <= index < choices else None
 
 
 def few_shot_prefix(examples: Sequence[Item]) -> str:

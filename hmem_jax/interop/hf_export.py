@@ -24,6 +24,7 @@ import flax.linen as nn
 import numpy as np
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.errors import UnsupportedExportError
 from hmem_jax.interop import hf_layout
 
 _LORA_TARGETS = {
@@ -56,7 +57,7 @@ def merge_memory(
         return merged, 0
     memory = {k: np.asarray(v, np.float32)[:, 0] for k, v in memory.items()}
     if "keys" in memory:
-        raise ValueError(
+        raise UnsupportedExportError(
             "KV-memories have no equivalent in a standard transformers model; "
             "export the anchor alone (memory mode 'none')."
         )

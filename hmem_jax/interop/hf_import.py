@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hmem_jax.config import ModelConfig
-from hmem_jax.errors import UnsupportedCheckpointError
+from hmem_jax.errors import MissingPathError, UnsupportedCheckpointError
 from hmem_jax.interop.hf_layout import from_hf_tensors
 
 QK_NORM_OF = {
@@ -35,16 +35,34 @@ QK_NORM_OF = {
     "hmem": "full",
 }
 
+# The config.json fields an anchor cannot be built without.
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+)
+
 
 def read_hf_config(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path!r} has no config.json; give a local transformers "
             "checkpoint folder (save_pretrained output)."
         )
     with open(config_path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            config = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UnsupportedCheckpointError(
+                f"{config_path} is not JSON ({error}); give a transformers checkpoint folder "
+                "whose config.json save_pretrained wrote."
+            ) from None
+    if not isinstance(config, dict):
+        raise UnsupportedCheckpointError(f"{config_path} holds no JSON object of settings.")
+    return config
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, tuple[float, ...]]:
@@ -75,6 +93,12 @@ def model_config_from_hf(config: dict[str, Any], **overrides: Any) -> ModelConfi
         raise UnsupportedCheckpointError(
             f"model_type {model_type!r} is not supported; hmem_jax imports "
             f"{sorted(QK_NORM_OF)} (pre-norm, gain-only RMSNorm, SwiGLU, no biases)."
+        )
+    missing = [key for key in REQUIRED_FIELDS if config.get(key) is None]
+    if missing:
+        raise UnsupportedCheckpointError(
+            f"The {model_type} config.json lacks {missing}; give the checkpoint folder "
+            "save_pretrained wrote, with its complete config.json."
         )
     problems = []
     if config.get("hidden_act", "silu") != "silu":
@@ -121,7 +145,7 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path!r} holds no *.safetensors file (save the model with safe_serialization=True)."
         )
     tensors = {}

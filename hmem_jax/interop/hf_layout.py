@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.errors import UnsupportedCheckpointError, UnsupportedExportError
 
 ARCHITECTURES = {
     "none": ("llama", "LlamaForCausalLM"),
@@ -65,7 +66,7 @@ def hf_config(
     model_type, architecture = ARCHITECTURES[cfg.qk_norm]
     if cfg.qkv_bias:
         if cfg.qk_norm != "none":
-            raise ValueError(
+            raise UnsupportedExportError(
                 "No transformers architecture has q/k/v biases together with "
                 f"qk-norm {cfg.qk_norm!r}; cannot export this anchor exactly."
             )
@@ -136,7 +137,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict
 
     def take(name: str) -> np.ndarray:
         if name not in tensors:
-            raise KeyError(
+            raise UnsupportedCheckpointError(
                 f"The checkpoint has no tensor {name!r}; it does not fit the "
                 f"architecture of ModelConfig {cfg}."
             )

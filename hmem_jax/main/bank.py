@@ -81,6 +81,8 @@ def at_version(store, version: int | None) -> int | None:
     versions = store.versions()
     if version is None:
         version = versions[-1] if versions else None
+    elif version not in versions:
+        common.fail(f"--bank_version={version}: the bank at {store.where} holds {versions}.")
     if version is not None:
         store.restore(version)
     return version
@@ -164,9 +166,6 @@ def export(store, out: str) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    from hmem_jax.bank.store import BankStoreError
-    from hmem_jax.config import ConfigError
-
     commands = ("create", "inspect", "copy", "export", "merge")
     if len(argv) != 2 or argv[1] not in commands:
         common.fail(
@@ -179,49 +178,42 @@ def main(argv: list[str]) -> None:
             common.fail("merge needs --subtree_runs=RUN0,RUN1,... and --merged_workdir=DIR.")
         from hmem_jax.bank.merge import merge_subtree_runs
 
-        try:
-            out = merge_subtree_runs(SUBTREE_RUNS.value, MERGED.value)
-        except (ConfigError, FileNotFoundError) as error:
-            common.fail(str(error))
+        out = merge_subtree_runs(SUBTREE_RUNS.value, MERGED.value)
         print(f"merged {len(SUBTREE_RUNS.value)} subtree jobs into {out}")
         return
-    try:
-        if RECOVER_UID.value and command != "create":
-            common.fail("--recover_uid goes with the create command.")
-        store = open_store(
-            STORE.value,
-            create=command == "create",
-            writer=False,
-            recover_uid=RECOVER_UID.value if command == "create" else "",
+    if RECOVER_UID.value and command != "create":
+        common.fail("--recover_uid goes with the create command.")
+    store = open_store(
+        STORE.value,
+        create=command == "create",
+        writer=False,
+        recover_uid=RECOVER_UID.value if command == "create" else "",
+    )
+    if command == "create":
+        stored = f"versions {store.versions()}" if store.versions() else "nothing stored yet"
+        print(
+            f"bank {store.uid} at {store.where}: "
+            f"{store.geometry.bank_params:,} parameters, {stored}"
         )
-        if command == "create":
-            stored = f"versions {store.versions()}" if store.versions() else "nothing stored yet"
-            print(
-                f"bank {store.uid} at {store.where}: "
-                f"{store.geometry.bank_params:,} parameters, {stored}"
-            )
-            return
-        version = at_version(store, VERSION.value)
-        if command == "inspect":
-            print(json.dumps(inspect(store, version, NORM_BLOCKS.value), indent=1))
-        elif command == "copy":
-            if not TO.value:
-                common.fail("copy needs --copy_to=DESTINATION.")
-            if version is None:
-                common.fail(f"The bank at {store.where} holds no version to copy.")
-            target = open_store(TO.value, create=True, writer=True)
-            print(
-                f"copied {copy(store, target, version)} blocks of version {version} to "
-                f"{target.where}"
-            )
-        else:
-            if not OUT.value:
-                common.fail("export needs --export_dir=DIR.")
-            common.refuse_to_overwrite(OUT.value, "--export_dir", OVERWRITE.value)
-            for path in export(store, OUT.value):
-                print(path)
-    except (BankStoreError, ConfigError, ValueError) as error:
-        common.fail(str(error))
+        return
+    version = at_version(store, VERSION.value)
+    if command == "inspect":
+        print(json.dumps(inspect(store, version, NORM_BLOCKS.value), indent=1))
+    elif command == "copy":
+        if not TO.value:
+            common.fail("copy needs --copy_to=DESTINATION.")
+        if version is None:
+            common.fail(f"The bank at {store.where} holds no version to copy.")
+        target = open_store(TO.value, create=True, writer=True)
+        print(
+            f"copied {copy(store, target, version)} blocks of version {version} to {target.where}"
+        )
+    else:
+        if not OUT.value:
+            common.fail("export needs --export_dir=DIR.")
+        common.refuse_to_overwrite(OUT.value, "--export_dir", OVERWRITE.value)
+        for path in export(store, OUT.value):
+            print(path)
 
 
 def run() -> None:

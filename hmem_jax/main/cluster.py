@@ -76,17 +76,9 @@ def data_config_for_docs(docs: str, base: DataConfig) -> DataConfig:
 def main(argv: list[str]) -> None:
     if not OUT.value:
         common.fail("No output folder: pass --out=DIR.")
-    try:
-        config = common.config_from_flags()
-        data = data_config_for_docs(DOCS.value, config.data)
-    except ConfigError as error:
-        common.fail(str(error))
-    from hmem_jax.data.sources import SourceError
-
-    try:
-        cluster_corpus(data, config.hierarchy, OUT.value, CACHE_DIR.value, verbose=not QUIET.value)
-    except (SourceError, ValueError, FileNotFoundError, ImportError) as error:
-        common.fail(str(error))
+    config = common.config_from_flags()
+    data = data_config_for_docs(DOCS.value, config.data)
+    cluster_corpus(data, config.hierarchy, OUT.value, CACHE_DIR.value, verbose=not QUIET.value)
 
 
 def run() -> None:

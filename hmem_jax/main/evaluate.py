@@ -143,14 +143,11 @@ def _perplexity(engine, run, out: str, results: dict) -> None:
 
             buckets = encyclopedia_buckets(texts, read_probes(probes_path))
     else:
-        with open(PERPLEXITY.value, encoding="utf-8") as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
-        texts = [row["text"] for row in rows][: PPL_DOCS.value]
-        buckets = (
-            [row["bucket"] for row in rows][: PPL_DOCS.value]
-            if all("bucket" in row for row in rows)
-            else None
-        )
+        from hmem_jax.infer.inputs import read_documents
+
+        texts, buckets = read_documents(PERPLEXITY.value)
+        texts = texts[: PPL_DOCS.value]
+        buckets = buckets[: PPL_DOCS.value] if buckets is not None else None
     per_mode = {mode: document_perplexity(engine, texts, mode, buckets) for mode in _modes(engine)}
     results["perplexity"] = per_mode
     print(f"\nperplexity ({len(texts)} documents, routed by whole document):")
@@ -170,6 +167,7 @@ def _perplexity(engine, run, out: str, results: dict) -> None:
 
 
 def _tasks(engine, rag, results: dict) -> None:
+    from hmem_jax.errors import InputFileError
     from hmem_jax.infer.tasks import (
         evaluate_choice,
         evaluate_generation,
@@ -180,6 +178,11 @@ def _tasks(engine, rag, results: dict) -> None:
     for path in TASKS.value:
         items = read_task(path)
         shots, items = items[: SHOTS.value], items[SHOTS.value :]
+        if not items:
+            raise InputFileError(
+                f"--task={path} holds {len(shots)} items, all taken as few-shot examples "
+                f"(--shots={SHOTS.value}); add items, or lower --shots."
+            )
         if LIMIT.value:
             items = items[: LIMIT.value]
         prefix = few_shot_prefix(shots)
@@ -199,29 +202,37 @@ def _tasks(engine, rag, results: dict) -> None:
 
 def main(argv: list[str]) -> None:
     from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.probe import PROBE_CONDITIONS
+    from hmem_jax.infer.retrieval import MEMORY_MODES
     from hmem_jax.infer.run import load_run
 
-    try:
-        run = load_run(WORKDIR.value, STEP.value)
-        engine = Engine(run)
-        out = OUT.value or os.path.join(run.workdir, "eval")
-        os.makedirs(out, exist_ok=True)
-        rag = None
-        if RAG.value or "rag" in CONDITIONS.value:
-            from hmem_jax.infer.rag import NearestDocument, training_documents
+    if SHOTS.value < 0 or LIMIT.value < 0 or PPL_DOCS.value < 1:
+        common.fail("--shots and --limit must be >= 0, --perplexity_documents >= 1.")
+    for flag, given, known in (
+        (CONDITIONS, CONDITIONS.value, PROBE_CONDITIONS),
+        (MODES, MODES.value, MEMORY_MODES),
+    ):
+        unknown = [value for value in given if value not in known]
+        if unknown:
+            common.fail(f"--{flag.name}: unknown {unknown}; choose from {list(known)}.")
+    run = load_run(WORKDIR.value, STEP.value)
+    engine = Engine(run)
+    out = OUT.value or os.path.join(run.workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    rag = None
+    if RAG.value or "rag" in CONDITIONS.value:
+        from hmem_jax.infer.rag import NearestDocument, training_documents
 
-            rag = NearestDocument(engine.embedder, training_documents(run.cfg))
-        results: dict = {"workdir": run.workdir, "step": run.step}
-        if PROBE.value:
-            _probe(engine, run, rag, out, results)
-        if PERPLEXITY.value:
-            _perplexity(engine, run, out, results)
-        _tasks(engine, rag, results)
-        with open(os.path.join(out, "results.json"), "w") as handle:
-            json.dump(results, handle, indent=1)
-        print(f"\nresults: {os.path.join(out, 'results.json')}", flush=True)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        common.fail(str(error))
+        rag = NearestDocument(engine.embedder, training_documents(run.cfg))
+    results: dict = {"workdir": run.workdir, "step": run.step}
+    if PROBE.value:
+        _probe(engine, run, rag, out, results)
+    if PERPLEXITY.value:
+        _perplexity(engine, run, out, results)
+    _tasks(engine, rag, results)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    print(f"\nresults: {os.path.join(out, 'results.json')}", flush=True)
 
 
 def run() -> None:

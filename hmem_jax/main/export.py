@@ -10,6 +10,7 @@ the whole bank (one safetensors file per level) with a manifest and the tree.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from absl import flags
 
@@ -37,52 +38,73 @@ def main(argv: list[str]) -> None:
     common.refuse_to_overwrite(OUT.value, "--out", OVERWRITE.value)
     if BANK.value:
         common.refuse_to_overwrite(BANK.value, "--bank", OVERWRITE.value)
-    try:
-        run = load_run(WORKDIR.value, STEP.value)
-        engine = Engine(run)
-        mode, memory, path_ids = MEMORY.value, None, None
-        if mode == "fetched":
-            if bool(ROUTE_TEXT.value) == bool(PATH.value):
-                common.fail("--memory=fetched needs exactly one of --route_text or --path.")
-            if PATH.value:
-                path = np.array([[int(i) for i in PATH.value.split(",")]], np.int32)
-                path_ids = run.tree.block_ids(path)
-            else:
-                path_ids = engine.block_ids([ROUTE_TEXT.value])
-        if mode != "none":
-            memory = engine.memory(
-                path_ids if path_ids is not None else np.zeros((1, run.tree.depth), np.int32), mode
-            )
-        metadata = {
-            "run": run.workdir,
-            "step": run.step,
-            "memory": mode,
-            "block_ids": path_ids[0].tolist() if path_ids is not None else None,
-            "route_text": ROUTE_TEXT.value or None,
-        }
-        out = export_hf(
-            OUT.value,
-            run.cfg.model,
-            run.params,
-            memory,
-            run.plan.lora_scale if run.plan else 1.0,
-            run.prepared_dir,
-            metadata,
+    mode, memory, path_ids = MEMORY.value, None, None
+    if mode == "fetched" and bool(ROUTE_TEXT.value) == bool(PATH.value):
+        common.fail("--memory=fetched needs exactly one of --route_text or --path.")
+    run = load_run(WORKDIR.value, STEP.value)
+    engine = Engine(run)
+    if mode != "none" and not engine.has_memory:
+        common.fail(
+            f"--memory={mode}: {run.workdir} was trained without memory; use --memory=none."
         )
-        print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
-        if BANK.value:
-            if run.bank is None or run.plan is None:
-                common.fail("--bank: this run has no memory bank.")
-            export_bank(
-                BANK.value,
-                run.bank,
-                run.plan.geometry.describe(),
-                run.tree_dir,
-                {"run": run.workdir, "step": run.step},
-            )
-            print(f"exported bank to {os.path.abspath(BANK.value)}", flush=True)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        common.fail(str(error))
+    if mode == "generic" and not engine.has_generic:
+        common.fail(
+            "--memory=generic: this run has no generic memory "
+            "(MemoryConfig.generic_probability = 0)."
+        )
+    if mode == "fetched":
+        if PATH.value:
+            path_ids = run.tree.block_ids(parse_path(PATH.value, run.tree))
+        else:
+            path_ids = engine.block_ids([ROUTE_TEXT.value])
+    if mode != "none":
+        memory = engine.memory(
+            path_ids if path_ids is not None else np.zeros((1, run.tree.depth), np.int32), mode
+        )
+    metadata = {
+        "run": run.workdir,
+        "step": run.step,
+        "memory": mode,
+        "block_ids": path_ids[0].tolist() if path_ids is not None else None,
+        "route_text": ROUTE_TEXT.value or None,
+    }
+    out = export_hf(
+        OUT.value,
+        run.cfg.model,
+        run.params,
+        memory,
+        run.plan.lora_scale if run.plan else 1.0,
+        run.prepared_dir,
+        metadata,
+    )
+    print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
+    if BANK.value:
+        if run.bank is None or run.plan is None:
+            common.fail("--bank: this run has no memory bank.")
+        export_bank(
+            BANK.value,
+            run.bank,
+            run.plan.geometry.describe(),
+            run.tree_dir,
+            {"run": run.workdir, "step": run.step},
+        )
+        print(f"exported bank to {os.path.abspath(BANK.value)}", flush=True)
+
+
+def parse_path(text: str, tree: Any) -> Any:
+    """int32[1, depth] from --path=i1,i2,... (one child index per level of the run's tree)."""
+    import numpy as np
+
+    try:
+        path = [int(i) for i in text.split(",")]
+    except ValueError:
+        common.fail(f"--path={text}: give comma-separated integers, one child index per level.")
+    if len(path) != tree.depth or not all(0 <= i < tree.branching for i in path):
+        common.fail(
+            f"--path={text}: the run's tree needs {tree.depth} child indices (one per level), "
+            f"each in 0 .. {tree.branching - 1}."
+        )
+    return np.array([path], np.int32)
 
 
 def run() -> None:

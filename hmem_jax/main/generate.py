@@ -9,7 +9,6 @@ prompt per line, or jsonl objects with a "prompt" field).
 
 from __future__ import annotations
 
-import json
 import time
 
 from absl import flags
@@ -31,53 +30,45 @@ STEP = common.step_flag()
 BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together.")
 
 
-def read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        lines = [line.rstrip("\n") for line in handle if line.strip()]
-    if lines and lines[0].lstrip().startswith("{"):
-        return [json.loads(line)["prompt"] for line in lines]
-    return lines
-
-
 def main(argv: list[str]) -> None:
     from hmem_jax.infer.decode import Sampling
     from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.inputs import read_prompts
     from hmem_jax.infer.run import load_run
 
+    if BATCH.value < 1:
+        common.fail(f"--batch_size = {BATCH.value} must be >= 1.")
     prompts = list(PROMPTS.value) + (read_prompts(PROMPTS_FILE.value) if PROMPTS_FILE.value else [])
     if not prompts:
         common.fail("No prompts: give --prompt=TEXT (repeatable) or --prompts_file=PATH.")
-    try:
-        engine = Engine(load_run(WORKDIR.value, STEP.value))
-        sampling = Sampling(
-            max_new_tokens=MAX_NEW.value,
-            temperature=TEMPERATURE.value,
-            top_k=TOP_K.value,
-            top_p=TOP_P.value,
-            seed=SEED.value,
+    sampling = Sampling(
+        max_new_tokens=MAX_NEW.value,
+        temperature=TEMPERATURE.value,
+        top_k=TOP_K.value,
+        top_p=TOP_P.value,
+        seed=SEED.value,
+    )
+    engine = Engine(load_run(WORKDIR.value, STEP.value))
+    mode = MEMORY.value
+    if mode != "none" and not engine.has_memory:
+        common.fail(
+            f"--memory={mode}: {WORKDIR.value} was trained without memory; use --memory=none."
         )
-        mode = MEMORY.value
-        if mode != "none" and not engine.has_memory:
-            common.fail(
-                f"--memory={mode}: {WORKDIR.value} was trained without memory; use --memory=none."
-            )
-        if mode == "generic" and not engine.has_generic:
-            common.fail(
-                "--memory=generic: this run has no generic memory "
-                "(MemoryConfig.generic_probability = 0)."
-            )
-        for start in range(0, len(prompts), BATCH.value):
-            chunk = prompts[start : start + BATCH.value]
-            ids = engine.block_ids(chunk) if mode == "fetched" else None
-            began = time.perf_counter()
-            outputs = engine.generate(chunk, mode, sampling)
-            seconds = time.perf_counter() - began
-            for row, (prompt, output) in enumerate(zip(chunk, outputs)):
-                route = f" [blocks {ids[row].tolist()}]" if ids is not None else ""
-                print(f"{prompt}{route}\n  -> {output}", flush=True)
-            print(f"({len(chunk)} prompts, {seconds:.2f} s incl. compilation)", flush=True)
-    except (FileNotFoundError, ValueError) as error:
-        common.fail(str(error))
+    if mode == "generic" and not engine.has_generic:
+        common.fail(
+            "--memory=generic: this run has no generic memory "
+            "(MemoryConfig.generic_probability = 0)."
+        )
+    for start in range(0, len(prompts), BATCH.value):
+        chunk = prompts[start : start + BATCH.value]
+        ids = engine.block_ids(chunk) if mode == "fetched" else None
+        began = time.perf_counter()
+        outputs = engine.generate(chunk, mode, sampling)
+        seconds = time.perf_counter() - began
+        for row, (prompt, output) in enumerate(zip(chunk, outputs)):
+            route = f" [blocks {ids[row].tolist()}]" if ids is not None else ""
+            print(f"{prompt}{route}\n  -> {output}", flush=True)
+        print(f"({len(chunk)} prompts, {seconds:.2f} s incl. compilation)", flush=True)
 
 
 def run() -> None:

@@ -40,10 +40,7 @@ def check_logits(hf_dir: str, cfg, params) -> float:
 def main(argv: list[str]) -> None:
     from hmem_jax.interop.hf_import import load_hf_anchor, write_anchor_run
 
-    try:
-        cfg, params = load_hf_anchor(HF_DIR.value)
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        common.fail(str(error))
+    cfg, params = load_hf_anchor(HF_DIR.value)
     if CHECK.value:
         diff = check_logits(HF_DIR.value, cfg, params)
         print(f"logits max |transformers - hmem_jax| = {diff:.2e}", flush=True)

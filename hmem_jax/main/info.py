@@ -13,7 +13,7 @@ import json
 
 from absl import flags
 
-from hmem_jax.config import ConfigError, TrainConfig
+from hmem_jax.config import TrainConfig
 from hmem_jax.main import common
 
 DEVICES = flags.DEFINE_integer("devices", None, "Mesh size to report the memory footprint for.")
@@ -67,11 +67,8 @@ def main(argv: list[str]) -> None:
     for flag in (DEVICES, PER_DEVICE_BATCH):
         if flag.value is not None and flag.value < 1:
             common.fail(f"--{flag.name} = {flag.value} must be a positive integer.")
-    try:
-        cfg = common.config_from_flags()
-        print(json.dumps(describe(cfg, DEVICES.value, PER_DEVICE_BATCH.value), indent=1))
-    except ConfigError as error:
-        common.fail(str(error))
+    cfg = common.config_from_flags()
+    print(json.dumps(describe(cfg, DEVICES.value, PER_DEVICE_BATCH.value), indent=1))
 
 
 def run() -> None:

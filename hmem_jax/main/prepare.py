@@ -16,7 +16,6 @@ import json
 
 from absl import flags
 
-from hmem_jax.config import ConfigError
 from hmem_jax.main import common
 
 OUT = common.out_flag("Output folder (default: DataConfig.prepared_dir).")
@@ -25,21 +24,13 @@ QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 
 
 def main(argv: list[str]) -> None:
-    from hmem_jax.data.prepare import PreparedDataError, ensure_prepared, read_manifest
-    from hmem_jax.data.sources import SourceError
-    from hmem_jax.data.tokenizer import TokenizerError
+    from hmem_jax.data.prepare import ensure_prepared, read_manifest
 
-    try:
-        config = common.config_from_flags()
-    except ConfigError as error:
-        common.fail(str(error))
+    config = common.config_from_flags()
     out_dir = OUT.value or config.data.prepared_dir
     if not out_dir:
         common.fail("No output folder: pass --out=DIR (or set DataConfig.prepared_dir).")
-    try:
-        ensure_prepared(config, out_dir, TREE.value or None, progress=not QUIET.value)
-    except (PreparedDataError, SourceError, TokenizerError, FileNotFoundError) as error:
-        common.fail(str(error))
+    ensure_prepared(config, out_dir, TREE.value or None, progress=not QUIET.value)
     manifest = read_manifest(out_dir)
     summary = {
         key: manifest[key]

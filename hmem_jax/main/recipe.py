@@ -70,9 +70,6 @@ def _probe(recipe, limit: int) -> None:
 def main(argv: list[str]) -> None:
     import jax
 
-    from hmem_jax.config import ConfigError
-    from hmem_jax.data.prepare import PreparedDataError
-    from hmem_jax.train.checkpoint import CheckpointMismatchError
     from hmem_jax.train.recipe import Recipe, run_recipe
 
     recipe = Recipe(
@@ -80,11 +77,8 @@ def main(argv: list[str]) -> None:
         tuple(common.GIN_FILES.value),
         tuple(common.GIN_PARAMS.value),
     )
-    try:
-        recipe.check()
-        run_recipe(recipe)
-    except (ConfigError, PreparedDataError, CheckpointMismatchError, FileNotFoundError) as error:
-        common.fail(str(error))
+    recipe.check()
+    run_recipe(recipe)
     if jax.process_index() == 0:
         _probe(recipe, recipe.settings().probe_limit)
 

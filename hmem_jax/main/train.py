@@ -43,22 +43,19 @@ def main(argv: list[str]) -> None:
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     workdir = os.path.abspath(WORKDIR.value)
-    try:
-        loader = make_loader(cfg, workdir)
-        data_fingerprint = fingerprint(loader.fingerprint)
-        check_resume(cfg, workdir, data_fingerprint)
-        if jax.process_index() == 0:
-            write_run_config(cfg, workdir)
-        train(
-            cfg,
-            workdir,
-            loader,
-            data_fingerprint,
-            until_step=UNTIL_STEP.value,
-            peak_tflops=PEAK_TFLOPS.value,
-        )
-    except FileNotFoundError as error:  # a path the configuration names
-        common.fail(str(error))
+    loader = make_loader(cfg, workdir)
+    data_fingerprint = fingerprint(loader.fingerprint)
+    check_resume(cfg, workdir, data_fingerprint)
+    if jax.process_index() == 0:
+        write_run_config(cfg, workdir)
+    train(
+        cfg,
+        workdir,
+        loader,
+        data_fingerprint,
+        until_step=UNTIL_STEP.value,
+        peak_tflops=PEAK_TFLOPS.value,
+    )
     if jax.process_index() == 0 and UNTIL_STEP.value is None and PROBE_LIMIT.value > 0:
         print_probe_table(workdir, PROBE_LIMIT.value)
 

@@ -16,6 +16,7 @@ import os
 
 from hmem_jax.config import ConfigError, TrainConfig
 from hmem_jax.data.loader import Loader
+from hmem_jax.errors import MissingPathError
 
 
 def write_run_config(cfg: TrainConfig, workdir: str) -> None:
@@ -69,7 +70,7 @@ def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
 
     if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
         if cfg.tree_dir:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
                 f"({MANIFEST_NAME}); fit one with `python -m "
                 "hmem_jax.main.cluster`, or leave tree_dir empty."

@@ -26,6 +26,7 @@ from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.tier import open_tier
 from hmem_jax.config import TrainConfig
+from hmem_jax.errors import MissingPathError
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
 from hmem_jax.train.checkpoint import Checkpointer
@@ -270,7 +271,7 @@ def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) 
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"TrainConfig.init_from = {cfg.init_from!r} holds no checkpoint; point it at an "
                 "anchor run's workdir or one of its checkpoints/<step> folders."
             )
