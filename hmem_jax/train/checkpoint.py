@@ -16,6 +16,7 @@ are collected (docs/bank.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -43,6 +44,18 @@ def _ignore_abandoned_reads() -> None:
 
     hook.hmem_ignores_abandoned_reads = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def _never_retrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+def _ignore_abandoned_writes() -> None:
+    """After a failed save, orbax's other write futures of that checkpoint fail too and asyncio
+    reports each 'exception was never retrieved' at exit; the run already said why it stopped."""
+    logger = logging.getLogger("asyncio")
+    if _never_retrieved not in logger.filters:
+        logger.addFilter(_never_retrieved)
 
 
 class Checkpointer:
@@ -248,6 +261,7 @@ class Checkpointer:
             raise
         except Exception as err:  # I/O errors reach here in several wrappings
             self._save_failed = True
+            _ignore_abandoned_writes()
             text = str(err).strip().splitlines()
             reason = (text[0] if len(text[0]) <= 240 else "..." + text[0][-240:]) if text else ""
             good = self._complete_steps()
