@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers.small import SMALL_CORPUS_PARAMS, SMALL_TREE_PARAMS
 
 # Tests build the same small programs many times (resume = train twice); a
 # persistent compilation cache turns the repeats into cache hits.
@@ -68,20 +69,6 @@ def random_batches():
     return RandomPackedBatches
 
 
-SMALL_CORPUS_PARAMS = (
-    "DataConfig.embedded_entities = 200",
-    "DataConfig.vocab_size = 512",
-    "model_preset.vocab_size = 512",
-    "TrainConfig.model = @model_preset()",
-    "model_preset.name = 'tiny'",
-    "model_preset.num_layers = 2",
-    "model_preset.d_model = 64",
-    "model_preset.d_ff = 128",
-    "model_preset.num_heads = 2",
-    "TrainConfig.seq_len = 64",
-)
-
-
 @pytest.fixture(scope="session")
 def small_prepared_data(tmp_path_factory):
     """A prepared (tokenized, packed) small embedded corpus, shared by the tests of a session.
@@ -95,14 +82,6 @@ def small_prepared_data(tmp_path_factory):
     params = SMALL_CORPUS_PARAMS + (f"DataConfig.prepared_dir = '{out}'",)
     ensure_prepared(load_train_config((), params), out, progress=False)
     return out, params
-
-
-SMALL_TREE_PARAMS = SMALL_CORPUS_PARAMS + (
-    "HierarchyConfig.branching = 4",
-    "HierarchyConfig.depth = 2",
-    "HierarchyConfig.samples_per_step = 512",
-    "HierarchyConfig.em_steps = 5",
-)
 
 
 @pytest.fixture(scope="session")
@@ -125,17 +104,6 @@ def small_prepared_tree_data(tmp_path_factory):
     cluster_corpus(cfg.data, cfg.hierarchy, tree, verbose=False)
     ensure_prepared(cfg, out, tree, progress=False)
     return out, tree, params
-
-
-def run_entry_point(module: str, workdir, params, devices: int, *flags: str, timeout=900):
-    """`python -m MODULE --workdir=... FLAGS --gin_param=...` with `devices` fake CPU devices."""
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
-    args += [f"--gin_param={p}" for p in params]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

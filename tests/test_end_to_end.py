@@ -9,7 +9,7 @@ import pytest
 
 
 def _train(workdir, params, probe_limit=0):
-    from conftest import run_entry_point
+    from helpers.small import run_entry_point
 
     return run_entry_point(
         "hmem_jax.main.train", workdir, params, 2, f"--probe_limit={probe_limit}"
@@ -19,7 +19,7 @@ def _train(workdir, params, probe_limit=0):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_train_command_clusters_prepares_trains_with_memory_and_resumes(tmp_path):
-    from conftest import SMALL_TREE_PARAMS
+    from helpers.small import SMALL_TREE_PARAMS
 
     workdir = tmp_path / "run"
     params = list(SMALL_TREE_PARAMS) + [

@@ -8,7 +8,7 @@ import pytest
 
 
 def _recipe(workdir, params):
-    from conftest import run_entry_point
+    from helpers.small import run_entry_point
 
     return run_entry_point("hmem_jax.main.recipe", workdir, params, 1)
 
@@ -16,7 +16,7 @@ def _recipe(workdir, params):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp_path):
-    from conftest import SMALL_TREE_PARAMS
+    from helpers.small import SMALL_TREE_PARAMS
 
     workdir = tmp_path / "recipe"
     params = list(SMALL_TREE_PARAMS) + [

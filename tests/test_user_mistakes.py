@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SMALL_CORPUS_PARAMS
+from helpers.small import SMALL_CORPUS_PARAMS
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 ANCHOR = SMALL_CORPUS_PARAMS + (
