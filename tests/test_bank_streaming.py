@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from helpers.bank import assert_banks_equal, streamed_bank
-from helpers.training import memory_config
+from helpers.training import MEMORY_BINDINGS, memory_config
 
 from hmem_jax import sharding
 from hmem_jax.config import MeshConfig
@@ -149,20 +149,7 @@ def test_kill_9_during_write_back_then_resume_follows_the_uninterrupted_run(
     memory = {"bank_tier": "streaming", "prefetch_steps": 1}
     cfg = bank_config(params, memory=memory)
     workdir = tmp_path / "killed"
-    child_params = list(params) + [
-        "TrainConfig.batch_size = 8",
-        "TrainConfig.steps = 6",
-        "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 3",
-        "TrainConfig.async_checkpointing = False",
-        "MemoryConfig.kind = 'ffn'",
-        "MemoryConfig.level_sizes = (8, 4)",
-        "MemoryConfig.lr = 1e-2",
-        "MemoryConfig.end_lr = 1e-3",
-        "MemoryConfig.warmup_steps = 1",
-        "MeshConfig.fsdp = 1",
-        "MeshConfig.data = 1",
-    ]
+    child_params = list(params + MEMORY_BINDINGS)
     args = {"params": child_params, "memory": memory, "prepared": prepared, "workdir": str(workdir)}
     env = dict(
         os.environ,

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers.small import tree_hashes
 
 from hmem_jax import errors
 
@@ -195,19 +196,6 @@ def test_a_missing_extra_names_the_extra_to_install_and_faults_keep_their_traceb
         assert message in done.stderr
 
 
-def _tree_hashes(root):
-    """path -> sha256 of every file under `root`."""
-    import hashlib
-
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                out[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
-    return out
-
-
 def test_a_refused_resume_or_a_mesh_that_does_not_fit_changes_nothing(
     tmp_path, small_prepared_data
 ):
@@ -224,12 +212,12 @@ def test_a_refused_resume_or_a_mesh_that_does_not_fit_changes_nothing(
     train = ["-m", "hmem_jax.main.train", f"--workdir={workdir}", "--probe_limit=0"]
     done = _run(train + [f"--gin_param={p}" for p in params])
     assert done.returncode == 0, done.stderr[-3000:]
-    before = _tree_hashes(workdir)
+    before = tree_hashes(workdir)
     assert "config.gin" in before and any(k.startswith("checkpoints/") for k in before)
 
     changed = params + ("model_preset.d_model = 32",)
     _one_line(_run(train + [f"--gin_param={p}" for p in changed]), "model", "fresh --workdir")
-    assert _tree_hashes(workdir) == before
+    assert tree_hashes(workdir) == before
 
     fresh = tmp_path / "fresh"
     mesh = params + ("MeshConfig.data = 3", "MeshConfig.fsdp = 1")
@@ -306,7 +294,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable(
     shutil.copytree(stopped, run)
     bad = run / "checkpoints" / "4"
     damage(bad)
-    damaged = _tree_hashes(bad)
+    damaged = tree_hashes(bad)
 
     if damage is _truncate_arrays:
         generate = ["-m", "hmem_jax.main.generate", f"--workdir={run}", "--prompt=The"]
@@ -318,7 +306,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_readable(
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"checkpoint {bad} cannot be read" in done.stderr and "Traceback" not in done.stderr
     assert "resuming from step 2" in done.stdout
-    assert _tree_hashes(run / "checkpoints" / "4.unreadable") == damaged
+    assert tree_hashes(run / "checkpoints" / "4.unreadable") == damaged
     losses = lambda w: {  # noqa: E731
         r["step"]: r["train/loss"] for r in map(json.loads, open(w / "metrics.jsonl"))
     }
@@ -342,7 +330,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
     train, whole, stopped = runs_to_damage
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
-    kept = _tree_hashes(run / "checkpoints" / "4")
+    kept = tree_hashes(run / "checkpoints" / "4")
     done = subprocess.run(
         [sys.executable, *train, f"--workdir={run}"],
         capture_output=True,
@@ -354,7 +342,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
     _one_line(
         done, "Writing a checkpoint", "File too large", "newest complete checkpoint is step 4"
     )
-    assert _tree_hashes(run / "checkpoints" / "4") == kept
+    assert tree_hashes(run / "checkpoints" / "4") == kept
     done = _run([*train, f"--workdir={run}"])
     assert done.returncode == 0, done.stderr[-3000:]
     losses = lambda w: {  # noqa: E731

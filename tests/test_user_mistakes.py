@@ -1,13 +1,12 @@
 """User mistakes through the real command line: each ends with exit status 2 and one line that
 names the problem, no traceback, and leaves what the run folder already holds byte for byte."""
 
-import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
-from helpers.small import SMALL_CORPUS_PARAMS
+from helpers.small import SMALL_CORPUS_PARAMS, tree_hashes
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 ANCHOR = SMALL_CORPUS_PARAMS + (
@@ -22,16 +21,6 @@ def _run(args):
     return subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, env=ENV
     )
-
-
-def _hashes(root):
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                out[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -249,14 +238,14 @@ def test_a_user_mistake_is_one_line_and_changes_nothing(name, tmp_path, run_fold
     places = {"{tmp}": str(tmp_path), RUN: str(workdir), "{prepared}": prepared}
     for key, value in places.items():
         args = [a.replace(key, value) for a in args]
-    before = _hashes(workdir)
+    before = tree_hashes(workdir)
     done = _run(args)
     assert done.returncode == 2, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert needle in lines[0], lines[0]
-    assert _hashes(workdir) == before
+    assert tree_hashes(workdir) == before
     assert not (tmp_path / "fresh" / "config.gin").exists()
 
 

@@ -76,9 +76,7 @@ def _device_boxes(exchange: BlockExchange, shape: tuple[int, ...]) -> dict[int, 
     sharding = NamedSharding(exchange.mesh, exchange.spec(view))
     out: dict[int, list[Box]] = {}
     for device, index in sharding.devices_indices_map(view).items():
-        box = tuple(
-            (s.start or 0, shape[a] if s.stop is None else s.stop) for a, s in enumerate(index[1:])
-        )
+        box = tuple(_bounds(s, n) for s, n in zip(index[1:], shape))
         out.setdefault(device.process_index, []).append(box)  # type: ignore[attr-defined]
     return out
 
@@ -158,6 +156,18 @@ def single_process_parts(store: Any) -> dict[str, dict[str, FieldPart]]:
     }
 
 
+def _bounds(index: slice, size: int) -> tuple[int, int]:
+    """(start, stop) of a device's index slice along an axis of `size`."""
+    return (index.start or 0, size if index.stop is None else index.stop)
+
+
+def _within(index: tuple[slice, ...], held: Box, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A device's index into a view leaf [U, *block], as slices of the part `held` (the block
+    axes only, relative to the part's corner)."""
+    inner = (_bounds(s, n) for s, n in zip(index[1:], shape[1:]))
+    return tuple(slice(start - lo, stop - lo) for (start, stop), (lo, _) in zip(inner, held))
+
+
 def to_global(
     part: np.ndarray, held: Box, shape: tuple[int, ...], sharding: NamedSharding
 ) -> jax.Array:
@@ -166,11 +176,7 @@ def to_global(
 
     def local(index: tuple[slice, ...] | None) -> np.ndarray:
         assert index is not None
-        inner = tuple(
-            slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
-            for s, (lo, _), n in zip(index[1:], held, shape[1:])
-        )
-        return part[(index[0],) + inner]
+        return part[(index[0],) + _within(index, held, shape)]
 
     return jax.make_array_from_callback(shape, sharding, local)
 
@@ -183,9 +189,5 @@ def from_global(array: jax.Array, held: Box) -> np.ndarray:
         return np.asarray(shards[0].data)  # a view on a CPU device: no copy
     out = np.empty(out_shape, array.dtype)
     for shard in shards:
-        inner = tuple(
-            slice((s.start or 0) - lo, (n if s.stop is None else s.stop) - lo)
-            for s, (lo, _), n in zip(shard.index[1:], held, array.shape[1:])
-        )
-        out[(shard.index[0],) + inner] = np.asarray(shard.data)
+        out[(shard.index[0],) + _within(shard.index, held, array.shape)] = np.asarray(shard.data)
     return out

@@ -46,6 +46,15 @@ def _ignore_abandoned_reads() -> None:
     sys.unraisablehook = hook
 
 
+def _first_line(err: BaseException, limit: int = 240) -> str:
+    """An error's first line for a one-line message (its end, where I/O errors say what failed,
+    if it is long); the error's type if it has no text."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    return lines[0] if len(lines[0]) <= limit else "..." + lines[0][-limit:]
+
+
 def _never_retrieved(record: logging.LogRecord) -> bool:
     return "exception was never retrieved" not in record.getMessage()
 
@@ -191,7 +200,7 @@ class Checkpointer:
             except HmemError:
                 raise
             except Exception as err:  # damaged files raise many kinds of error
-                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+                reason = f"{type(err).__name__}: {_first_line(err)}"
                 print(
                     f"hmem_jax: warning: checkpoint {self.directory}/{step} cannot be read "
                     f"({reason}); trying the previous one",
@@ -262,11 +271,10 @@ class Checkpointer:
         except Exception as err:  # I/O errors reach here in several wrappings
             self._save_failed = True
             _ignore_abandoned_writes()
-            text = str(err).strip().splitlines()
-            reason = (text[0] if len(text[0]) <= 240 else "..." + text[0][-240:]) if text else ""
+            reason = _first_line(err)
             good = self._complete_steps()
             raise CheckpointSaveError(
-                f"Writing a checkpoint under {self.directory} failed ({reason or type(err)}). "
+                f"Writing a checkpoint under {self.directory} failed ({reason}). "
                 f"The newest "
                 f"complete checkpoint is step {max(good) if good else 'none'}; free space there "
                 "(or lower TrainConfig.keep_checkpoints) and rerun the same command to resume."

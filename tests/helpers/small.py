@@ -1,5 +1,7 @@
-"""The small corpus and model every end-to-end test trains on, and running an entry point."""
+"""The small corpus and model every end-to-end test trains on, running an entry point, and
+hashing what a run folder holds (to show a command left it as it was)."""
 
+import hashlib
 import os
 
 SMALL_CORPUS_PARAMS = (
@@ -32,3 +34,14 @@ def run_entry_point(module: str, workdir, params, devices: int, *flags: str, tim
     args += [f"--gin_param={p}" for p in params]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree_hashes(root):
+    """path (relative to `root`) -> sha256 of every file under `root`."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                out[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
+    return out

@@ -5,26 +5,27 @@ import dataclasses
 
 from hmem_jax.main.common import load_train_config
 
+MEMORY_BINDINGS = (
+    "TrainConfig.batch_size = 8",
+    "TrainConfig.steps = 6",
+    "TrainConfig.log_every = 1",
+    "TrainConfig.checkpoint_every = 3",
+    "TrainConfig.async_checkpointing = False",
+    "MemoryConfig.kind = 'ffn'",
+    "MemoryConfig.level_sizes = (8, 4)",
+    "MemoryConfig.lr = 1e-2",
+    "MemoryConfig.end_lr = 1e-3",
+    "MemoryConfig.warmup_steps = 1",
+    "MeshConfig.fsdp = 1",
+    "MeshConfig.data = 1",
+)
+
 
 def memory_config(params, **overrides):
     memory = overrides.pop("memory", {})
     cfg = load_train_config(
         (),
-        params
-        + (
-            "TrainConfig.batch_size = 8",
-            "TrainConfig.steps = 6",
-            "TrainConfig.log_every = 1",
-            "TrainConfig.checkpoint_every = 3",
-            "TrainConfig.async_checkpointing = False",
-            "MemoryConfig.kind = 'ffn'",
-            "MemoryConfig.level_sizes = (8, 4)",
-            "MemoryConfig.lr = 1e-2",
-            "MemoryConfig.end_lr = 1e-3",
-            "MemoryConfig.warmup_steps = 1",
-            "MeshConfig.fsdp = 1",
-            "MeshConfig.data = 1",
-        ),
+        params + MEMORY_BINDINGS,
     )
     return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **memory), **overrides)
 
