@@ -32,6 +32,7 @@ from hmem_jax.config import (
     TrainConfig,
     model_preset,
 )
+from hmem_jax.data import batch as schema
 from hmem_jax.data.loader import shard_blocks
 
 
@@ -47,9 +48,9 @@ class SyntheticBatches:
         rng = np.random.default_rng([self.seed, step])
         tokens = rng.integers(1, cfg.model.vocab_size, (b, cfg.seq_len)).astype(np.int32)
         out = {
-            "tokens": tokens,
-            "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(
+            schema.TOKENS: tokens,
+            schema.SEGMENT_IDS: np.ones_like(tokens),
+            schema.POSITIONS: np.broadcast_to(
                 np.arange(cfg.seq_len, dtype=np.int32), tokens.shape
             ).copy(),
         }
@@ -62,8 +63,8 @@ class SyntheticBatches:
                 continue
             clusters = branching**level
             ids, slots, union = shard_blocks(block, 1, min(b, clusters), clusters, level)
-            out[f"block_ids_l{level}"], out[f"block_slots_l{level}"] = ids, slots
-            out[f"block_union_l{level}"] = union
+            out[schema.block_ids_key(level)], out[schema.block_slots_key(level)] = ids, slots
+            out[schema.block_union_key(level)] = union
         return out
 
     batch_shards = 1  # one device

@@ -28,9 +28,10 @@ from hmem_jax.config import (
     TrainConfig,
     model_preset,
 )
+from hmem_jax.data.batch import POSITIONS, SEGMENT_IDS, TOKENS, block_ids_key, block_slots_key
 from hmem_jax.data.loader import shard_blocks
 from hmem_jax.model import Transformer
-from hmem_jax.train.memory import MemoryPlan, ids_key, memory_schedule, slots_key
+from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.metrics import measure_matmul_peak, train_flops_per_token
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import create_state, state_shardings
@@ -73,9 +74,9 @@ def build(name: str, cfg: TrainConfig, seed: int = 0, devices: int = 1) -> Case:
     rng = np.random.default_rng(seed)
     b, t = cfg.batch_size, cfg.seq_len
     local = {
-        "tokens": rng.integers(1, cfg.model.vocab_size, (b, t)).astype(np.int32),
-        "segment_ids": np.ones((b, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t), (b, t)).astype(np.int32),
+        TOKENS: rng.integers(1, cfg.model.vocab_size, (b, t)).astype(np.int32),
+        SEGMENT_IDS: np.ones((b, t), np.int32),
+        POSITIONS: np.broadcast_to(np.arange(t), (b, t)).astype(np.int32),
     }
     if plan is not None:
         leaves = rng.choice(plan.geometry.clusters(plan.geometry.depth), b, replace=False)
@@ -86,7 +87,7 @@ def build(name: str, cfg: TrainConfig, seed: int = 0, devices: int = 1) -> Case:
             ids, slots, _ = shard_blocks(
                 ids_per_seq, batch_shards, min(b // batch_shards, clusters), clusters
             )
-            local[ids_key(level)], local[slots_key(level)] = ids, slots
+            local[block_ids_key(level)], local[block_slots_key(level)] = ids, slots
     batch = sharding.global_batch(local, mesh, rules)
     run = compile_train_step(fns, mesh, rules, shards)
     case = Case(name, cfg, run, state, batch)
@@ -197,7 +198,8 @@ def main() -> None:
                 for level in plan.levels:
                     unique = int(
                         np.sum(
-                            np.asarray(case.batch[ids_key(level)]) < plan.geometry.clusters(level)
+                            np.asarray(case.batch[block_ids_key(level)])
+                            < plan.geometry.clusters(level)
                         )
                     )
                     unique_bytes += unique * plan.geometry.block_params(level) * 4

@@ -9,11 +9,16 @@ config is built, with a message naming the field and the fix.
 
 The paper's anchors (docs/method.md) are `MODEL_PRESETS`; an experiment picks one
 with `TrainConfig.model = @model_preset()` and `model_preset.name = '160m'`.
+
+Every field also says what it shapes (`Role`), which decides what a resumed
+run may change (`hmem_jax/train/resume.py`): a plain field is `Role.STORED`;
+fields declared with `compute(...)` or `course(...)` may change on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any
@@ -23,6 +28,67 @@ import gin
 from hmem_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Role(enum.Enum):
+    """What a config field shapes, and so whether a resumed run may change it."""
+
+    STORED = "stored"
+    """What checkpoints, banks and prepared data hold, or which rows each step reads: a
+    resume must keep it (the default for a field)."""
+    COMPUTE = "compute"
+    """How a step is computed (compute dtype, remat, mesh and sharding, accumulation, caches):
+    a resume may change it, and says so."""
+    COURSE = "course"
+    """The run's course (its length, learning rates, log and checkpoint cadence, where inputs
+    are read from, each checked by its own fingerprint): a resume may change it, and says so."""
+
+
+_ROLE = "hmem_role"
+
+
+def compute(default: Any) -> Any:
+    """A field declaration for a `Role.COMPUTE` field with this default."""
+    return dataclasses.field(default=default, metadata={_ROLE: Role.COMPUTE})
+
+
+def course(default: Any) -> Any:
+    """A field declaration for a `Role.COURSE` field with this default."""
+    return dataclasses.field(default=default, metadata={_ROLE: Role.COURSE})
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One leaf field of a nested config: where it is, its gin name, role, value and default."""
+
+    path: str  # attribute path from the root config, e.g. "model.d_model"
+    gin_name: str  # how an experiment binds it, e.g. "ModelConfig.d_model"
+    role: Role
+    value: Any
+    default: Any
+
+
+def settings_of(config: Any, prefix: str = "") -> list[Setting]:
+    """Every leaf field of `config`, descending into nested config dataclasses."""
+    found = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            found += settings_of(value, f"{prefix}{field.name}.")
+            continue
+        default = field.default
+        if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        found.append(
+            Setting(
+                path=prefix + field.name,
+                gin_name=f"{type(config).__name__}.{field.name}",
+                role=field.metadata.get(_ROLE, Role.STORED),
+                value=value,
+                default=default,
+            )
+        )
+    return found
 
 
 def _require(condition: bool, message: str) -> None:
@@ -130,8 +196,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: str = "full"
     param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat: str = "none"
+    dtype: str = compute("float32")
+    remat: str = compute("none")
     init_std: float = 0.02
     qkv_bias: bool = False
     rope_llama3: tuple[float, ...] = ()
@@ -246,24 +312,26 @@ class MeshConfig:
     else replicated (`bank.device.bank_logical_axes`).
     """
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    memory: int = 1
-    rules: tuple[tuple[str, Any], ...] = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("q_width", "tensor"),
-        ("kv_width", "tensor"),
-        ("mlp", "tensor"),
-        ("layers", None),
-        ("length", None),
-        ("norm", None),
-        ("memory_blocks", ("data", "fsdp", "memory")),  # bank rows over every device
+    data: int = compute(1)
+    fsdp: int = compute(-1)
+    tensor: int = compute(1)
+    memory: int = compute(1)
+    rules: tuple[tuple[str, Any], ...] = compute(
+        (
+            ("batch", ("data", "fsdp")),
+            ("embed", "fsdp"),
+            ("vocab", "tensor"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("head_dim", None),
+            ("q_width", "tensor"),
+            ("kv_width", "tensor"),
+            ("mlp", "tensor"),
+            ("layers", None),
+            ("length", None),
+            ("norm", None),
+            ("memory_blocks", ("data", "fsdp", "memory")),  # bank rows over every device
+        )
     )
 
     def __post_init__(self) -> None:
@@ -280,15 +348,15 @@ class MeshConfig:
 class OptimConfig:
     """AdamW with global-norm clipping and a linear-warmup cosine schedule (docs/method.md)."""
 
-    peak_lr: float = 3e-3
-    end_lr: float = 3e-5
-    warmup_steps: int = 50
-    schedule: str = "cosine"
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
+    peak_lr: float = course(3e-3)
+    end_lr: float = course(3e-5)
+    warmup_steps: int = course(50)
+    schedule: str = course("cosine")
+    b1: float = course(0.9)
+    b2: float = course(0.95)
+    eps: float = course(1e-8)
+    weight_decay: float = course(0.05)
+    grad_clip: float = course(1.0)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -387,7 +455,7 @@ class DataConfig:
 
     source: str = "embedded"
     path: str = ""
-    prepared_dir: str = ""
+    prepared_dir: str = course("")
     tokenizer: str = "sentencepiece"  # 'sentencepiece' or 'hf' (a `tokenizers` tokenizer.json)
     tokenizer_path: str = ""  # an existing tokenizer; empty = train one on the corpus
     vocab_size: int = 2048
@@ -398,10 +466,10 @@ class DataConfig:
     seqio_feature: str = "text"
     max_document_chars: int = 200_000
     tokenizer_train_chars: int = 4_000_000
-    prepare_workers: int = 2
-    prepare_chunk_documents: int = 2048
-    worker_count: int = 0
-    prefetch: int = 2
+    prepare_workers: int = compute(2)
+    prepare_chunk_documents: int = compute(2048)
+    worker_count: int = compute(0)
+    prefetch: int = compute(2)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -481,24 +549,24 @@ class MemoryConfig:
     placement_layers: int = 0
     mode: str = "scratch"
     generic_probability: float = 1.0 / 17.0
-    application: str = "gather"
+    application: str = compute("gather")
     lora_alpha: float = 2.0
-    lr: float = 1e-4
-    end_lr: float = 1e-5
-    warmup_steps: int = 100
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 1e-3
+    lr: float = course(1e-4)
+    end_lr: float = course(1e-5)
+    warmup_steps: int = course(100)
+    b1: float = course(0.9)
+    b2: float = course(0.95)
+    eps: float = course(1e-8)
+    weight_decay: float = course(1e-3)
     bank_dtype: str = "float32"
     moment_dtype: str = "float32"
-    bank_rounding: str = "stochastic"
+    bank_rounding: str = compute("stochastic")
     init_seed: int = 0
     bank_tier: str = "device"
-    bank_store: str = ""
-    host_cache_bytes: int = 4 << 30
-    prefetch_steps: int = 2
-    blocks_per_shard: int = 1
+    bank_store: str = course("")
+    host_cache_bytes: int = compute(4 << 30)
+    prefetch_steps: int = compute(2)
+    blocks_per_shard: int = compute(1)
     store_splits: int = 0
 
     def __post_init__(self) -> None:
@@ -599,18 +667,22 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     hierarchy: HierarchyConfig = dataclasses.field(default_factory=HierarchyConfig)
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
-    init_from: str = ""  # an anchor run's workdir (or checkpoint step folder) for cotrain / frozen
-    tree_dir: str = ""  # the ClusterTree; empty = WORKDIR/tree, fitted on the corpus if needed
+    init_from: str = course(
+        ""
+    )  # an anchor run's workdir (or checkpoint step folder) for cotrain / frozen
+    tree_dir: str = course(
+        ""
+    )  # the ClusterTree; empty = WORKDIR/tree, fitted on the corpus if needed
     subtree: int = -1  # >= 0: train only this level-1 subtree's data and blocks (frozen anchor)
-    steps: int = 300
+    steps: int = course(300)
     batch_size: int = 16
     seq_len: int = 256
     seed: int = 0
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpointing: bool = True
+    grad_accum_steps: int = compute(1)
+    log_every: int = course(10)
+    checkpoint_every: int = course(100)
+    keep_checkpoints: int = course(3)
+    async_checkpointing: bool = course(True)
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -22,8 +22,9 @@ from hmem_jax.config import (
     OptimConfig,
     TrainConfig,
 )
+from hmem_jax.data.batch import block_ids_key, block_slots_key
 from hmem_jax.model import Transformer
-from hmem_jax.train.memory import MemoryPlan, ids_key, memory_schedule, slots_key
+from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from hmem_jax.train.state import create_state, state_shardings
 from hmem_jax.train.step import StepFunctions, compile_train_step
@@ -85,9 +86,9 @@ def _compile(cfg: TrainConfig):
     if plan is not None:
         for level in plan.levels:
             capacity = min(b // shards, plan.geometry.clusters(level))
-            local[ids_key(level)] = np.tile(np.arange(capacity, dtype=np.int32), (shards, 1))
-            local[slots_key(level)] = np.arange(b, dtype=np.int32) % capacity
-            extra_keys += [ids_key(level), slots_key(level)]
+            local[block_ids_key(level)] = np.tile(np.arange(capacity, dtype=np.int32), (shards, 1))
+            local[block_slots_key(level)] = np.arange(b, dtype=np.int32) % capacity
+            extra_keys += [block_ids_key(level), block_slots_key(level)]
     batch = sharding.global_batch(local, mesh, rules)
     rows = None
     if host:
@@ -95,7 +96,7 @@ def _compile(cfg: TrainConfig):
         for key, level in plan.init_bank().items():
             union = level.count.shape[0] if key == "generic" else min(b, level.count.shape[0])
             ids = (
-                batch[ids_key(int(key[1:]))]
+                batch[block_ids_key(int(key[1:]))]
                 if key != "generic"
                 else jax.device_put(
                     np.zeros((shards, 1), np.int32), sharding.batch_sharding(mesh, rules, 2)

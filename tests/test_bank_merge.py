@@ -42,7 +42,8 @@ def _train(cfg_params, workdir, prepared, extra):
 
     from hmem_jax.data.loader import Loader
     from hmem_jax.main.common import load_train_config
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
 
     cfg = load_train_config((), cfg_params + tuple(extra))
     workdir.mkdir(parents=True, exist_ok=True)

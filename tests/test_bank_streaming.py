@@ -16,7 +16,8 @@ from helpers.training import MEMORY_BINDINGS, memory_config
 from hmem_jax import sharding
 from hmem_jax.config import MeshConfig
 from hmem_jax.data.loader import Loader
-from hmem_jax.train.loop import fingerprint, train
+from hmem_jax.train.loop import train
+from hmem_jax.train.resume import fingerprint
 
 
 def bank_config(params, **overrides):
@@ -118,7 +119,8 @@ KILLED_RUN = textwrap.dedent("""
     from hmem_jax.bank import store as store_lib
     from hmem_jax.data.loader import Loader
     from hmem_jax.main.common import load_train_config
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
     import dataclasses
 
     args = json.loads(sys.argv[1])

@@ -9,9 +9,13 @@ import pytest
 
 from hmem_jax.config import DataConfig, HierarchyConfig, TrainConfig
 from hmem_jax.data import prepare as prepare_lib
+from hmem_jax.data import prepared
 from hmem_jax.data.loader import DataMismatchError, Loader
+from hmem_jax.data.packing import LeafPacker
+from hmem_jax.data.routing import TreeRouter
 from hmem_jax.data.sources import read_documents
 from hmem_jax.data.tokenizer import TokenizerError, load_tokenizer
+from hmem_jax.errors import PreparedDataError
 from hmem_jax.hierarchy.embedders import get_embedder
 from hmem_jax.hierarchy.tree import ClusterTree
 
@@ -56,7 +60,7 @@ def plain_dir(tmp_path_factory):
 def _records(directory):
     """Every record in file order: (leaf, tokens[T], segment_ids[T])."""
     loader = Loader(directory, global_batch_size=1, seq_len=SEQ_LEN, seed=0)
-    leaves = np.fromfile(os.path.join(directory, prepare_lib.RECORD_LEAVES_FILE), dtype="<i4")
+    leaves = np.fromfile(os.path.join(directory, prepared.RECORD_LEAVES_FILE), dtype="<i4")
     token_bytes = SEQ_LEN * np.dtype(loader.manifest["token_dtype"]).itemsize
     for index, raw in enumerate(loader._source.__getitems__(range(loader.num_records))):
         array = np.frombuffer(raw, dtype=np.uint8)
@@ -74,10 +78,10 @@ def _documents_per_leaf(directory, tree_dir):
     if tree_dir is None:
         keys = [()] * len(documents)
     else:
-        router = prepare_lib.TreeRouter.load(tree_dir)
+        router = TreeRouter.load(tree_dir)
         keys = [tuple(p) for p in router.route([d.text for d in documents]).tolist()]
     leaf_paths = (
-        np.load(os.path.join(directory, prepare_lib.LEAF_PATHS_FILE)).tolist() if tree_dir else [[]]
+        np.load(os.path.join(directory, prepared.LEAF_PATHS_FILE)).tolist() if tree_dir else [[]]
     )
     leaf_of = {tuple(path): leaf for leaf, path in enumerate(leaf_paths)}
     expected = collections.defaultdict(list)
@@ -119,7 +123,7 @@ def test_each_leaf_holds_exactly_its_documents_uncut(routed, routed_dir, plain_d
 
 
 def test_packing_fills_first_fit_and_bounds_open_sequences():
-    packer = prepare_lib.LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=2)
+    packer = LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=2)
     completed = []
     for leaf, length in [(0, 5), (0, 6), (1, 3), (0, 3), (0, 4), (0, 7), (0, 8)]:
         completed += packer.add(leaf, np.arange(2, 2 + length))
@@ -136,7 +140,7 @@ def test_packing_fills_first_fit_and_bounds_open_sequences():
             piece = [t for t, s in zip(tokens, segments) if s == segment]
             assert piece[-1] == 1 and 1 not in piece[:-1]  # every document whole, EOT last
     with pytest.raises(ValueError, match="open_per_leaf"):
-        prepare_lib.LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=0)
+        LeafPacker(10, 1, 0, np.dtype("u2"), np.dtype("u2"), open_per_leaf=0)
 
 
 def test_segments_positions_and_eot_are_consistent(routed_dir):
@@ -294,9 +298,9 @@ def test_ensure_prepared_reuses_matching_and_names_mismatches(plain_dir, tree_di
     before = os.path.getmtime(os.path.join(plain_dir, "manifest.json"))
     assert prepare_lib.ensure_prepared(config, plain_dir) == plain_dir
     assert os.path.getmtime(os.path.join(plain_dir, "manifest.json")) == before
-    with pytest.raises(prepare_lib.PreparedDataError, match="seq_len: requested 32, prepared 64"):
+    with pytest.raises(PreparedDataError, match="seq_len: requested 32, prepared 64"):
         prepare_lib.ensure_prepared(TrainConfig(data=DATA, seq_len=32), plain_dir)
-    with pytest.raises(prepare_lib.PreparedDataError, match="tree_hash: requested '[0-9a-f]+'"):
+    with pytest.raises(PreparedDataError, match="tree_hash: requested '[0-9a-f]+'"):
         prepare_lib.ensure_prepared(config, plain_dir, tree_dir=tree_dir)
 
 
@@ -304,13 +308,13 @@ def test_incomplete_directory_is_never_reused_or_touched(tmp_path):
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "shard-00000.array_record").write_bytes(b"half written")
-    with pytest.raises(prepare_lib.PreparedDataError, match="no manifest.json"):
+    with pytest.raises(PreparedDataError, match="no manifest.json"):
         prepare_lib.ensure_prepared(TrainConfig(data=DATA, seq_len=SEQ_LEN), str(stale))
     assert os.listdir(stale) == ["shard-00000.array_record"]
 
 
 def test_a_crash_mid_prepare_leaves_nothing_that_looks_prepared(tmp_path, tree_dir):
-    class FailingRouter(prepare_lib.TreeRouter):
+    class FailingRouter(TreeRouter):
         calls = 0
 
         def route(self, texts):
@@ -349,7 +353,7 @@ def test_bad_documents_are_reported_in_the_manifest(tmp_path):
 
 
 def test_embedded_preparation_writes_probes(plain_dir):
-    manifest = prepare_lib.read_manifest(plain_dir)
+    manifest = prepared.read_manifest(plain_dir)
     assert manifest["probes"]["count"] == DATA.embedded_entities
     with open(os.path.join(plain_dir, manifest["probes"]["file"])) as handle:
         first = json.loads(handle.readline())

@@ -96,7 +96,8 @@ def _train_memory_run(data, workdir, extra=()):
 
     from hmem_jax.data.loader import Loader
     from hmem_jax.main.common import load_train_config
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
 
     prepared, _, params = data
     cfg = load_train_config(

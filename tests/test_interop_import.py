@@ -125,7 +125,8 @@ def test_posthoc_memories_lower_the_loss_while_the_anchor_stays_bitwise_frozen(t
     from hmem_jax.data import encyclopedia
     from hmem_jax.data.tokenizer import train_hf_bpe
     from hmem_jax.train.layout import make_loader
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
 
     corpus = encyclopedia.cached_corpus(200, 0)
     tokenizer = train_hf_bpe([d.text for d in corpus.documents], 512)

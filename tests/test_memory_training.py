@@ -13,8 +13,9 @@ from hmem_jax import sharding
 from hmem_jax.bank.sparse_adamw import row_rounding_keys, sparse_adamw, stochastic_round
 from hmem_jax.config import MemoryConfig, MeshConfig
 from hmem_jax.data.loader import Loader
-from hmem_jax.train.loop import fingerprint, train
+from hmem_jax.train.loop import train
 from hmem_jax.train.memory import MemoryPlan
+from hmem_jax.train.resume import fingerprint
 
 
 def _train(cfg, prepared, workdir, devices=None, **kwargs):

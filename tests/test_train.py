@@ -118,11 +118,35 @@ def test_metrics_go_to_jsonl_and_tensorboard_with_stable_names(tmp_path, random_
     assert "step 6/6" in out and "tok/s" in out and "eta" in out
 
 
-def test_resuming_with_another_model_is_a_clear_error(tmp_path, random_batches):
+def test_resuming_with_another_model_is_refused_naming_the_field(tmp_path, random_batches):
     _run(tmp_path, "run", _config(steps=3), random_batches)
     wider = ModelConfig(**{**MODEL.__dict__, "d_ff": 256})
-    with pytest.raises(CheckpointMismatchError, match="model"):
+    with pytest.raises(CheckpointMismatchError, match=r"ModelConfig\.d_ff = 128 \(this run: 256\)"):
         _run(tmp_path, "run", _config(steps=6, model=wider), random_batches)
+
+
+def test_a_resume_that_changes_only_how_steps_are_computed_follows_the_uninterrupted_run(
+    tmp_path, random_batches, capsys
+):
+    """Remat, mesh, accumulation (compute) and the log cadence (course) change at step 3;
+    the run goes on from the checkpoint as the uninterrupted one does and names each change."""
+    full = _run(tmp_path, "full", _config(), random_batches, devices=jax.devices()[:1])
+    first = _run(tmp_path, "resumed", _config(), random_batches, until_step=3)
+    capsys.readouterr()
+    changed = _config(
+        model=ModelConfig(**{**MODEL.__dict__, "remat": "full"}),
+        mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+        grad_accum_steps=2,
+        log_every=1,
+    )
+    second = _run(tmp_path, "resumed", changed, random_batches)
+    out = capsys.readouterr().out
+    assert "ModelConfig.remat 'none' -> 'full'" in out
+    assert "MeshConfig.tensor 1 -> 2" in out and "TrainConfig.grad_accum_steps 1 -> 2" in out
+    assert "TrainConfig.log_every 2 -> 1" in out
+    resumed = {**first.losses, **second.losses}
+    assert sorted(resumed) == sorted(full.losses)
+    np.testing.assert_allclose([resumed[k] for k in sorted(resumed)], _losses(full), rtol=2e-5)
 
 
 def test_a_batch_that_does_not_divide_over_the_mesh_is_a_clear_error(tmp_path, random_batches):

@@ -35,7 +35,8 @@ from hmem_jax.bank.parts import from_global, to_global
 from hmem_jax.bank.store import BankMismatchError
 from hmem_jax.bank.streaming import StreamedBank, from_level_bank, open_streamed_bank, to_level_bank
 from hmem_jax.config import TrainConfig
-from hmem_jax.train.memory import MemoryPlan, ids_key
+from hmem_jax.data.batch import block_ids_key
+from hmem_jax.train.memory import MemoryPlan
 
 
 class DeviceTier:
@@ -123,9 +124,9 @@ class StreamedTier:
     def _positions(self, local_batch: Mapping[str, Any], key: str, union: np.ndarray) -> np.ndarray:
         """This process's shards' block ids as positions in the step's rows (padding: len)."""
         if key == GENERIC:
-            shards = local_batch[ids_key(self.plan.levels[0])].shape[0]
+            shards = local_batch[block_ids_key(self.plan.levels[0])].shape[0]
             return np.zeros((shards, 1), np.int32)
-        ids = np.asarray(local_batch[ids_key(int(key[1:]))])
+        ids = np.asarray(local_batch[block_ids_key(int(key[1:]))])
         positions = np.searchsorted(union, ids).astype(np.int32)
         return np.where(ids < self.bank.store.layouts[key].clusters, positions, len(union)).astype(
             np.int32

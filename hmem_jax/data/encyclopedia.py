@@ -38,7 +38,7 @@ import json
 import random
 from collections.abc import Callable, Iterable
 
-from hmem_jax.data.sources import Document
+from hmem_jax.data.document import Document
 from hmem_jax.errors import ConfigError
 
 NUM_BUCKETS = 5

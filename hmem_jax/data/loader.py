@@ -14,29 +14,16 @@ Per-step memory blocks (docs/design.md decision 3). The global batch is split in
 shards (shard s = global rows [s*B/S, (s+1)*B/S), the rows of one position of
 the mesh's batch axes; a process holds whole shards). Every process computes,
 from the small per-record leaf table (no record reads), the cluster path of
-the sequences, and for each level l = 1..depth:
-- `block_ids_l{l}`: int32[S_local, capacity_l], for each of this process's
-  shards the sorted unique global block ids its own sequences use, then padding
-  up to the static `capacity_l` (default min(B/S, clusters at level l), so
-  shapes never change and the step never recompiles);
-- `block_slots_l{l}`: int32[b], each local sequence's index into its own
-  shard's `block_ids_l{l}` row;
-- `block_union_l{l}`: int32[union_l], the sorted unique ids of the whole global
-  batch (the same on every process), padded to min(S*capacity_l, clusters):
-  what a host-side bank tier reads for the step.
-PADDING is the level's block count, i.e. one past the largest valid id
-(`loader.block_id_padding[l-1]`). It is out of range on purpose: JAX scatters
-(`.at[ids].add/set`) drop out-of-range indices by default, so an update can
-never land on a real block, and a clamping gather only fetches a real block
-into a slot no sequence points at. Never -1: negative indices wrap in JAX.
+the sequences and, per level, its shards' block ids, each sequence's slot and
+the global batch's union: the keys of `data/batch.py`, which defines every
+array of a batch. A level's capacity defaults to min(B/S, clusters at level
+l), so shapes never change and the step never recompiles; padding is the
+level's block count (`loader.block_id_padding[l-1]`).
 
-Each batch (b = B / P local rows, T = seq_len):
-`tokens[b, T]`, `segment_ids[b, T]` (0 = padding), `positions[b, T]` (restart at
-0 for each segment, 0 on padding), int32; with a tree also `paths[b, depth]`
-and the block arrays above. `iterate(start_step)` prefetches `prefetch` steps
-ahead with `worker_count` (at least 1) background threads: record reads and
-numpy assembly release the GIL, and threads need none of the absl set-up that
-grain's worker processes require.
+Each batch holds b = B / P local rows of T = seq_len tokens. `iterate(start_step)`
+prefetches `prefetch` steps ahead with `worker_count` (at least 1) background
+threads: record reads and numpy assembly release the GIL, and threads need none
+of the absl set-up that grain's worker processes require.
 """
 
 from __future__ import annotations
@@ -49,9 +36,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from hmem_jax.data import prepare as prepare_lib
+from hmem_jax.data import batch as schema
+from hmem_jax.data import prepared
 from hmem_jax.data.tokenizer import Tokenizer, load_tokenizer
-from hmem_jax.errors import ConfigError, DataMismatchError
+from hmem_jax.errors import ConfigError, DataMismatchError, PreparedDataError
 
 _FINGERPRINT_KEYS = (
     "format_version",
@@ -161,7 +149,7 @@ class Loader:
     ) -> None:
         self.prepared_dir = prepared_dir
         self.subtree = subtree
-        self.manifest = prepare_lib.read_manifest(prepared_dir)
+        self.manifest = prepared.read_manifest(prepared_dir)
         self._check_arguments(global_batch_size, seq_len, process_index, process_count)
         batch_shards = process_count if batch_shards is None else batch_shards
         self._check_shards(global_batch_size, process_count, batch_shards)
@@ -187,20 +175,18 @@ class Loader:
         shard_paths = [os.path.join(prepared_dir, s["file"]) for s in self.manifest["shards"]]
         self._source = grain.sources.ArrayRecordDataSource(shard_paths)
         if len(self._source) != self.num_records:
-            raise prepare_lib.PreparedDataError(
+            raise PreparedDataError(
                 f"The shards in {prepared_dir!r} hold {len(self._source)} records but the "
                 f"manifest lists {self.num_records}; the directory is damaged. Prepare it again."
             )
         self._record_leaves = np.fromfile(
-            os.path.join(prepared_dir, prepare_lib.RECORD_LEAVES_FILE), dtype="<i4"
+            os.path.join(prepared_dir, prepared.RECORD_LEAVES_FILE), dtype="<i4"
         )
         tree = self.manifest["tree"]
         self.depth = int(tree["depth"]) if tree else 0
         if tree:
-            self._leaf_paths = np.load(os.path.join(prepared_dir, prepare_lib.LEAF_PATHS_FILE))
-            self._leaf_block_ids = np.load(
-                os.path.join(prepared_dir, prepare_lib.LEAF_BLOCK_IDS_FILE)
-            )
+            self._leaf_paths = np.load(os.path.join(prepared_dir, prepared.LEAF_PATHS_FILE))
+            self._leaf_block_ids = np.load(os.path.join(prepared_dir, prepared.LEAF_BLOCK_IDS_FILE))
             self.block_id_padding = [int(n) for n in tree["clusters_per_level"]]
             self.block_capacity = self._capacities(block_capacity)
         else:
@@ -340,9 +326,9 @@ class Loader:
         tokens = buffer[:, : self._token_bytes].view(self._token_dtype).astype(np.int32)
         segment_ids = buffer[:, self._token_bytes :].view(self._segment_dtype).astype(np.int32)
         batch = {
-            "tokens": tokens,
-            "segment_ids": segment_ids,
-            "positions": positions_from_segments(segment_ids),
+            schema.TOKENS: tokens,
+            schema.SEGMENT_IDS: segment_ids,
+            schema.POSITIONS: positions_from_segments(segment_ids),
         }
         if self.depth:
             batch.update(self._blocks(records, local))
@@ -351,7 +337,7 @@ class Loader:
     def _blocks(self, records: np.ndarray, local: slice) -> dict[str, np.ndarray]:
         leaves = self._record_leaves[records]
         block_ids = self._leaf_block_ids[leaves]  # [B, depth], global batch
-        arrays = {"paths": self._leaf_paths[leaves[local]].astype(np.int32)}
+        arrays = {schema.PATHS: self._leaf_paths[leaves[local]].astype(np.int32)}
         own = range(local.start // self.shard_size, local.stop // self.shard_size)
         for level in range(1, self.depth + 1):
             ids, slots, union = shard_blocks(
@@ -362,9 +348,9 @@ class Loader:
                 level,
                 own,
             )
-            arrays[f"block_ids_l{level}"] = ids
-            arrays[f"block_slots_l{level}"] = slots
-            arrays[f"block_union_l{level}"] = union
+            arrays[schema.block_ids_key(level)] = ids
+            arrays[schema.block_slots_key(level)] = slots
+            arrays[schema.block_union_key(level)] = union
         return arrays
 
     def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

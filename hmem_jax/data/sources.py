@@ -32,19 +32,12 @@ import os
 from collections.abc import Iterator
 
 from hmem_jax.config import DataConfig
+from hmem_jax.data.document import Document
 from hmem_jax.errors import SourceError
 
 _TEXT_FILE_SUFFIX = ".txt"
 _JSONL_SUFFIX = ".jsonl"
 _READ_CHUNK_BYTES = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """One unit of text that is embedded, routed and packed as a whole."""
-
-    id: str
-    text: str
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hmem_jax.data.batch import MODEL_INPUTS, POSITIONS, SEGMENT_IDS, TOKENS
 from hmem_jax.errors import ConfigError
 from hmem_jax.model.cache import KVCache, init_cache
 from hmem_jax.model.transformer import Transformer
@@ -88,7 +89,7 @@ def left_pad(
         segments[row, start:] = 1
         positions[row, start:] = np.arange(len(prompt))
     lengths = np.array([len(p) for p in prompts], np.int32)
-    return {"tokens": tokens, "segment_ids": segments, "positions": positions, "lengths": lengths}
+    return {TOKENS: tokens, SEGMENT_IDS: segments, POSITIONS: positions, "lengths": lengths}
 
 
 class Decoder:
@@ -170,10 +171,10 @@ class Decoder:
     ) -> list[list[int]]:
         """New token ids per prompt (up to max_new_tokens; cut after the first stop id)."""
         batch = left_pad(prompts, pad_id, width_multiple)
-        width = batch["tokens"].shape[1]
+        width = batch[TOKENS].shape[1]
         cache = init_cache(self.model.cfg, len(prompts), width + sampling.max_new_tokens)
         logits, cache = self._prefill(
-            self.params, batch["tokens"], batch["segment_ids"], batch["positions"], cache, memory
+            self.params, *(batch[key] for key in MODEL_INPUTS), cache, memory
         )
         out, steps = self._loop(
             self.params,

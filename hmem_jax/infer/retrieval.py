@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmem_jax.bank import device as bank_lib
+from hmem_jax.data.batch import block_slots_key
 from hmem_jax.errors import MemoryModeError
 from hmem_jax.hierarchy.routing import descend_one_level, squared_norms
-from hmem_jax.train.memory import MemoryPlan, slots_key
+from hmem_jax.train.memory import MemoryPlan
 
 Array = jax.Array
 MEMORY_MODES = ("none", "generic", "fetched")
@@ -127,7 +128,7 @@ def build_memory(
     for level in plan.levels:
         unique, slots = np.unique(block_ids[:, level - 1], return_inverse=True)
         params[bank_lib.level_key(level)] = blocks.fetch(bank_lib.level_key(level), unique)
-        batch[slots_key(level)] = jnp.asarray(slots.reshape(-1), jnp.int32)
+        batch[block_slots_key(level)] = jnp.asarray(slots.reshape(-1), jnp.int32)
     use_generic = None
     if mode == "generic":
         params[bank_lib.GENERIC] = blocks.fetch(bank_lib.GENERIC, np.zeros((1,), np.int32))

@@ -110,9 +110,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
                 "pass one of those with --step, or leave --step out for the latest."
             )
         # The newest readable checkpoint (or exactly `step`), naming any it skips.
-        step, state, _ = checkpointer.restore_newest(
-            target, expected={}, steps=None if step is None else [step]
-        )
+        step, state, _ = checkpointer.restore_newest(target, steps=None if step is None else [step])
         streamed = None
         if plan is not None and streaming:
             streamed = open_streamed(cfg, plan, workdir, checkpointer.read_record(step))

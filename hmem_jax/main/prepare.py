@@ -24,7 +24,8 @@ QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 
 
 def main(argv: list[str]) -> None:
-    from hmem_jax.data.prepare import ensure_prepared, read_manifest
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.prepared import read_manifest
 
     config = common.config_from_flags()
     out_dir = OUT.value or config.data.prepared_dir

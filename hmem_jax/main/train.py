@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
     import jax
 
     from hmem_jax.train.layout import check_resume, make_loader, write_run_config
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     workdir = os.path.abspath(WORKDIR.value)

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state under `WORKDIR/checkpoints/<step>/`.
 
 Each checkpoint holds the sharded train state and a small JSON record of what
-produced it (config fingerprint, data manifest fingerprint, step). Saves are
+produced it (every config field and the prepared data's fingerprint: train/resume.py). Saves are
 asynchronous: the host copies device buffers and goes on while the write
 proceeds; orbax finalises a step folder only when all of it is on disk, so a
 crash mid-write leaves the previous checkpoint as the latest.
@@ -138,29 +138,6 @@ class Checkpointer:
             ]
         )
 
-    def check_record(
-        self, step: int, expected: dict[str, Any], record: dict[str, Any] | None = None
-    ) -> None:
-        """Raise CheckpointMismatchError naming the first of `expected`'s fingerprints (e.g. the
-        model config) that differs from checkpoint `step`'s record (read if not given)."""
-        record = self.read_record(step) if record is None else record
-        for key, value in expected.items():
-            if record.get(key) != value:
-                raise CheckpointMismatchError(
-                    f"Checkpoint {self.directory}/{step} was written with {key} = "
-                    f"{record.get(key)!r}, but this run has {value!r}. Resume with the original "
-                    f"configuration, or start the new run in a fresh --workdir."
-                )
-
-    def restore(self, step: int, target: TrainState, expected: dict[str, Any]) -> TrainState:
-        """Restore `step` into the layout of `target` (ShapeDtypeStructs with shardings), after
-        `check_record(step, expected)`: never a silent restore into a different run."""
-        self.check_record(step, expected)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-        return restored["state"]
-
     def newest_record(self) -> tuple[int, dict[str, Any]] | None:
         """(step, record) of the newest checkpoint whose record reads; None if there is none."""
         for step in sorted(self.all_steps(), reverse=True):
@@ -173,7 +150,7 @@ class Checkpointer:
     def restore_newest(
         self,
         target: TrainState,
-        expected: dict[str, Any],
+        check: Callable[[int, dict[str, Any]], None] | None = None,
         on_record: Callable[[int, dict[str, Any]], None] | None = None,
         steps: Iterable[int] | None = None,
     ) -> tuple[int, TrainState, list[int]]:
@@ -181,9 +158,10 @@ class Checkpointer:
         the newer steps skipped as unreadable, each named in a warning).
 
         A checkpoint whose files are damaged (truncated, missing, not a checkpoint) is
-        skipped for the next older one; one written by another configuration is an error
-        (CheckpointMismatchError), never skipped. `on_record(step, record)` runs before the
-        state of that step is read (a streamed bank points itself at the step's version).
+        skipped for the next older one. `check(step, record)` raises if this run may not
+        resume that checkpoint (an HmemError such as CheckpointMismatchError, never skipped);
+        `on_record(step, record)` runs before the state of that step is read (a streamed bank
+        points itself at the step's version).
         """
         order = sorted(self.all_steps() if steps is None else steps, reverse=True)
         skipped: list[int] = []
@@ -191,7 +169,8 @@ class Checkpointer:
         for step in order:
             try:
                 record = self.read_record(step)
-                self.check_record(step, expected, record)
+                if check is not None:
+                    check(step, record)
                 if on_record is not None:
                     on_record(step, record)
                 restored = self._manager.restore(

@@ -34,7 +34,7 @@ def check_resume(cfg: TrainConfig, workdir: str, data_fingerprint: str) -> None:
     """If the workdir holds checkpoints, the configuration must be able to resume the latest
     (checked before anything of the run is written, so a refused resume changes nothing)."""
     from hmem_jax.train.checkpoint import Checkpointer
-    from hmem_jax.train.loop import run_record
+    from hmem_jax.train.resume import check_resumable
 
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
@@ -43,7 +43,8 @@ def check_resume(cfg: TrainConfig, workdir: str, data_fingerprint: str) -> None:
     try:
         newest = checkpointer.newest_record()
         if newest is not None:
-            checkpointer.check_record(newest[0], run_record(cfg, data_fingerprint), newest[1])
+            step, record = newest
+            check_resumable(record, cfg, data_fingerprint, f"{directory}/{step}")
     finally:
         checkpointer.close()
 
@@ -129,7 +130,8 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     from jax.experimental import multihost_utils
 
     from hmem_jax import sharding
-    from hmem_jax.data.prepare import TreeRouter, ensure_prepared
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.routing import TreeRouter
 
     count = devices or jax.device_count()
     check_before_start(cfg, count)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -26,16 +24,16 @@ from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.tier import open_tier
 from hmem_jax.config import TrainConfig
+from hmem_jax.data.batch import MODEL_INPUTS
 from hmem_jax.errors import MissingPathError
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
 from hmem_jax.train.checkpoint import Checkpointer
 from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hmem_jax.train.resume import Change, check_resumable, describe_changes, run_record
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
 from hmem_jax.train.step import StepFunctions, compile_train_step
-
-MODEL_INPUTS = ("tokens", "segment_ids", "positions")
 
 
 class BatchSource(Protocol):
@@ -63,37 +61,6 @@ def _lookahead(batches: Iterator, depth: int) -> Iterator[tuple[int, dict, list[
             window.append(next(batches))
         step, batch = window.popleft()
         yield step, batch, [b for _, b in window]
-
-
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able object (configs, manifests)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def run_record(cfg: TrainConfig, data_fingerprint: str) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run that resumes it."""
-    memory = dataclasses.asdict(cfg.memory)
-    structure = {
-        k: memory[k]
-        for k in (
-            "kind",
-            "level_sizes",
-            "placement",
-            "placement_layers",
-            "mode",
-            "generic_probability",
-            "init_seed",
-        )
-    }
-    return {
-        "model": fingerprint(dataclasses.asdict(cfg.model)),
-        "memory": fingerprint(structure),
-        "data": data_fingerprint,
-        "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len,
-        "seed": cfg.seed,
-    }
 
 
 def train(
@@ -147,11 +114,20 @@ def train(
         anchor = restore_anchor(cfg, model, mesh, rules) if cfg.init_from else None
         state = create_state(model, tx, mesh, rules, cfg.seed, state_plan, anchor)
     else:
+        allowed: list[Change] = []
+
+        def check(step: int, saved: dict) -> None:
+            allowed[:] = check_resumable(
+                saved, cfg, data_fingerprint, f"{checkpointer.directory}/{step}"
+            )
+
         latest, state, unreadable = checkpointer.restore_newest(
             abstract_state(model, tx, mesh, rules, state_plan),
-            record,
+            check,
             on_record=lambda step, saved: tier.restore(saved, f"{checkpointer.directory}/{step}"),
         )
+        if allowed and jax.process_index() == 0:
+            print(f"hmem_jax: resuming with changes to {describe_changes(allowed)}", flush=True)
         if unreadable:
             set_aside_unreadable(checkpointer, unreadable)
     start_step = int(state.step)

@@ -4,10 +4,10 @@ they live (docs/design.md decisions 1, 3, 4 and 15).
 
 The loader hands each step, per level l, every batch shard's unique block ids
 (`block_ids_l{l}`, [S, C], static capacity, padded) and every sequence's slot
-in its own shard's row (`block_slots_l{l}`). A bank tier gives the step a
-*view* per level: the blocks it can read (the device tier's whole bank, or a
-host tier's rows of the step) and, per shard, the ids of its blocks in that
-view. The movement between the view's slices and the shards is
+in its own shard's row (`block_slots_l{l}`); `data/batch.py` defines the keys.
+A bank tier gives the step a *view* per level: the blocks it can read (the
+device tier's whole bank, or a host tier's rows of the step) and, per shard,
+the ids of its blocks in that view. The movement between the view's slices and the shards is
 `bank.exchange.BlockExchange`. Blocks not fetched are not read, not written,
 and their moments and counts stay as they were.
 """
@@ -28,22 +28,11 @@ from hmem_jax.bank.exchange import BlockExchange, Reduced
 from hmem_jax.bank.geometry import BankGeometry
 from hmem_jax.bank.sparse_adamw import element_counters, is_narrow, row_rounding_keys, sparse_adamw
 from hmem_jax.config import MemoryConfig, TrainConfig
+from hmem_jax.data.batch import block_ids_key, block_slots_key, block_union_key
 from hmem_jax.model import memory as memory_lib
 from hmem_jax.train.optimizer import warmup_cosine
 
 Array = jax.Array
-
-
-def ids_key(level: int) -> str:
-    return f"block_ids_l{level}"
-
-
-def slots_key(level: int) -> str:
-    return f"block_slots_l{level}"
-
-
-def union_key(level: int) -> str:
-    return f"block_union_l{level}"
 
 
 # (ids int32[S, C] into the view, the view's blocks, the block id of each view row or None when
@@ -90,17 +79,17 @@ class MemoryPlan:
 
     def sequence_keys(self) -> tuple[str, ...]:
         """The loader's per-sequence keys the step reads (sliced with the batch)."""
-        return tuple(slots_key(l) for l in self.levels)
+        return tuple(block_slots_key(l) for l in self.levels)
 
     def batch_keys(self) -> tuple[str, ...]:
         """Every loader key the step reads, all split over the batch shards: the per-sequence
         slots and the per-shard block ids."""
-        return self.sequence_keys() + tuple(ids_key(l) for l in self.levels)
+        return self.sequence_keys() + tuple(block_ids_key(l) for l in self.levels)
 
     def host_ids(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """level key -> the step's distinct block ids over the global batch (what a host tier
         reads; the generic block is id 0 of its own bank)."""
-        ids = {bank_lib.level_key(l): np.asarray(batch[union_key(l)]) for l in self.levels}
+        ids = {bank_lib.level_key(l): np.asarray(batch[block_union_key(l)]) for l in self.levels}
         if self.with_generic:
             ids[bank_lib.GENERIC] = np.zeros((1,), np.int32)
         return ids
@@ -117,14 +106,14 @@ class MemoryPlan:
     # ----- inside the step ----------------------------------------------------------------
 
     def _shards(self, batch: Mapping[str, Any]) -> int:
-        return batch[ids_key(self.levels[0])].shape[0]
+        return batch[block_ids_key(self.levels[0])].shape[0]
 
     def device_views(
         self, bank: Mapping[str, bank_lib.LevelBank], batch: Mapping[str, Array]
     ) -> dict[str, View]:
         """The device tier's views: the whole bank, addressed by global block ids."""
         views = {
-            bank_lib.level_key(l): (batch[ids_key(l)], bank[bank_lib.level_key(l)], None)
+            bank_lib.level_key(l): (batch[block_ids_key(l)], bank[bank_lib.level_key(l)], None)
             for l in self.levels
         }
         if self.with_generic:
@@ -153,7 +142,7 @@ class MemoryPlan:
         shards' rows in order, so sequence i belongs to shard i // (b / S).
         """
         fetched = {level: params[bank_lib.level_key(level)] for level in self.levels}
-        slots = {level: batch[slots_key(level)] for level in self.levels}
+        slots = {level: batch[block_slots_key(level)] for level in self.levels}
         generic = params.get(bank_lib.GENERIC) if use_generic is not None else None
         build = self._grouped if self.config.application == "grouped" else self._gathered
         memory = build(fetched, slots, generic, use_generic)

@@ -102,7 +102,8 @@ class Recipe:
 def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
     """Train (or resume) both runs."""
     from hmem_jax.train.layout import check_resume, ensure_tree, make_loader, write_run_config
-    from hmem_jax.train.loop import fingerprint, train
+    from hmem_jax.train.loop import train
+    from hmem_jax.train.resume import fingerprint
 
     memory = recipe.config(MEMORY)
     fits_tree = memory.tree_dir == os.path.join(recipe.workdir, "tree")

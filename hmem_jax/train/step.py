@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
+from hmem_jax.data.batch import MODEL_INPUTS, SEGMENT_IDS, TOKENS
 from hmem_jax.model import Transformer
 from hmem_jax.train.memory import MemoryPlan, View
 from hmem_jax.train.state import TrainState
@@ -58,9 +59,9 @@ def loss_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """(loss numerator, token count) of one (micro-)batch."""
     logits: jax.Array = model.apply(  # type: ignore[assignment]
-        {"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], memory
+        {"params": params}, *(batch[key] for key in MODEL_INPUTS), memory
     )
-    targets, weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    targets, weights = next_token_targets(batch[TOKENS], batch[SEGMENT_IDS])
     return cross_entropy_sum(logits, targets, weights)
 
 
@@ -132,7 +133,7 @@ def train_step(
     written back. The loss, the clip and the update are the same either way.
     """
     plan = fns.plan
-    per_sequence = {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
+    per_sequence = {key: batch[key] for key in MODEL_INPUTS}
     views: Mapping[str, View] = {}
     memory_params: dict[str, Any] = {}
     use_generic = None
@@ -147,7 +148,7 @@ def train_step(
         memory_params = plan.fetch(exchange, views)
         per_sequence.update({k: batch[k] for k in plan.sequence_keys()})
         if plan.with_generic:
-            use_generic = plan.generic_mask(state.step, batch["tokens"].shape[0])
+            use_generic = plan.generic_mask(state.step, batch[TOKENS].shape[0])
             per_sequence["use_generic"] = use_generic
 
     def loss_fn(trainable: tuple[Any, Any], micro: Batch) -> tuple[jax.Array, jax.Array]:
