@@ -1,5 +1,6 @@
 """Evaluation: log-likelihood scoring by hand, tasks, and the probe + blocking end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.probe import first_integer, format_probe_table
 from hmem_jax.infer.scoring import continuation_logprobs
 from hmem_jax.infer.tasks import Item, few_shot_prefix, first_line, normalise, read_task
@@ -148,40 +150,103 @@ def test_a_streamed_bank_serves_the_same_memory_as_the_device_bank(
     streamed.run.streamed.close()
 
 
-@pytest.mark.slow  # trains a small memory run, then decodes 4 conditions (~60 s on 2 cores)
-def test_probe_and_blocking_run_end_to_end(trained_memory_run):
+def _greedy_by_full_recompute(engine, prompts, memory, steps):
+    """Greedy continuations without a KV cache or left padding: the model reads each whole
+    right-padded sequence again for every new token (causal attention keeps the padding
+    after a row's last token out of its logits)."""
+    encoded = [engine.encode(p) for p in prompts]
+    lengths = [len(ids) for ids in encoded]
+    width = max(lengths) + steps
+    tokens = np.zeros((len(prompts), width), np.int32)
+    segments = np.zeros_like(tokens)
+    for row, ids in enumerate(encoded):
+        tokens[row, : len(ids)], segments[row, : len(ids)] = ids, 1
+    eot = engine.run.tokenizer.eot_id
+    apply = jax.jit(
+        lambda t, s, p, m: engine.model.apply({"params": engine.run.params}, t, s, p, m)
+    )
+    new = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    for _ in range(steps):
+        positions = np.where(segments > 0, np.arange(width)[None], 0).astype(np.int32)
+        logits = np.asarray(apply(tokens, segments, positions, memory))
+        for row in range(len(prompts)):
+            token = int(logits[row, lengths[row] - 1].argmax())
+            stopped[row] = stopped[row] or token == eot
+            if not stopped[row]:
+                new[row].append(token)
+            tokens[row, lengths[row]], segments[row, lengths[row]] = token, 1
+            lengths[row] += 1
+    return [engine.run.tokenizer.decode(ids) for ids in new]
+
+
+@pytest.mark.slow  # trains a small memory run, then decodes 4 conditions (~40 s on 2 cores)
+@pytest.mark.ci
+def test_probe_and_blocking_match_a_decode_without_cache_for_every_condition(trained_memory_run):
+    """Each condition's accuracy per bucket is what a plain greedy decode (no KV cache, no
+    batching by length) with that condition's memory scores: the prompt's own path, the
+    path that avoids the prompt's level-1 subtree, the generic block, or none."""
     from hmem_jax.infer.engine import Engine
-    from hmem_jax.infer.probe import read_probe_file, run_probe
+    from hmem_jax.infer.probe import accuracy_by_bucket, read_probe_file, run_probe
+    from hmem_jax.infer.retrieval import select_rows
     from hmem_jax.infer.run import load_run
 
     engine = Engine(load_run(trained_memory_run))
     probes = read_probe_file(f"{engine.run.prepared_dir}/probes.jsonl")[:12]
     prompts = [p.prompt for p in probes]
     own = engine.block_ids(prompts)
-    blocked = engine.block_ids(prompts, blocked_level1=(int(own[0, 0]),))
-    assert int(blocked[0, 0]) != int(own[0, 0])  # the best subtree is never entered
-    results = run_probe(
-        engine, probes, ["anchor", "generic", "fetched", "blocked"], max_new_tokens=3
-    )
-    assert set(results) == {"anchor", "generic", "fetched", "blocked"}
-    for row in results.values():
-        assert sum(row["n_per_bucket"]) == 12 and 0.0 <= row["overall"] <= 1.0
-    # Fetched memory is each prompt's own path: it differs from the anchor's logits.
-    memory = engine.memory_for(prompts[:2], "fetched")
+    blocked = engine.block_ids(prompts, blocked_level1=own[:, 0])
+    assert np.all(blocked[:, 0] != own[:, 0])  # the best subtree is never entered
+    memories = {
+        "anchor": None,
+        "generic": engine.memory(own, "generic"),
+        "fetched": engine.memory(own, "fetched"),
+        "blocked": engine.memory(blocked, "fetched"),
+    }
+    results = run_probe(engine, probes, list(memories), max_new_tokens=3)
+    buckets = np.array([p.bucket for p in probes])
+    texts = {c: _greedy_by_full_recompute(engine, prompts, m, 3) for c, m in memories.items()}
+    assert len({tuple(t) for t in texts.values()}) == len(texts)  # each decodes differently
+    for condition, reference in texts.items():
+        correct = np.array([p.is_correct(t) for p, t in zip(probes, reference)])
+        assert results[condition] == accuracy_by_bucket(correct, buckets, int(buckets.max()) + 1)
+        # The probe decodes exactly the reference: scored against it, every probe is right.
+        assert all(t.strip() for t in reference)
+        as_answers = [
+            dataclasses.replace(p, answers=(t.strip(),), match="prefix")
+            for p, t in zip(probes, reference)
+        ]
+        row = run_probe(engine, as_answers, [condition], max_new_tokens=3)[condition]
+        assert row["overall"] == 1.0, condition
+    # Each memory changes the logits: fetched differs from the anchor, blocked from fetched.
     ids = np.array([engine.encode(prompts[0])] * 2, np.int32)
     positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    with_memory = engine.model.apply(
-        {"params": engine.run.params}, ids, np.ones_like(ids), positions, memory
-    )
-    without = engine.model.apply({"params": engine.run.params}, ids, np.ones_like(ids), positions)
-    assert float(jnp.abs(with_memory - without).max()) > 0
+
+    def logits(memory):
+        rows = None if memory is None else select_rows(memory, np.array([0, 0]))
+        return engine.model.apply(
+            {"params": engine.run.params}, ids, np.ones_like(ids), positions, rows
+        )
+
+    scale = float(jnp.std(logits(None)))
+    assert float(jnp.abs(logits(memories["fetched"]) - logits(None)).max()) > 1e-3 * scale
+    assert float(jnp.abs(logits(memories["blocked"]) - logits(memories["fetched"])).max()) > 0
 
 
 @pytest.mark.slow  # three CLI processes on a trained run (~60 s on 2 cores)
-def test_generate_export_and_evaluate_commands_run_on_a_trained_run(trained_memory_run, tmp_path):
+@pytest.mark.ci
+def test_generate_export_and_evaluate_commands_print_what_the_library_computes(
+    trained_memory_run, tmp_path
+):
+    """`generate` prints each prompt's route and the continuation the engine decodes with its
+    memory; `evaluate` writes the probe table `run_probe` computes on the same probes."""
     import os
     import subprocess
     import sys
+
+    from hmem_jax.infer.engine import Engine
+    from hmem_jax.infer.probe import documents_by_id, read_probe_file, run_probe, sample_probes
+    from hmem_jax.infer.run import load_run
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": ""}
 
@@ -192,22 +257,36 @@ def test_generate_export_and_evaluate_commands_run_on_a_trained_run(trained_memo
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
+    engine = Engine(load_run(trained_memory_run))
+    prompts = ["The atomic number of", "Hugo was born in the year"]
     out = run(
         "hmem_jax.main.generate",
         f"--workdir={trained_memory_run}",
-        "--prompt=The atomic number of",
+        *(f"--prompt={p}" for p in prompts),
         "--max_new_tokens=4",
     )
-    assert "[blocks [" in out and "->" in out
-    out = run(
+    routes = engine.block_ids(prompts)
+    continuations = engine.generate(prompts, "fetched", Sampling(max_new_tokens=4))
+    expected = "".join(
+        f"{p} [blocks {routes[i].tolist()}]\n  -> {continuations[i]}\n"
+        for i, p in enumerate(prompts)
+    )
+    assert out.startswith(expected), out
+
+    run(
         "hmem_jax.main.evaluate",
         f"--workdir={trained_memory_run}",
         "--limit=10",
         f"--out={tmp_path / 'eval'}",
     )
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert set(results["probe"]) == {"anchor", "generic", "fetched", "blocked", "oracle"}
-    assert "long-tail probe" in out
+    probes = sample_probes(read_probe_file(f"{engine.run.prepared_dir}/probes.jsonl"), 10)
+    conditions = ["anchor", "generic", "fetched", "blocked", "oracle"]
+    reference = run_probe(
+        engine, probes, conditions, documents=documents_by_id(engine.run.cfg.data)
+    )
+    assert results["probe"] == reference
+
     pytest.importorskip("safetensors", reason="export needs the 'hf' extra")
     run(
         "hmem_jax.main.export",
