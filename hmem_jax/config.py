@@ -681,6 +681,7 @@ class TrainConfig:
     grad_accum_steps: int = compute(1)
     log_every: int = course(10)
     checkpoint_every: int = course(100)
+    checkpoint_every_s: int = course(0)  # > 0: also save when this many seconds have passed
     keep_checkpoints: int = course(3)
     async_checkpointing: bool = course(True)
 
@@ -695,6 +696,11 @@ class TrainConfig:
             log_every=self.log_every,
             checkpoint_every=self.checkpoint_every,
             keep_checkpoints=self.keep_checkpoints,
+        )
+        _require(
+            self.checkpoint_every_s >= 0,
+            f"TrainConfig.checkpoint_every_s = {self.checkpoint_every_s} must be >= 0 "
+            "(0: save by steps only).",
         )
         _require(
             self.batch_size % self.grad_accum_steps == 0,

@@ -78,8 +78,8 @@ def main(argv: list[str]) -> None:
         tuple(common.GIN_PARAMS.value),
     )
     recipe.check()
-    run_recipe(recipe)
-    if jax.process_index() == 0:
+    finished = run_recipe(recipe)
+    if finished and jax.process_index() == 0:
         _probe(recipe, recipe.settings().probe_limit)
 
 

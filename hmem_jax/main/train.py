@@ -4,6 +4,8 @@ The workdir holds everything a run writes: `config.gin` (the operative gin
 config), `config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`, and
 `data/` (the prepared corpus, unless `DataConfig.prepared_dir` points
 elsewhere). Re-running the same command resumes from the latest checkpoint.
+SIGTERM or SIGINT (a preemption, Ctrl-C) stops the run after the current step with a
+checkpoint of it, and the command exits with status 0.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ PROBE_LIMIT = flags.DEFINE_integer(
     "After training, run the long-tail probe on this many probe prompts of the "
     "prepared data (embedded corpus) and print the per-bucket table; 0 = skip.",
 )
+PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps",
+    "",
+    "START,END: write a jax.profiler trace of training steps START..END (1-based) to "
+    "WORKDIR/profile (TensorBoard's profile plugin or Perfetto reads it).",
+)
 PEAK_TFLOPS = flags.DEFINE_float(
     "peak_tflops",
     0.0,
@@ -40,24 +48,28 @@ def main(argv: list[str]) -> None:
 
     from hmem_jax.train.layout import check_resume, make_loader, write_run_config
     from hmem_jax.train.loop import train
+    from hmem_jax.train.profiling import parse_profile_steps
     from hmem_jax.train.resume import fingerprint
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
+    profile_steps = parse_profile_steps(PROFILE_STEPS.value)
     workdir = os.path.abspath(WORKDIR.value)
     loader = make_loader(cfg, workdir)
     data_fingerprint = fingerprint(loader.fingerprint)
     check_resume(cfg, workdir, data_fingerprint)
     if jax.process_index() == 0:
         write_run_config(cfg, workdir)
-    train(
+    result = train(
         cfg,
         workdir,
         loader,
         data_fingerprint,
         until_step=UNTIL_STEP.value,
         peak_tflops=PEAK_TFLOPS.value,
+        profile_steps=profile_steps,
     )
-    if jax.process_index() == 0 and UNTIL_STEP.value is None and PROBE_LIMIT.value > 0:
+    finished = UNTIL_STEP.value is None and result.stopped_by is None
+    if jax.process_index() == 0 and finished and PROBE_LIMIT.value > 0:
         print_probe_table(workdir, PROBE_LIMIT.value)
 
 

@@ -68,7 +68,7 @@ def _ignore_abandoned_writes() -> None:
 
 
 class Checkpointer:
-    """Saves every `every` steps, keeps the last `keep`, restores the latest."""
+    """Saves every `every` steps (or seconds), keeps the last `keep`, restores the latest."""
 
     def __init__(
         self,
@@ -78,16 +78,31 @@ class Checkpointer:
         async_save: bool = True,
         bank_snapshot: Callable[[int], dict[str, Any]] | None = None,
         bank_collect: Callable[[Iterable[int]], Any] | None = None,
+        every_s: int = 0,
     ) -> None:
         """`bank_snapshot(step)` seals a streamed bank and returns what the record keeps of it;
-        `bank_collect(steps)` drops bank versions not in `steps` (the kept checkpoints)."""
+        `bank_collect(steps)` drops bank versions not in `steps` (the kept checkpoints).
+
+        Saves every `every` steps and, with `every_s` > 0, also once `every_s` seconds have
+        passed since the last checkpoint (orbax's continuous policy: process 0 decides and
+        every process follows, so all save the same step; never while a save is running).
+        """
         self.directory = os.path.abspath(directory)
         self._bank_snapshot, self._bank_collect = bank_snapshot, bank_collect
+        policies = ocp.checkpoint_managers
+        # Explicit, so there is no save at a fresh run's first step (orbax's default adds one).
+        decisions: list[Any] = [
+            policies.FixedIntervalPolicy(every),
+            policies.PreemptionCheckpointingPolicy(),
+        ]
+        if every_s > 0:
+            decisions.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=every_s))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
             create=True,
             enable_async_checkpointing=async_save,
+            save_decision_policy=policies.AnySavePolicy(decisions),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_blocking_s = 0.0

@@ -31,6 +31,8 @@ from hmem_jax.train import metrics as metrics_lib
 from hmem_jax.train.checkpoint import Checkpointer
 from hmem_jax.train.memory import MemoryPlan, memory_schedule
 from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hmem_jax.train.preemption import StopSignals
+from hmem_jax.train.profiling import StepProfiler
 from hmem_jax.train.resume import Change, check_resumable, describe_changes, run_record
 from hmem_jax.train.state import TrainState, abstract_state, create_state, state_shardings
 from hmem_jax.train.step import StepFunctions, compile_train_step
@@ -51,6 +53,7 @@ class TrainResult:
     losses: dict[int, float]  # step (1-based: after that many updates) -> loss of that step
     workdir: str
     bank_store: dict[str, Any] | None = None  # kvstore spec of a streamed bank
+    stopped_by: str | None = None  # the signal that stopped the run early (it checkpointed)
 
 
 def _lookahead(batches: Iterator, depth: int) -> Iterator[tuple[int, dict, list[dict]]]:
@@ -71,12 +74,16 @@ def train(
     until_step: int | None = None,
     peak_tflops: float = 0.0,
     devices: list[jax.Device] | None = None,
+    profile_steps: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train to `cfg.steps` (or stop after `until_step`, as a preempted job would).
 
     `data_fingerprint` identifies the prepared data (tokenizer, tree, packing);
     it is stored in each checkpoint and must match on resume. `devices`
     restricts the mesh to a subset (default: every device of every process).
+    SIGTERM or SIGINT stops the run after the current step, with a checkpoint of it
+    (`train/preemption.py`; `TrainResult.stopped_by` names the signal).
+    `profile_steps` (START, END) traces those steps into WORKDIR/profile.
     """
     cfg.check_startable()
     mesh = sharding.build_mesh(cfg.mesh, devices)
@@ -108,6 +115,7 @@ def train(
         cfg.async_checkpointing,
         bank_snapshot=snapshot,
         bank_collect=collect,
+        every_s=cfg.checkpoint_every_s,
     )
     latest = checkpointer.latest_step()
     if latest is None:
@@ -167,8 +175,12 @@ def train(
     run_start, timed_steps = None, 0
     batches = loader.iterate(start_step)
     stream = _lookahead(batches, tier.lookahead)
+    profiler = StepProfiler(workdir, profile_steps)
+    stop = StopSignals().__enter__()  # left in `finally`: the loop must not be cut mid-step
+    stopped_at = None
     try:
         for step in range(start_step, end_step):
+            profiler.before(step + 1)
             fetch_start = time.perf_counter()
             data_step, local, ahead = next(stream)
             assert data_step == step, (data_step, step)
@@ -176,6 +188,7 @@ def train(
             rows = tier.rows(local)
             data_wait += time.perf_counter() - fetch_start
             state, step_metrics, rows_out = step_fn(state, batch, rows)
+            profiler.after(step + 1, step_metrics)
             del batch, rows
             tier.finish(rows_out, ahead)
             del rows_out
@@ -184,7 +197,8 @@ def train(
                 losses[pending[0]] = float(pending[1]["train/loss"])
             pending = (step + 1, step_metrics)
             done = step + 1
-            if done % cfg.log_every == 0 or done == end_step:
+            stopping = stop.reached(done)
+            if done % cfg.log_every == 0 or done == end_step or stopping:
                 jax.block_until_ready(step_metrics)
                 now = time.perf_counter()
                 elapsed = now - window_start
@@ -207,10 +221,15 @@ def train(
                 rate = (now - run_start) / timed_steps if timed_steps else step_time
                 writer.write(done, logged, eta_s=rate * (end_step - done))
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            checkpointer.save(done, state, record, force=done == end_step)
+            checkpointer.save(done, state, record, force=done == end_step or stopping)
+            if stopping:
+                stopped_at = done
+                break
         if pending is not None:
             losses[pending[0]] = float(pending[1]["train/loss"])
     finally:
+        stop.__exit__()
+        profiler.stop()
         checkpointer.close()
         writer.close()
         tier.close()
@@ -218,7 +237,20 @@ def train(
         if close is not None:
             close()
     multihost_utils.sync_global_devices("hmem_jax.train.done")
-    return TrainResult(state=state, losses=losses, workdir=workdir, bank_store=tier.store_spec)
+    if stopped_at is not None and jax.process_index() == 0:
+        print(
+            f"hmem_jax: stopped by {stop.received} after step {stopped_at} of {cfg.steps}; "
+            f"checkpoint {checkpointer.directory}/{stopped_at} saved; run the same command "
+            "to resume.",
+            flush=True,
+        )
+    return TrainResult(
+        state=state,
+        losses=losses,
+        workdir=workdir,
+        bank_store=tier.store_spec,
+        stopped_by=stop.received if stopped_at is not None else None,
+    )
 
 
 def set_aside_unreadable(checkpointer: Checkpointer, steps: list[int]) -> None:

@@ -99,8 +99,9 @@ class Recipe:
         self.config(BASELINE)
 
 
-def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
-    """Train (or resume) both runs."""
+def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
+    """Train (or resume) both runs; False when a signal stopped a stage early (it
+    checkpointed, and running the recipe again goes on from there)."""
     from hmem_jax.train.layout import check_resume, ensure_tree, make_loader, write_run_config
     from hmem_jax.train.loop import train
     from hmem_jax.train.resume import fingerprint
@@ -123,4 +124,6 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> None:
         data_fingerprint = fingerprint(loader.fingerprint)
         check_resume(cfg, workdir, data_fingerprint)
         write_run_config(cfg, workdir)
-        train(cfg, workdir, loader, data_fingerprint, until_step=until)
+        if train(cfg, workdir, loader, data_fingerprint, until_step=until).stopped_by:
+            return False
+    return True
