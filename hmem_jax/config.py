@@ -304,6 +304,17 @@ def model_preset(name: str = "tiny", **overrides: Any) -> ModelConfig:
 class MeshConfig:
     """Device mesh shape; -1 on one axis means "all remaining devices".
 
+    `data`, `fsdp`, `tensor` and `memory` are each axis's parallelism within one
+    slice (devices on the fast links: a TPU slice's ICI, a node's NVLink); the
+    `dcn_*` fields are its parallelism across slices (the data-centre network
+    between TPU slices or GPU nodes). Mesh axis `data` then has `data * dcn_data`
+    devices, and so on: the devices of one slice are contiguous on every axis, so
+    only the axes given a `dcn_*` > 1 communicate over the slow network. The data
+    axis usually goes across (`dcn_data` = the number of slices): its only traffic
+    is the gradient reduction. The `dcn_*` sizes multiply to the number of slices
+    (`sharding.build_mesh` finds them by the devices' `slice_index`, or by process
+    where devices have none); -1 fills the within-slice part only.
+
     `rules` maps logical axis names (used by the model's parameters and
     activations) to mesh axes; it is the one place sharding is decided. The
     device tier's bank ('memory_blocks') is split over all mesh axes but
@@ -316,6 +327,10 @@ class MeshConfig:
     fsdp: int = compute(-1)
     tensor: int = compute(1)
     memory: int = compute(1)
+    dcn_data: int = compute(1)
+    dcn_fsdp: int = compute(1)
+    dcn_tensor: int = compute(1)
+    dcn_memory: int = compute(1)
     rules: tuple[tuple[str, Any], ...] = compute(
         (
             ("batch", ("data", "fsdp")),
@@ -341,6 +356,15 @@ class MeshConfig:
         _require(len(auto) <= 1, f"MeshConfig: at most one axis may be -1, got {auto}.")
         for name, size in sizes.items():
             _require(size == -1 or size >= 1, f"MeshConfig.{name} = {size} must be >= 1 or -1.")
+        for name, size in zip(self.dcn_fields, self.dcn_shape):
+            _require(size >= 1, f"MeshConfig.{name} = {size} must be >= 1 (1: within a slice).")
+
+    dcn_fields = ("dcn_data", "dcn_fsdp", "dcn_tensor", "dcn_memory")
+
+    @property
+    def dcn_shape(self) -> tuple[int, int, int, int]:
+        """Each mesh axis's parallelism across slices, in mesh axis order."""
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor, self.dcn_memory)
 
 
 @gin.configurable

@@ -1,6 +1,7 @@
 """User mistakes through the real command line: each ends with exit status 2 and one line that
 names the problem, no traceback, and leaves what the run folder already holds byte for byte."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +57,9 @@ MEMORY = (
     "HierarchyConfig.branching = 4",
     "HierarchyConfig.depth = 2",
 )
+
+
+COMPILE = ("hmem_jax.main.compile",)  # the default TrainConfig: an anchor-only step
 
 
 def _train(*params, workdir="{tmp}/fresh"):
@@ -209,6 +213,34 @@ MISTAKES = {
         "no_model",
     ),
     "info-bad-value": (["hmem_jax.main.info", "--gin_param=TrainConfig.steps = -1"], "steps"),
+    # `compile --devices`: a device count the mesh or the batch cannot use (nothing compiles).
+    "compile-devices-zero": ([*COMPILE, "--devices=0"], "--devices = 0"),
+    "compile-devices-vs-mesh": (
+        [
+            *COMPILE,
+            "--devices=8",
+            "--gin_param=MeshConfig.data = 3",
+            "--gin_param=MeshConfig.fsdp = 1",
+        ],
+        "needs 3 devices but 8 are present",
+    ),
+    "compile-devices-vs-auto-axis": (
+        [*COMPILE, "--devices=8", "--gin_param=MeshConfig.data = 3"],
+        "does not divide the 8 devices",
+    ),
+    "compile-devices-vs-batch": (
+        [*COMPILE, "--devices=8", "--gin_param=TrainConfig.batch_size = 4"],
+        "does not divide over the 8 batch shards",
+    ),
+    "compile-devices-vs-slices": (
+        [*COMPILE, "--devices=8", "--gin_param=MeshConfig.dcn_data = 3"],
+        "dcn_* sizes multiply to 3",
+    ),
+    "compile-devices-and-topology": (
+        [*COMPILE, "--devices=8", "--topology=v5e:2x2"],
+        "give one of them",
+    ),
+    "compile-topology-malformed": ([*COMPILE, "--topology=v5e-8"], "--topology = 'v5e-8'"),
     "cluster-no-out": (["hmem_jax.main.cluster"], "--out"),
     "prepare-missing-corpus": (
         [
@@ -218,6 +250,11 @@ MISTAKES = {
             "--gin_param=DataConfig.path = '{tmp}/no_such.jsonl'",
         ],
         "DataConfig.path",
+    ),
+    **(
+        {}
+        if importlib.util.find_spec("libtpu")
+        else {"compile-topology-no-libtpu": ([*COMPILE, "--topology=v5e:2x2"], "libtpu")}
     ),
     "recipe-without-memory": (
         [

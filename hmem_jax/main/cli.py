@@ -3,6 +3,7 @@
     hmem recipe --workdir=runs/default --gin_file=experiments/default.gin
     hmem train --workdir=runs/x --gin_file=experiments/X.gin
     hmem info --gin_file=experiments/paper_160m.gin
+    hmem compile --gin_file=experiments/default.gin --devices=8
 
 Only the chosen command's module is imported: entry points define their own
 absl flags (some share names such as --out), and one process holds one set.
@@ -20,6 +21,7 @@ COMMANDS = {
     "prepare": "hmem_jax.main.prepare",
     "cluster": "hmem_jax.main.cluster",
     "info": "hmem_jax.main.info",
+    "compile": "hmem_jax.main.compile",
 }
 OPTIONAL_COMMANDS = ("generate", "evaluate", "export", "import_hf", "bank")
 
