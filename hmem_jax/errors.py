@@ -83,6 +83,10 @@ class RunLayoutError(MissingPathError):
     """A run folder lacks what the command needs: config.gin, a checkpoint, the step asked for."""
 
 
+class WorkdirBusyError(HmemError, RuntimeError):
+    """Another live job trains in this workdir (it holds the workdir's lease)."""
+
+
 class TreeError(HmemError, ValueError):
     """A cluster tree folder is malformed, or the tree does not fit the embedder or embeddings."""
 

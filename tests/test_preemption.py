@@ -1,93 +1,51 @@
 """Preemption: SIGTERM stops a run after the current step with a checkpoint, exit status 0,
 and the resumed run follows the uninterrupted one; time-based checkpoints; step profiles."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import portpicker
 import pytest
+from helpers.trainer import ENV, checkpoints, command, losses, params_for, wait_for_step
 
 from hmem_jax.config import DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from hmem_jax.train.loop import train
-
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-
-
-def _params(small_prepared_data, steps):
-    _, params = small_prepared_data
-    return params + (
-        "MemoryConfig.kind = 'none'",
-        f"TrainConfig.steps = {steps}",
-        "TrainConfig.batch_size = 4",
-        "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 1000",
-    )
-
-
-def _command(workdir, params, *flags):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}", "--probe_limit=0"]
-    return args + list(flags) + [f"--gin_param={p}" for p in params]
-
-
-def _losses(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["train/loss"] for r in rows}
-
-
-def _wait_for_step(workdir, step, procs, timeout=300):
-    """Until metrics.jsonl shows `step` (the run is past compilation, mid-training)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.isfile(path) and any(
-            json.loads(line)["step"] >= step for line in open(path) if line.strip()
-        ):
-            return
-        assert all(p.poll() is None for p in procs), "a trainer ended before it was signalled"
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} in {path} after {timeout} s")
-
-
-def _checkpoints(workdir):
-    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
 def test_sigterm_checkpoints_the_current_step_exits_0_and_the_resume_matches(
     tmp_path, small_prepared_data
 ):
     steps = 400
-    params = _params(small_prepared_data, steps)
+    params = params_for(small_prepared_data, steps)
     whole = tmp_path / "whole"
     done = subprocess.run(
-        _command(whole, params), env=ENV, capture_output=True, text=True, timeout=600
+        command(whole, params), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        _command(run, params), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command(run, params), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _wait_for_step(run, 3, [proc])
+    wait_for_step(run, 3, [proc])
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    stopped = max(_losses(run))
+    stopped = max(losses(run))
     assert stopped < steps, "the signal came too late to test anything"
-    assert _checkpoints(run) == [stopped]  # the step it stopped after, nothing else
+    assert checkpoints(run) == [stopped]  # the step it stopped after, nothing else
     assert f"stopped by SIGTERM after step {stopped} of {steps}" in out
     assert "long-tail probe" not in out and "Traceback" not in err
 
     resumed = subprocess.run(
-        _command(run, params), env=ENV, capture_output=True, text=True, timeout=600
+        command(run, params), env=ENV, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {stopped}" in resumed.stdout
-    assert _losses(run) == _losses(whole)  # bitwise: data and state are functions of the step
+    assert losses(run) == losses(whole)  # bitwise: data and state are functions of the step
 
 
 @pytest.mark.slow  # two trainers on loopback (~60 s on 2 cores)
@@ -96,12 +54,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(
 ):
     """JAX's preemption service spreads the notice: both processes stop after one step, save
     one checkpoint together and exit 0."""
-    params = _params(small_prepared_data, 2000) + ("MeshConfig.data = 2", "MeshConfig.fsdp = -1")
+    params = params_for(small_prepared_data, 2000) + ("MeshConfig.data = 2", "MeshConfig.fsdp = -1")
     run = tmp_path / "run"
     port = portpicker.pick_unused_port()
     procs = [
         subprocess.Popen(
-            _command(
+            command(
                 run,
                 params,
                 f"--coordinator_address=127.0.0.1:{port}",
@@ -116,15 +74,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(
         for i in range(2)
     ]
     try:
-        _wait_for_step(run, 3, procs)
+        wait_for_step(run, 3, procs)
         procs[1].send_signal(signal.SIGTERM)
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outputs[1][1][-3000:]
-    stopped = max(_losses(run))
-    assert _checkpoints(run) == [stopped] and stopped < 2000
+    stopped = max(losses(run))
+    assert checkpoints(run) == [stopped] and stopped < 2000
     assert f"stopped by SIGTERM after step {stopped}" in outputs[0][0]
 
 
@@ -167,7 +125,7 @@ def test_checkpoint_every_s_saves_by_time_beside_the_step_interval(tmp_path, ran
     def run(name, cfg):
         batches = _SlowBatches(random_batches(512, 4, 16))
         train(cfg, str(tmp_path / name), batches, "d", devices=jax.devices()[:1])
-        return _checkpoints(tmp_path / name)
+        return checkpoints(tmp_path / name)
 
     timed = run("timed", _config(checkpoint_every_s=1))
     assert 2 <= len(timed) <= 10 and timed[-1] == 40, timed

@@ -5,7 +5,9 @@ config), `config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`, and
 `data/` (the prepared corpus, unless `DataConfig.prepared_dir` points
 elsewhere). Re-running the same command resumes from the latest checkpoint.
 SIGTERM or SIGINT (a preemption, Ctrl-C) stops the run after the current step with a
-checkpoint of it, and the command exits with status 0.
+checkpoint of it, and the command exits with status 0. While it trains, the job holds
+`trainer.lock` in the workdir, so a second job on the same workdir stops at once
+(hmem_jax/train/lease.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from hmem_jax.train.layout import check_resume, make_loader, write_run_config
+    from hmem_jax.train.lease import WorkdirLease
     from hmem_jax.train.loop import train
     from hmem_jax.train.profiling import parse_profile_steps
     from hmem_jax.train.resume import fingerprint
@@ -54,20 +57,21 @@ def main(argv: list[str]) -> None:
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     profile_steps = parse_profile_steps(PROFILE_STEPS.value)
     workdir = os.path.abspath(WORKDIR.value)
-    loader = make_loader(cfg, workdir)
-    data_fingerprint = fingerprint(loader.fingerprint)
-    check_resume(cfg, workdir, data_fingerprint)
-    if jax.process_index() == 0:
-        write_run_config(cfg, workdir)
-    result = train(
-        cfg,
-        workdir,
-        loader,
-        data_fingerprint,
-        until_step=UNTIL_STEP.value,
-        peak_tflops=PEAK_TFLOPS.value,
-        profile_steps=profile_steps,
-    )
+    with WorkdirLease(workdir):  # before anything is written: one trainer per workdir
+        loader = make_loader(cfg, workdir)
+        data_fingerprint = fingerprint(loader.fingerprint)
+        check_resume(cfg, workdir, data_fingerprint)
+        if jax.process_index() == 0:
+            write_run_config(cfg, workdir)
+        result = train(
+            cfg,
+            workdir,
+            loader,
+            data_fingerprint,
+            until_step=UNTIL_STEP.value,
+            peak_tflops=PEAK_TFLOPS.value,
+            profile_steps=profile_steps,
+        )
     finished = UNTIL_STEP.value is None and result.stopped_by is None
     if jax.process_index() == 0 and finished and PROBE_LIMIT.value > 0:
         print_probe_table(workdir, PROBE_LIMIT.value)

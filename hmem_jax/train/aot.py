@@ -10,8 +10,7 @@ per-shard block lists of capacity min(B / S, clusters) per level, which the tree
 compiler's own memory, so the devices may be fake CPU devices or a TPU topology's compile-only
 devices (`hmem_jax.main.compile`).
 
-The step's functions are built as `train/loop.py::train` builds them; a change there must be
-made here too.
+The step is the training loop's own: both build it with `StepFunctions.for_run`.
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.config import TrainConfig
 from hmem_jax.data.batch import MODEL_INPUTS, block_ids_key, block_slots_key
 from hmem_jax.model import Transformer
-from hmem_jax.train.memory import MemoryPlan, memory_schedule
+from hmem_jax.train.memory import MemoryPlan
 from hmem_jax.train.metrics import train_flops_per_token
-from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hmem_jax.train.optimizer import make_optimizer
 from hmem_jax.train.state import abstract_state, state_shardings
 from hmem_jax.train.step import StepFunctions, compile_train_step
 
@@ -172,26 +171,14 @@ def compile_step(
     tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
     host_bank = plan is not None and cfg.memory.bank_tier == "streaming"
     state_plan = None if host_bank else plan
-    exchange = BlockExchange.for_mesh(mesh, rules) if plan else None
-    fns = StepFunctions(
-        model=model,
-        tx=tx,
-        schedule=learning_rate_schedule(cfg.optim, cfg.steps),
-        micro_batches=cfg.grad_accum_steps,
-        grad_clip=cfg.optim.grad_clip,
-        plan=plan,
-        freeze_anchor=frozen,
-        host_bank=host_bank,
-        exchange=exchange,
-        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
-    )
+    fns = StepFunctions.for_run(cfg, model, tx, plan, mesh, rules, host_bank=host_bank)
     step = compile_train_step(fns, mesh, rules, state_shardings(model, tx, mesh, rules, state_plan))
     state = abstract_state(model, tx, mesh, rules, state_plan)
     batch = abstract_batch(cfg, plan, mesh, rules)
     rows = None
     if host_bank:
-        assert plan is not None and exchange is not None
-        rows = abstract_rows(cfg, plan, mesh, rules, exchange)
+        assert plan is not None and fns.exchange is not None
+        rows = abstract_rows(cfg, plan, mesh, rules, fns.exchange)
     compiled = step.compiled(state, batch, rows)
     tokens = cfg.batch_size * cfg.seq_len
     fetched = plan.geometry.fetched_params if plan else 0

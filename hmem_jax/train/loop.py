@@ -21,7 +21,6 @@ import jax
 from jax.experimental import multihost_utils
 
 from hmem_jax import sharding
-from hmem_jax.bank.exchange import BlockExchange
 from hmem_jax.bank.tier import open_tier
 from hmem_jax.config import TrainConfig
 from hmem_jax.data.batch import MODEL_INPUTS
@@ -29,8 +28,8 @@ from hmem_jax.errors import MissingPathError
 from hmem_jax.model import Transformer, count_params
 from hmem_jax.train import metrics as metrics_lib
 from hmem_jax.train.checkpoint import Checkpointer
-from hmem_jax.train.memory import MemoryPlan, memory_schedule
-from hmem_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from hmem_jax.train.memory import MemoryPlan
+from hmem_jax.train.optimizer import make_optimizer
 from hmem_jax.train.preemption import StopSignals
 from hmem_jax.train.profiling import StepProfiler
 from hmem_jax.train.resume import Change, check_resumable, describe_changes, run_record
@@ -100,7 +99,6 @@ def train(
         )
     frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
     model = Transformer(cfg.model, lora_scale=plan.lora_scale if plan else 1.0)
-    schedule = learning_rate_schedule(cfg.optim, cfg.steps)
     tx = make_optimizer(cfg.optim, cfg.steps, frozen=frozen)
     tier = open_tier(cfg, plan, workdir, mesh, rules)
     state_plan = plan if tier.in_state else None
@@ -147,18 +145,7 @@ def train(
             flush=True,
         )
 
-    fns = StepFunctions(
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        micro_batches=cfg.grad_accum_steps,
-        grad_clip=cfg.optim.grad_clip,
-        plan=plan,
-        freeze_anchor=frozen,
-        host_bank=not tier.in_state,
-        exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
-        memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
-    )
+    fns = StepFunctions.for_run(cfg, model, tx, plan, mesh, rules, host_bank=not tier.in_state)
     step_fn = compile_train_step(fns, mesh, rules, shardings)
     inputs = MODEL_INPUTS + (plan.batch_keys() if plan else ())
     fetched_params = plan.geometry.fetched_params if plan else 0

@@ -103,6 +103,7 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
     """Train (or resume) both runs; False when a signal stopped a stage early (it
     checkpointed, and running the recipe again goes on from there)."""
     from hmem_jax.train.layout import check_resume, ensure_tree, make_loader, write_run_config
+    from hmem_jax.train.lease import WorkdirLease
     from hmem_jax.train.loop import train
     from hmem_jax.train.resume import fingerprint
 
@@ -120,10 +121,11 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
         cfg = recipe.config(stage)
         workdir = recipe.stage_dir(stage)
         say(f"hmem_jax recipe: {stage} run, steps to {until or cfg.steps} ({workdir})")
-        loader = make_loader(cfg, workdir)
-        data_fingerprint = fingerprint(loader.fingerprint)
-        check_resume(cfg, workdir, data_fingerprint)
-        write_run_config(cfg, workdir)
-        if train(cfg, workdir, loader, data_fingerprint, until_step=until).stopped_by:
-            return False
+        with WorkdirLease(workdir):
+            loader = make_loader(cfg, workdir)
+            data_fingerprint = fingerprint(loader.fingerprint)
+            check_resume(cfg, workdir, data_fingerprint)
+            write_run_config(cfg, workdir)
+            if train(cfg, workdir, loader, data_fingerprint, until_step=until).stopped_by:
+                return False
     return True

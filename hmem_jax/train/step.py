@@ -23,9 +23,11 @@ from jax.sharding import Mesh
 
 from hmem_jax import sharding
 from hmem_jax.bank.exchange import BlockExchange
+from hmem_jax.config import TrainConfig
 from hmem_jax.data.batch import MODEL_INPUTS, SEGMENT_IDS, TOKENS
 from hmem_jax.model import Transformer
-from hmem_jax.train.memory import MemoryPlan, View
+from hmem_jax.train.memory import MemoryPlan, View, memory_schedule
+from hmem_jax.train.optimizer import learning_rate_schedule
 from hmem_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -117,6 +119,31 @@ class StepFunctions:
     freeze_anchor: bool = False
     host_bank: bool = False  # the bank lives outside the state (streamed tier): rows in, rows out
     exchange: BlockExchange | None = None  # how blocks move between bank slices and shards
+
+    @classmethod
+    def for_run(
+        cls,
+        cfg: TrainConfig,
+        model: Transformer,
+        tx: optax.GradientTransformation,
+        plan: MemoryPlan | None,
+        mesh: Mesh,
+        rules: Any,
+        host_bank: bool,
+    ) -> StepFunctions:
+        """The step of a run of `cfg`: the training loop and the compile check build it here."""
+        return cls(
+            model=model,
+            tx=tx,
+            schedule=learning_rate_schedule(cfg.optim, cfg.steps),
+            micro_batches=cfg.grad_accum_steps,
+            grad_clip=cfg.optim.grad_clip,
+            plan=plan,
+            freeze_anchor=plan is not None and cfg.memory.mode == "frozen_anchor",
+            host_bank=host_bank,
+            exchange=BlockExchange.for_mesh(mesh, rules) if plan else None,
+            memory_schedule=memory_schedule(cfg.memory, cfg.steps) if plan else None,
+        )
 
 
 BankRows = Mapping[str, Any]  # level key -> a host tier's view (ids, LevelBank rows, block ids)
