@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -187,6 +188,21 @@ def test_local_trainer_with_a_bad_gin_param_fails_fast(tmp_path):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr
     assert time.time() - start < 60
     assert any("no_such_field" in line for line in process_lines(done.stdout, 0))
+
+
+def test_distributed_auto_outside_a_cluster_is_one_line(tmp_path):
+    clusters = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(clusters)}
+    done = subprocess.run(
+        [sys.executable, "-m", TRAIN, "--distributed=auto", f"--workdir={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: --distributed=auto: JAX found no cluster environment")
+    assert len(done.stderr.splitlines()) == 1 and "launch/README.md" in done.stderr
 
 
 @pytest.mark.slow  # CI runs test_multihost's streamed-bank run, which starts local.sh the same way
