@@ -1,28 +1,14 @@
-"""Two processes on loopback (jax.distributed) train together and agree with one process."""
+"""Two processes on loopback (jax.distributed, started by launch/local.sh) train together and
+agree with one process."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-import portpicker
 import pytest
+from helpers.launch import run_local, train_flags
 
 pytestmark = pytest.mark.multiprocess
-
-
-def _train_command(workdir, params, extra=()):
-    args = [sys.executable, "-m", "hmem_jax.main.train", f"--workdir={workdir}", "--probe_limit=0"]
-    args += [f"--gin_param={p}" for p in params] + list(extra)
-    return args
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def _losses(workdir):
@@ -30,52 +16,8 @@ def _losses(workdir):
     return np.array([r["train/loss"] for r in rows]), [r["step"] for r in rows]
 
 
-@pytest.mark.slow  # CI runs the streamed-bank 2-process test below, which covers this too
-def test_two_processes_train_together_and_match_one_process(tmp_path, small_prepared_data):
-    prepared, params = small_prepared_data
-    params = params + (
-        "TrainConfig.steps = 6",
-        "TrainConfig.batch_size = 8",
-        "TrainConfig.log_every = 1",
-        "TrainConfig.checkpoint_every = 3",
-        "MeshConfig.data = 2",
-        "MeshConfig.fsdp = -1",
-    )
-    single = tmp_path / "single"
-    subprocess.run(
-        _train_command(single, params), env=_env(8), check=True, timeout=600, capture_output=True
-    )
-
-    multi = tmp_path / "multi"
-    port = portpicker.pick_unused_port()
-    procs = [
-        subprocess.Popen(
-            _train_command(
-                multi,
-                params,
-                [
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ],
-            ),
-            env=_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-    assert "2 process(es)" in outputs[0]
-
-    single_losses, steps = _losses(single)
-    multi_losses, multi_steps = _losses(multi)
-    assert steps == multi_steps == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-    assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
+# (2 processes x 4 devices against 1 x 8 without a memory bank: tests/test_launch.py,
+# test_local_two_processes_train_like_one_process.)
 
 
 LOGGED_TRAIN = """
@@ -148,41 +90,22 @@ def test_two_processes_stream_one_bank_each_reading_and_writing_only_its_half(
         "MemoryConfig.prefetch_steps = 1",
     )
 
-    def command(workdir, extra=()):
-        return [sys.executable, "-c", LOGGED_TRAIN] + _train_command(workdir, params, extra)[3:]
+    # The trainer with its bank store's reads and writes logged (per process), as a module
+    # local.sh can start.
+    (tmp_path / "logged_train.py").write_text(LOGGED_TRAIN)
 
-    single = tmp_path / "single"
-    done = subprocess.run(
-        command(single),
-        env=dict(_env(8), STORE_LOG=str(tmp_path / "s1")),
-        timeout=600,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-
-    multi = tmp_path / "multi"
-    port = portpicker.pick_unused_port()
-    procs = [
-        subprocess.Popen(
-            command(
-                multi,
-                [
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ],
-            ),
-            env=dict(_env(4), STORE_LOG=str(tmp_path / "s2")),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    def launch(processes, workdir, store_log):
+        env = dict(os.environ, STORE_LOG=str(tmp_path / store_log))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+        devices = f"--devices_per_process={8 // processes}"
+        done = run_local(
+            processes, devices, "--module=logged_train", *train_flags(workdir, params), env=env
         )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    launch(1, single, "s1")
+    launch(2, multi, "s2")
 
     single_losses, steps = _losses(single)
     multi_losses, _ = _losses(multi)

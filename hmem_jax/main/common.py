@@ -128,7 +128,16 @@ def initialize_distributed() -> None:
             process_id=PROCESS_ID.value,
         )
     elif DISTRIBUTED.value == "auto":
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as error:  # JAX recognised no cluster: nothing to detect
+            reason = str(error).rstrip(".")
+            fail(
+                "--distributed=auto: JAX found no cluster environment it knows (SLURM, Open MPI, "
+                f"a TPU pod, GKE) here ({reason}). Start the processes with launch/ "
+                "(launch/README.md), or pass --coordinator_address, --num_processes and "
+                "--process_id."
+            )
 
 
 def run(
