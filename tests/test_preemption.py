@@ -53,7 +53,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(
     tmp_path, small_prepared_data
 ):
     """JAX's preemption service spreads the notice: both processes stop after one step, save
-    one checkpoint together and exit 0."""
+    one checkpoint together and exit 0. (Started here, not by launch/local.sh, because only one
+    of the two may get the signal; local.sh forwards it to all.)"""
     params = params_for(small_prepared_data, 2000) + ("MeshConfig.data = 2", "MeshConfig.fsdp = -1")
     run = tmp_path / "run"
     port = portpicker.pick_unused_port()
