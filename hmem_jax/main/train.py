@@ -10,10 +10,9 @@ checkpoint of it, and the command exits with status 0.
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
+from hmem_jax import paths
 from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag("Run folder (checkpoints, metrics, config).")
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> None:
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     profile_steps = parse_profile_steps(PROFILE_STEPS.value)
-    workdir = os.path.abspath(WORKDIR.value)
+    workdir = paths.absolute(WORKDIR.value)
     loader = make_loader(cfg, workdir)
     data_fingerprint = fingerprint(loader.fingerprint)
     check_resume(cfg, workdir, data_fingerprint)
