@@ -133,7 +133,6 @@ def configure_fsspec() -> None:
         "config_kwargs",
         {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
     )
-    s3.setdefault("retries", 2)
 
 
 def _remote(path: str, action: Any) -> Any:
