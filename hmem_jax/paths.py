@@ -17,8 +17,11 @@ is one line after seconds, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from typing import IO, Any
 
 from hmem_jax.errors import HmemError
@@ -118,6 +121,45 @@ def upload_tree(local_dir: str, url: str) -> None:
             with open(source, "rb") as handle:
                 data = handle.read()
             _remote(join(url, relative), lambda p, data=data: p.write_bytes(data))
+
+
+def download_tree(url: str, local_dir: str) -> None:
+    """Copy every object under the folder `url` to the same relative paths under `local_dir`."""
+
+    def copy(_: Any) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        for key in fs.find(root):
+            target = os.path.join(local_dir, *key[len(root) :].lstrip("/").split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(key, target)
+
+    _remote(url, copy)
+
+
+def copy_folder(source: str, target: str) -> None:
+    """shutil.copytree(dirs_exist_ok) of a local folder, or download_tree of a URL."""
+    if is_remote(source):
+        download_tree(source, target)
+    else:
+        import shutil
+
+        shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """A local folder to write an output folder `out` into: `out` itself when local; for a URL a
+    temporary folder whose files are uploaded to `out` when the block succeeds (the writers of
+    outputs, HF files and plots among them, write local files)."""
+    if not is_remote(out):
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="hmem_out_") as local:
+        yield local
+        upload_tree(local, out)
 
 
 def configure_fsspec() -> None:
