@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers.bank import assert_banks_equal, streamed_bank
+from helpers.bank import streamed_bank
 from helpers.small import run_entry_point
 from helpers.training import MEMORY_BINDINGS, memory_config
 
@@ -215,7 +215,6 @@ def test_a_bank_and_tree_on_s3_survive_kill_9_and_match_a_local_run(
         [losses[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-6
     )
     spec = paths.kvstore_spec(store)
-    assert_banks_equal(reference.state.bank, streamed_bank(reference_cfg, spec), exact=False)
     local = streamed_bank(reference_cfg, reference.bank_store)
     remote = streamed_bank(reference_cfg, spec)
     for key, fields in local.items():
