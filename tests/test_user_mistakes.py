@@ -106,6 +106,15 @@ MISTAKES = {
         _train(*MEMORY, "MemoryConfig.mode = 'cotrain'"),
         "TrainConfig.init_from",
     ),
+    # Object-store URLs where the engine cannot use them (tests/test_object_store.py: the rest).
+    "workdir-s3": (
+        _train(workdir="s3://hmem-test/run"),
+        "orbax-checkpoint cannot write checkpoints to s3://",
+    ),
+    "prepared-dir-s3": (
+        _train("DataConfig.prepared_dir = 's3://hmem-test/data'"),
+        "grain reads from local files only",
+    ),
     # Data paths and files.
     "jsonl-no-path": (_train("DataConfig.source = 'jsonl'"), "DataConfig.path"),
     "jsonl-missing": (

@@ -104,6 +104,9 @@ def kvstore_spec(location: str, workdir: str) -> dict[str, Any]:
             ) from err
     else:
         spec = {"driver": "file", "path": os.path.abspath(location)}
+    from hmem_jax.paths import with_environment
+
+    spec = with_environment(spec)  # s3: AWS_ENDPOINT_URL and region; s3/gcs: short retries
     if spec.get("driver") == "file":
         spec["path"] = os.path.abspath(spec["path"])
     path = spec.get("path", "")

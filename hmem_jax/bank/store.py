@@ -41,6 +41,7 @@ from hmem_jax.bank.layout import LevelLayout, describe_location, level_layouts
 from hmem_jax.bank.materialize import Materializer
 from hmem_jax.bank.parts import Box, box_index, box_shape, whole
 from hmem_jax.errors import BankCorruptionError, BankMismatchError, BankStoreError
+from hmem_jax.paths import check_kvstore
 
 FORMAT_VERSION = 1
 UNTOUCHED = -1
@@ -137,6 +138,7 @@ class BankStore:
                 "MemoryConfig.bank_store (or --store): a local path, a kvstore URL or a JSON "
                 "kvstore spec."
             ) from err
+        check_kvstore(self.spec, self.where)  # an object store: reachable, bucket, credentials
         self._lock = threading.RLock()
         self._arrays: dict[tuple, ts.TensorStore] = {}
         self._materializer = Materializer(geometry, init_seed)

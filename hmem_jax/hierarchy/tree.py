@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -44,9 +45,26 @@ EMBEDDER_STATE_NAME = "embedder_state.npz"
 FORMAT_VERSION = 1
 
 
+def _folder(directory: str | os.PathLike) -> Any:
+    """A tree folder as a path object: pathlib for local folders, etils.epath for gs:// and
+    s3:// URLs (a tree may be read from an object store; it is written locally)."""
+    from hmem_jax import paths
+
+    if paths.is_remote(directory):
+        return paths.epath_of(str(directory))
+    return Path(directory)
+
+
+def _load_array_file(path: Any) -> Any:
+    """np.load of a local file, or of an object's bytes (np.load cannot open a URL)."""
+    if isinstance(path, Path):
+        return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """A saved tree's `tree.json` (identity, files, provenance), without loading its arrays."""
-    manifest_path = Path(directory) / MANIFEST_NAME
+    manifest_path = _folder(directory) / MANIFEST_NAME
     if not manifest_path.is_file():
         raise MissingPathError(
             f"No {MANIFEST_NAME} in {directory}; expected a folder written "
@@ -307,7 +325,7 @@ class ClusterTree:
         dim: int | None = None,
     ) -> ClusterTree:
         """Read a saved tree; if `embedder` (and `dim`) is given, it must match the tree's."""
-        directory = Path(directory)
+        directory = _folder(directory)
         manifest = read_manifest(directory)
         if manifest.get("embedder_state"):
             if not (directory / manifest["embedder_state"]).is_file():
@@ -342,16 +360,16 @@ class ClusterTree:
         return tree
 
     @classmethod
-    def _from_files(cls, directory: Path, manifest: dict[str, Any]) -> ClusterTree:
+    def _from_files(cls, directory: Any, manifest: dict[str, Any]) -> ClusterTree:
         """The tree the manifest and its array files describe (not yet checked against the
         manifest's identity and hash)."""
         levels = tuple(
-            np.load(directory / entry["file"], allow_pickle=False)
+            _load_array_file(directory / entry["file"])
             for entry in sorted(manifest["levels"], key=lambda e: e["level"])
         )
         state: dict[str, np.ndarray] = {}
         if manifest.get("embedder_state"):
-            with np.load(directory / manifest["embedder_state"], allow_pickle=False) as arrays:
+            with _load_array_file(directory / manifest["embedder_state"]) as arrays:
                 state = {key: arrays[key] for key in arrays.files}
         return cls(
             levels,

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from hmem_jax import paths
 from hmem_jax.config import ModelConfig
 from hmem_jax.errors import UnsupportedExportError
 from hmem_jax.interop import hf_layout
@@ -185,7 +186,7 @@ def export_bank(
             "updates": np.asarray(level.count).tolist(),
         }
     if tree_dir:
-        shutil.copytree(tree_dir, os.path.join(out_dir, "tree"), dirs_exist_ok=True)
+        paths.copy_folder(tree_dir, os.path.join(out_dir, "tree"))  # a gs:// or s3:// tree too
     manifest = {
         "format": "hmem_jax bank v1",
         "geometry": dict(geometry_description),

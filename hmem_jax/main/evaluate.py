@@ -21,6 +21,7 @@ import random
 
 from absl import flags
 
+from hmem_jax import paths
 from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag()
@@ -217,22 +218,23 @@ def main(argv: list[str]) -> None:
             common.fail(f"--{flag.name}: unknown {unknown}; choose from {list(known)}.")
     run = load_run(WORKDIR.value, STEP.value)
     engine = Engine(run)
-    out = OUT.value or os.path.join(run.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    rag = None
-    if RAG.value or "rag" in CONDITIONS.value:
-        from hmem_jax.infer.rag import NearestDocument, training_documents
+    target = OUT.value or os.path.join(run.workdir, "eval")
+    with paths.staged(target) as out:  # gs:// or s3:// --out: written here, then uploaded
+        os.makedirs(out, exist_ok=True)
+        rag = None
+        if RAG.value or "rag" in CONDITIONS.value:
+            from hmem_jax.infer.rag import NearestDocument, training_documents
 
-        rag = NearestDocument(engine.embedder, training_documents(run.cfg))
-    results: dict = {"workdir": run.workdir, "step": run.step}
-    if PROBE.value:
-        _probe(engine, run, rag, out, results)
-    if PERPLEXITY.value:
-        _perplexity(engine, run, out, results)
-    _tasks(engine, rag, results)
-    with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    print(f"\nresults: {os.path.join(out, 'results.json')}", flush=True)
+            rag = NearestDocument(engine.embedder, training_documents(run.cfg))
+        results: dict = {"workdir": run.workdir, "step": run.step}
+        if PROBE.value:
+            _probe(engine, run, rag, out, results)
+        if PERPLEXITY.value:
+            _perplexity(engine, run, out, results)
+        _tasks(engine, rag, results)
+        with open(os.path.join(out, "results.json"), "w") as handle:
+            json.dump(results, handle, indent=1)
+    print(f"\nresults: {paths.join(target, 'results.json')}", flush=True)
 
 
 def run() -> None:

@@ -9,11 +9,11 @@ the whole bank (one safetensors file per level) with a manifest and the tree.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import flags
 
+from hmem_jax import paths
 from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag()
@@ -68,27 +68,30 @@ def main(argv: list[str]) -> None:
         "block_ids": path_ids[0].tolist() if path_ids is not None else None,
         "route_text": ROUTE_TEXT.value or None,
     }
-    out = export_hf(
-        OUT.value,
-        run.cfg.model,
-        run.params,
-        memory,
-        run.plan.lora_scale if run.plan else 1.0,
-        run.prepared_dir,
-        metadata,
-    )
-    print(f"exported {mode} model to {os.path.abspath(out)}", flush=True)
+    with paths.staged(OUT.value) as local:  # gs:// or s3:// --out: written here, uploaded
+        out = export_hf(
+            local,
+            run.cfg.model,
+            run.params,
+            memory,
+            run.plan.lora_scale if run.plan else 1.0,
+            run.prepared_dir,
+            metadata,
+        )
+    out = OUT.value if paths.is_remote(OUT.value) else out
+    print(f"exported {mode} model to {paths.absolute(out)}", flush=True)
     if BANK.value:
         if run.bank is None or run.plan is None:
             common.fail("--bank: this run has no memory bank.")
-        export_bank(
-            BANK.value,
-            run.bank,
-            run.plan.geometry.describe(),
-            run.tree_dir,
-            {"run": run.workdir, "step": run.step},
-        )
-        print(f"exported bank to {os.path.abspath(BANK.value)}", flush=True)
+        with paths.staged(BANK.value) as local:
+            export_bank(
+                local,
+                run.bank,
+                run.plan.geometry.describe(),
+                run.tree_dir,
+                {"run": run.workdir, "step": run.step},
+            )
+        print(f"exported bank to {paths.absolute(BANK.value)}", flush=True)
 
 
 def parse_path(text: str, tree: Any) -> Any:

@@ -12,10 +12,9 @@ checkpoint of it, and the command exits with status 0. While it trains, the job 
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
+from hmem_jax import paths
 from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag("Run folder (checkpoints, metrics, config).")
@@ -48,7 +47,7 @@ PEAK_TFLOPS = flags.DEFINE_float(
 def main(argv: list[str]) -> None:
     import jax
 
-    from hmem_jax.train.layout import check_resume, make_loader, write_run_config
+    from hmem_jax.train.layout import check_paths, check_resume, make_loader, write_run_config
     from hmem_jax.train.lease import WorkdirLease
     from hmem_jax.train.loop import train
     from hmem_jax.train.profiling import parse_profile_steps
@@ -56,7 +55,8 @@ def main(argv: list[str]) -> None:
 
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     profile_steps = parse_profile_steps(PROFILE_STEPS.value)
-    workdir = os.path.abspath(WORKDIR.value)
+    workdir = paths.absolute(WORKDIR.value)
+    check_paths(cfg, workdir)  # an object-store workdir is refused before anything is written
     with WorkdirLease(workdir):  # before anything is written: one trainer per workdir
         loader = make_loader(cfg, workdir)
         data_fingerprint = fingerprint(loader.fingerprint)

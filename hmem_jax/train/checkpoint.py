@@ -25,6 +25,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from hmem_jax import paths
 from hmem_jax.errors import CheckpointMismatchError, CheckpointSaveError, HmemError
 from hmem_jax.train.state import TrainState
 
@@ -87,7 +88,7 @@ class Checkpointer:
         passed since the last checkpoint (orbax's continuous policy: process 0 decides and
         every process follows, so all save the same step; never while a save is running).
         """
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # a gs:// URL is orbax's own
         self._bank_snapshot, self._bank_collect = bank_snapshot, bank_collect
         policies = ocp.checkpoint_managers
         # Explicit, so there is no save at a fresh run's first step (orbax's default adds one).

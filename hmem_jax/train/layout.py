@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 
+from hmem_jax import paths
 from hmem_jax.config import ConfigError, TrainConfig
 from hmem_jax.data.loader import Loader
 from hmem_jax.errors import MissingPathError
@@ -23,10 +24,10 @@ def write_run_config(cfg: TrainConfig, workdir: str) -> None:
     """The operative gin config and the resolved dataclasses, next to the checkpoints."""
     import gin
 
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
+    paths.makedirs(workdir)
+    with paths.open_file(paths.join(workdir, "config.gin"), "w") as f:
         f.write(gin.operative_config_str())
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with paths.open_file(paths.join(workdir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
 
 
@@ -69,7 +70,7 @@ def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
     from hmem_jax.hierarchy.corpus import cluster_corpus
     from hmem_jax.hierarchy.tree import MANIFEST_NAME
 
-    if not os.path.isfile(os.path.join(tree_dir, MANIFEST_NAME)):
+    if not paths.isfile(paths.join(tree_dir, MANIFEST_NAME)):
         if cfg.tree_dir:
             raise MissingPathError(
                 f"TrainConfig.tree_dir = {cfg.tree_dir!r} holds no ClusterTree "
@@ -113,7 +114,7 @@ def check_before_start(cfg: TrainConfig, devices: int) -> None:
 
         BankGeometry.from_configs(cfg.model, cfg.memory, cfg.hierarchy)
     cfg.check_startable()
-    if cfg.init_from and not os.path.exists(cfg.init_from):
+    if cfg.init_from and not paths.exists(cfg.init_from):
         raise ConfigError(
             f"TrainConfig.init_from = {cfg.init_from!r} does not exist; point it at an anchor "
             "run's workdir or one of its checkpoints/<step> folders."
@@ -121,6 +122,47 @@ def check_before_start(cfg: TrainConfig, devices: int) -> None:
     shards = sharding.batch_shards_for(cfg.mesh, devices)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh, devices)))
     cfg.check_batch_shards(shards, str(mesh))
+
+
+MOUNT_HINT = (
+    "a local path, or a shared filesystem or FUSE mount of the bucket (gcsfuse, mountpoint-s3, "
+    "s3fs-fuse)"
+)
+
+
+def check_paths(cfg: TrainConfig, workdir: str) -> None:
+    """Refuse, before anything is written, an object-store URL where the engine that would use
+    it cannot; check that a streamed bank's object store answers (endpoint, bucket,
+    credentials). What accepts URLs: MemoryConfig.bank_store (tensorstore's s3/gcs drivers),
+    TrainConfig.tree_dir (read through etils.epath), TrainConfig.init_from on gs:// (orbax)."""
+    if paths.scheme(workdir) == "s3":
+        raise paths.ObjectStoreError(
+            f"--workdir={workdir}: orbax-checkpoint cannot write checkpoints to s3:// (its "
+            "tensorstore paths take gs:// and local paths only). Use " + MOUNT_HINT + " for the "
+            "workdir; MemoryConfig.bank_store can stay on s3://."
+        )
+    if paths.is_remote(workdir):
+        raise paths.ObjectStoreError(
+            f"--workdir={workdir}: a training workdir on an object store is not supported yet "
+            "(its prepared data, tree, metrics and profiles are local files). Use "
+            + MOUNT_HINT
+            + "; MemoryConfig.bank_store and TrainConfig.tree_dir may be URLs."
+        )
+    if paths.is_remote(cfg.data.prepared_dir):
+        raise paths.ObjectStoreError(
+            f"DataConfig.prepared_dir = {cfg.data.prepared_dir!r}: prepared data is ArrayRecord "
+            "files, which grain reads from local files only. Prepare to " + MOUNT_HINT + "."
+        )
+    if paths.scheme(cfg.init_from) == "s3":
+        raise paths.ObjectStoreError(
+            f"TrainConfig.init_from = {cfg.init_from!r}: orbax-checkpoint cannot read "
+            "checkpoints from s3://. Copy the anchor run to " + MOUNT_HINT + ", or to gs://."
+        )
+    if cfg.memory.enabled and cfg.memory.bank_tier == "streaming":
+        from hmem_jax.bank.layout import describe_location, kvstore_spec
+
+        spec = kvstore_spec(cfg.memory.bank_store, workdir)
+        paths.check_kvstore(spec, f"MemoryConfig.bank_store ({describe_location(spec)})")
 
 
 def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> Loader:
@@ -134,6 +176,7 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     from hmem_jax.data.routing import TreeRouter
 
     count = devices or jax.device_count()
+    check_paths(cfg, workdir)
     check_before_start(cfg, count)
     batch_shards = sharding.batch_shards_for(cfg.mesh, count)
     prepared = prepared_dir_of(cfg, workdir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import posixpath
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import jax
 from jax.experimental import multihost_utils
 
-from hmem_jax import sharding
+from hmem_jax import paths, sharding
 from hmem_jax.bank.tier import open_tier
 from hmem_jax.config import TrainConfig
 from hmem_jax.data.batch import MODEL_INPUTS
@@ -254,12 +255,12 @@ def set_aside_unreadable(checkpointer: Checkpointer, steps: list[int]) -> None:
 def restore_anchor(cfg: TrainConfig, model: Transformer, mesh: Any, rules: Any) -> Any:
     """The anchor parameters of the run named by `TrainConfig.init_from` (latest checkpoint,
     or the step folder given), laid out for this run's mesh."""
-    source = os.path.abspath(cfg.init_from)
+    source = paths.absolute(cfg.init_from).rstrip("/") or "/"  # gs:// is orbax's own
     step = None
-    if os.path.basename(source).isdigit():
-        step, source = int(os.path.basename(source)), os.path.dirname(source)
-    elif os.path.isdir(os.path.join(source, "checkpoints")):
-        source = os.path.join(source, "checkpoints")
+    if posixpath.basename(source).isdigit():
+        step, source = int(posixpath.basename(source)), posixpath.dirname(source)
+    elif paths.isdir(paths.join(source, "checkpoints")):
+        source = paths.join(source, "checkpoints")
     anchor_tx = make_optimizer(cfg.optim, cfg.steps)
     target = abstract_state(model, anchor_tx, mesh, rules).params
     checkpointer = Checkpointer(source, every=1, keep=1 << 30, async_save=False)

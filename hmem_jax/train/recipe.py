@@ -102,12 +102,19 @@ class Recipe:
 def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
     """Train (or resume) both runs; False when a signal stopped a stage early (it
     checkpointed, and running the recipe again goes on from there)."""
-    from hmem_jax.train.layout import check_resume, ensure_tree, make_loader, write_run_config
+    from hmem_jax.train.layout import (
+        check_paths,
+        check_resume,
+        ensure_tree,
+        make_loader,
+        write_run_config,
+    )
     from hmem_jax.train.lease import WorkdirLease
     from hmem_jax.train.loop import train
     from hmem_jax.train.resume import fingerprint
 
     memory = recipe.config(MEMORY)
+    check_paths(memory, recipe.stage_dir(MEMORY))  # before the tree is fitted into the workdir
     fits_tree = memory.tree_dir == os.path.join(recipe.workdir, "tree")
     # With no tree given, WORKDIR/tree is fitted as a memory run fits its own.
     ensure_tree(dataclasses.replace(memory, tree_dir="") if fits_tree else memory, recipe.workdir)
@@ -121,6 +128,7 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
         cfg = recipe.config(stage)
         workdir = recipe.stage_dir(stage)
         say(f"hmem_jax recipe: {stage} run, steps to {until or cfg.steps} ({workdir})")
+        check_paths(cfg, workdir)
         with WorkdirLease(workdir):
             loader = make_loader(cfg, workdir)
             data_fingerprint = fingerprint(loader.fingerprint)

@@ -1,0 +1,298 @@
+"""Paths a user gives: local paths, or `gs://` and `s3://` object-store URLs.
+
+Why one module: every place that takes a path from a flag or a config field
+(the workdir, `DataConfig.prepared_dir`, `TrainConfig.tree_dir` and
+`init_from`, `MemoryConfig.bank_store`, an `--out` folder) asks here whether
+it is remote, how to make it absolute, and how to read, write and test it, so
+local paths keep plain `os` behaviour byte for byte while URLs go through the
+existing engines: etils.epath (fsspec: s3fs, gcsfs) for files, tensorstore's
+`s3` and `gcs` kvstore drivers for the bank. No HTTP is written here.
+
+The S3 endpoint is the standard `AWS_ENDPOINT_URL` (a local S3-compatible
+server stands in for AWS), the region `AWS_REGION` or `AWS_DEFAULT_REGION`
+(default us-east-1), credentials the usual AWS_* variables. Requests to an
+object store retry a few times with short delays, so an unreachable endpoint
+is one line after seconds, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+
+from hmem_jax.errors import HmemError
+
+SCHEMES = ("gs://", "s3://")
+# tensorstore's retry resources: a few tries, short delays (its defaults retry for minutes).
+_TS_RETRIES = {"max_retries": 3, "initial_delay": "50ms", "max_delay": "1s"}
+
+
+class ObjectStoreError(HmemError, OSError):
+    """An object-store URL cannot be used: the endpoint is unreachable, the bucket is missing,
+    the credentials are refused, or the engine that would read the path cannot use URLs."""
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a gs:// or s3:// URL (anything else is a local path)."""
+    return bool(path) and str(path).startswith(SCHEMES)
+
+
+def scheme(path: str) -> str:
+    """'gs', 's3' or '' (local)."""
+    return str(path).split("://", 1)[0] if is_remote(path) else ""
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (os.path.abspath); a URL unchanged."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+    """os.path.join for local paths, '/'-joined for URLs."""
+    if is_remote(path):
+        return posixpath.join(path, *parts)
+    return os.path.join(path, *parts)
+
+
+def epath_of(path: str) -> Any:
+    configure_fsspec()
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    return _remote(path, lambda p: p.exists())
+
+
+def isdir(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isdir(path)
+    return _remote(path, lambda p: p.is_dir())
+
+
+def isfile(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isfile(path)
+    return _remote(path, lambda p: p.is_file())
+
+
+def makedirs(path: str) -> None:
+    """os.makedirs(exist_ok=True); object stores have no folders (nothing to make)."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "r", **kwargs: Any) -> IO[Any]:
+    """open() for local paths (kwargs passed on); epath's open for URLs. Appending to an
+    object is not possible ('a' on a URL rewrites it: reading callers should not append)."""
+    if not is_remote(path):
+        return open(path, mode, **kwargs)
+    return _remote(path, lambda p: p.open(mode))
+
+
+def read_text(path: str) -> str:
+    with open_file(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def write_text(path: str, text: str) -> None:
+    with open_file(path, "w") as handle:
+        handle.write(text)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as handle:
+        return handle.read()
+
+
+def upload_tree(local_dir: str, url: str) -> None:
+    """Copy every file under `local_dir` to the same relative keys under `url`."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
+            with open(source, "rb") as handle:
+                data = handle.read()
+            _remote(join(url, relative), lambda p, data=data: p.write_bytes(data))
+
+
+def download_tree(url: str, local_dir: str) -> None:
+    """Copy every object under the folder `url` to the same relative paths under `local_dir`."""
+
+    def copy(_: Any) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        for key in fs.find(root):
+            target = os.path.join(local_dir, *key[len(root) :].lstrip("/").split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(key, target)
+
+    _remote(url, copy)
+
+
+def copy_folder(source: str, target: str) -> None:
+    """shutil.copytree(dirs_exist_ok) of a local folder, or download_tree of a URL."""
+    if is_remote(source):
+        download_tree(source, target)
+    else:
+        import shutil
+
+        shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """A local folder to write an output folder `out` into: `out` itself when local; for a URL a
+    temporary folder whose files are uploaded to `out` when the block succeeds (the writers of
+    outputs, HF files and plots among them, write local files)."""
+    if not is_remote(out):
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="hmem_out_") as local:
+        yield local
+        upload_tree(local, out)
+
+
+def configure_fsspec() -> None:
+    """s3fs: the endpoint from AWS_ENDPOINT_URL, short connect/read timeouts and few retries
+    (an unreachable endpoint fails in seconds). A user's own fsspec config wins."""
+    import fsspec.config
+
+    s3 = fsspec.config.conf.setdefault("s3", {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        s3.setdefault("endpoint_url", endpoint)
+    s3.setdefault(
+        "config_kwargs",
+        {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+    )
+
+
+def _remote(path: str, action: Any) -> Any:
+    try:
+        return action(epath_of(path))
+    except HmemError:
+        raise
+    except (OSError, ValueError, ImportError) as err:
+        raise explain(err, path) from err
+    except Exception as err:  # botocore's and gcsfs's own exception classes
+        raise explain(err, path) from err
+
+
+def explain(err: BaseException, where: str) -> ObjectStoreError:
+    """One line naming what went wrong with an object-store location and what to check."""
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    lowered = text.lower()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if isinstance(err, ImportError):
+        return ObjectStoreError(
+            f"{where}: the filesystem package for this URL is not installed ({err}); "
+            "install s3fs (s3://) or gcsfs (gs://)."
+        )
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        return ObjectStoreError(
+            f"{where}: the bucket does not exist (the server says: {text[:200]}); create it or "
+            "fix the URL."
+        )
+    if any(
+        s in lowered
+        for s in (
+            "could not connect",
+            "connect timeout",
+            "connection refused",
+            "curl error",
+            "endpointconnectionerror",
+            "cannot connect",
+            "failed to connect",
+        )
+    ):
+        return ObjectStoreError(
+            f"{where}: the object store cannot be reached ({text[:200]}); check "
+            f"AWS_ENDPOINT_URL{f' (= {endpoint})' if endpoint else ''} or the network."
+        )
+    if any(
+        s in lowered
+        for s in (
+            "accessdenied",
+            "access denied",
+            "permission_denied",
+            "forbidden",
+            "403",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "unable to locate credentials",
+            "nocredentialserror",
+            "unauthenticated",
+            "401",
+        )
+    ):
+        return ObjectStoreError(
+            f"{where}: the object store refused the credentials ({text[:200]}); set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (s3://) or "
+            "GOOGLE_APPLICATION_CREDENTIALS (gs://) for an account that may use the bucket."
+        )
+    return ObjectStoreError(f"{where}: the object store operation failed ({text[:300]}).")
+
+
+# ----- tensorstore ---------------------------------------------------------------------------
+
+
+def with_environment(spec: dict[str, Any]) -> dict[str, Any]:
+    """A tensorstore kvstore spec with what the environment says about its service: for `s3`
+    the endpoint (AWS_ENDPOINT_URL; without one tensorstore goes to AWS) and region; for s3
+    and gcs short request retries. Values the spec already names are kept."""
+    spec = dict(spec)
+    driver = spec.get("driver")
+    if driver == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            spec.setdefault("endpoint", endpoint)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        spec.setdefault("aws_region", region or "us-east-1")
+    if driver in ("s3", "gcs"):
+        context = dict(spec.get("context") or {})
+        context.setdefault(f"{driver}_request_retries", dict(_TS_RETRIES))
+        spec["context"] = context
+    return spec
+
+
+def kvstore_spec(path: str) -> dict[str, Any]:
+    """The tensorstore kvstore spec of a directory (path ending in '/'): a local path -> the
+    file driver; gs:// and s3:// -> tensorstore's gcs and s3 drivers, with the environment's
+    endpoint, region and retries (`with_environment`)."""
+    if is_remote(path):
+        import tensorstore as ts
+
+        spec = ts.KvStore.Spec(path).to_json()
+    else:
+        spec = {"driver": "file", "path": os.path.abspath(path)}
+    spec = with_environment(spec)
+    if spec.get("path") and not spec["path"].endswith("/"):
+        spec["path"] += "/"
+    return spec
+
+
+def check_kvstore(spec: dict[str, Any], where: str) -> None:
+    """Fail with one line now, not mid-run, when an object-store kvstore cannot be listed
+    (unreachable endpoint, missing bucket, refused credentials). A reading of a missing key in
+    a missing bucket answers 'missing' on some servers; a listing does not."""
+    if spec.get("driver") not in ("s3", "gcs"):
+        return
+    import tensorstore as ts
+
+    prefix = spec.get("path", "")
+    try:
+        store = ts.KvStore.open({**spec, "path": ""}).result()
+        key = prefix + "manifest.json"
+        store.list(ts.KvStore.KeyRange(key, key + "\0")).result()
+    except ValueError as err:
+        raise explain(err, where) from err
