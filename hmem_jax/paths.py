@@ -248,8 +248,9 @@ def explain(err: BaseException, where: str) -> ObjectStoreError:
 
 def with_environment(spec: dict[str, Any]) -> dict[str, Any]:
     """A tensorstore kvstore spec with what the environment says about its service: for `s3`
-    the endpoint (AWS_ENDPOINT_URL; without one tensorstore goes to AWS) and region; for s3
-    and gcs short request retries. Values the spec already names are kept."""
+    the endpoint (AWS_ENDPOINT_URL; without one tensorstore goes to AWS), region and, when
+    AWS_ACCESS_KEY_ID is set, credentials from the environment; for s3 and gcs short request
+    retries. Values the spec already names are kept."""
     spec = dict(spec)
     driver = spec.get("driver")
     if driver == "s3":
@@ -258,6 +259,10 @@ def with_environment(spec: dict[str, Any]) -> dict[str, Any]:
             spec.setdefault("endpoint", endpoint)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         spec.setdefault("aws_region", region or "us-east-1")
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            # Keys in the environment: read only those (the default chain also looks for
+            # ~/.aws files and prints an error line for each one missing).
+            spec.setdefault("aws_credentials", {"type": "environment"})
     if driver in ("s3", "gcs"):
         context = dict(spec.get("context") or {})
         context.setdefault(f"{driver}_request_retries", dict(_TS_RETRIES))

@@ -85,6 +85,7 @@ def test_paths_read_and_write_objects_and_make_kvstore_specs(s3_server):
     spec = paths.kvstore_spec(f"s3://{BUCKET}/bank")
     assert spec["endpoint"] == endpoint and spec["path"] == "bank/"
     assert spec["aws_region"] == "us-east-1"
+    assert spec["aws_credentials"] == {"type": "environment"}  # no ~/.aws lookups, no noise
     paths.check_kvstore(spec, "bank")
 
 
@@ -101,6 +102,26 @@ def test_a_missing_bucket_and_a_closed_port_are_one_line_errors_without_hanging(
     with pytest.raises(paths.ObjectStoreError, match="cannot be reached.*AWS_ENDPOINT_URL"):
         paths.check_kvstore(paths.kvstore_spec(f"s3://{BUCKET}/bank"), "bank")
     assert time.time() - start < 20
+
+
+def test_the_train_command_names_a_missing_bucket_in_one_line(
+    s3_server, small_prepared_tree_data, tmp_path
+):
+    """Before anything is written: exit 2, one line on stderr (no credential-file noise)."""
+    _, _, params = small_prepared_tree_data
+    params = (
+        params
+        + MEMORY_BINDINGS
+        + (
+            "MemoryConfig.bank_tier = 'streaming'",
+            "MemoryConfig.bank_store = 's3://hmem-no-such-bucket/bank'",
+        )
+    )
+    done = run_entry_point("hmem_jax.main.train", tmp_path / "run", params, 1, "--probe_limit=0")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bucket does not exist" in lines[0], done.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_unsupported_object_store_paths_are_refused_in_one_line(small_prepared_tree_data):
