@@ -167,3 +167,11 @@ def test_a_batch_that_does_not_divide_over_the_mesh_is_a_clear_error(tmp_path, r
 def test_bad_mesh_shapes_are_clear_errors(tmp_path, random_batches, mesh, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _run(tmp_path, "bad", _config(mesh=MeshConfig(**mesh)), random_batches)
+
+
+def test_the_result_keeps_a_bounded_history_of_losses(tmp_path, random_batches, monkeypatch):
+    from hmem_jax.train import loop
+
+    monkeypatch.setattr(loop, "KEPT_LOSSES", 3)
+    result = _run(tmp_path, "run", _config(steps=6), random_batches)
+    assert sorted(result.losses) == [4, 5, 6]  # the newest, whatever the run's length

@@ -47,13 +47,26 @@ class BatchSource(Protocol):
         """Yields (step, batch) from `start_step`; batch holds this process's rows."""
 
 
+KEPT_LOSSES = 10_000  # bounded, so a run of millions of steps keeps no growing history
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState  # `bank` is None with a streamed bank: it lives in the store
-    losses: dict[int, float]  # step (1-based: after that many updates) -> loss of that step
+    # step (1-based: after that many updates) -> loss of that step, for the last KEPT_LOSSES
+    # steps of this call (metrics.jsonl has the logged ones of the whole run)
+    losses: dict[int, float]
     workdir: str
     bank_store: dict[str, Any] | None = None  # kvstore spec of a streamed bank
     stopped_by: str | None = None  # the signal that stopped the run early (it checkpointed)
+
+
+def _keep_loss(losses: dict[int, float], step: int, metrics: dict) -> None:
+    """Record `step`'s loss (a step late: reading it waits for that step), dropping the oldest
+    beyond KEPT_LOSSES."""
+    losses[step] = float(metrics["train/loss"])
+    if len(losses) > KEPT_LOSSES:
+        del losses[next(iter(losses))]
 
 
 def _lookahead(batches: Iterator, depth: int) -> Iterator[tuple[int, dict, list[dict]]]:
@@ -157,7 +170,7 @@ def train(
     writer = metrics_lib.MetricWriter(workdir, cfg.steps)
     end_step = cfg.steps if until_step is None else min(until_step, cfg.steps)
 
-    losses: dict[int, float] = {}
+    losses: dict[int, float] = {}  # insertion order is step order: the oldest is first
     pending: tuple[int, dict] | None = None
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     run_start, timed_steps = None, 0
@@ -182,7 +195,7 @@ def train(
             del rows_out
             window_steps += 1
             if pending is not None:
-                losses[pending[0]] = float(pending[1]["train/loss"])
+                _keep_loss(losses, *pending)
             pending = (step + 1, step_metrics)
             done = step + 1
             stopping = stop.reached(done)
@@ -214,7 +227,7 @@ def train(
                 stopped_at = done
                 break
         if pending is not None:
-            losses[pending[0]] = float(pending[1]["train/loss"])
+            _keep_loss(losses, *pending)
     finally:
         stop.__exit__()
         profiler.stop()
