@@ -182,9 +182,7 @@ def _remote(path: str, action: Any) -> Any:
         return action(epath_of(path))
     except HmemError:
         raise
-    except (OSError, ValueError, ImportError) as err:
-        raise explain(err, path) from err
-    except Exception as err:  # botocore's and gcsfs's own exception classes
+    except Exception as err:  # OSError, ImportError, and botocore's and gcsfs's own classes
         raise explain(err, path) from err
 
 
