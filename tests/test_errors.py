@@ -362,3 +362,16 @@ def test_verbose_adds_the_traceback_below_the_same_one_line_error(tmp_path):
     done = _run([*args, "--verbose"])
     assert done.returncode == 2 and "Traceback" in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: TrainConfig.steps = 2.5 must be an int."
+
+
+def test_a_failed_write_is_explained_by_the_operating_systems_reason():
+    """tensorstore names the errno only inside a long spec; an OSError carries it itself."""
+    from hmem_jax.train.checkpoint import _save_failure
+
+    wrapped = ValueError("writing {" + '"spec": 1, ' * 60 + "} failed [os_error_code='27']")
+    assert _save_failure(wrapped).startswith("File too large: ...")
+    try:
+        raise RuntimeError("commit failed") from OSError(28, "No space left on device", "/ckpt/4")
+    except RuntimeError as err:
+        assert _save_failure(err).startswith("No space left on device: ")
+    assert _save_failure(KeyError("x")) == "'x'"

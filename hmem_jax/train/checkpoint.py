@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,20 @@ def _first_line(err: BaseException, limit: int = 240) -> str:
     if not lines:
         return type(err).__name__
     return lines[0] if len(lines[0]) <= limit else "..." + lines[0][-limit:]
+
+
+def _save_failure(err: BaseException) -> str:
+    """Why a write failed, in words: the operating system's reason first (tensorstore reports
+    it only as `os_error_code='27'` inside a long spec), then the error's line."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"{os.strerror(seen.errno)}: {_first_line(seen, 160)}"
+        seen = seen.__cause__ or seen.__context__
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    if code:
+        return f"{os.strerror(int(code.group(1)))}: {_first_line(err, 160)}"
+    return _first_line(err)
 
 
 def _never_retrieved(record: logging.LogRecord) -> bool:
@@ -266,7 +281,7 @@ class Checkpointer:
         except Exception as err:  # I/O errors reach here in several wrappings
             self._save_failed = True
             _ignore_abandoned_writes()
-            reason = _first_line(err)
+            reason = _save_failure(err)
             good = self._complete_steps()
             raise CheckpointSaveError(
                 f"Writing a checkpoint under {self.directory} failed ({reason}). "
