@@ -10,7 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers.bank import assert_banks_equal, streamed_bank
+from helpers.bank import KILL_MID_WRITE_BACK, assert_banks_equal, streamed_bank
 from helpers.training import MEMORY_BINDINGS, memory_config
 
 from hmem_jax import sharding
@@ -113,10 +113,10 @@ def test_cache_eviction_under_a_tiny_byte_budget_stays_exact(
     assert_banks_equal(device_run.state.bank, streamed_bank(cfg, streamed.bank_store))
 
 
-KILLED_RUN = textwrap.dedent("""
+KILLED_RUN = (
+    textwrap.dedent("""
     import json, os, signal, sys
     import jax, numpy as np
-    from hmem_jax.bank import store as store_lib
     from hmem_jax.data.loader import Loader
     from hmem_jax.main.common import load_train_config
     from hmem_jax.train.loop import train
@@ -124,22 +124,16 @@ KILLED_RUN = textwrap.dedent("""
     import dataclasses
 
     args = json.loads(sys.argv[1])
-    original_write = store_lib.BankStore.write_pieces
-
-    def write_then_die(self, key, pieces):
-        # After the step-3 checkpoint: store one field of the blocks, then SIGKILL mid write-back.
-        if self.version is not None and self.version >= 3:
-            original_write(self, key, list(pieces)[:1])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_write(self, key, pieces)
-
-    store_lib.BankStore.write_pieces = write_then_die
+""")
+    + KILL_MID_WRITE_BACK
+    + textwrap.dedent("""
     cfg = load_train_config((), tuple(args["params"]))
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, **args["memory"]))
     loader = Loader(args["prepared"], cfg.batch_size, cfg.seq_len, cfg.seed)
     train(cfg, args["workdir"], loader, fingerprint(loader.fingerprint), devices=jax.devices()[:1])
     print("NOT KILLED")
 """)
+)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers.bank import streamed_bank
+from helpers.bank import KILL_MID_WRITE_BACK, streamed_bank
 from helpers.small import run_entry_point
 from helpers.training import MEMORY_BINDINGS, memory_config
 
@@ -143,25 +143,19 @@ def test_unsupported_object_store_paths_are_refused_in_one_line(small_prepared_t
         check_paths(remote_anchor, "/tmp/run")
 
 
-KILLED_CLI = textwrap.dedent("""
+KILLED_CLI = (
+    textwrap.dedent("""
     import os, signal, sys
-    from hmem_jax.bank import store as store_lib
 
-    original_write = store_lib.BankStore.write_pieces
-
-    def write_then_die(self, key, pieces):
-        # After the step-3 checkpoint: store one field of the blocks, then SIGKILL mid write-back.
-        if self.version is not None and self.version >= 3:
-            original_write(self, key, list(pieces)[:1])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_write(self, key, pieces)
-
-    store_lib.BankStore.write_pieces = write_then_die
+""")
+    + KILL_MID_WRITE_BACK
+    + textwrap.dedent("""
     from hmem_jax.main import train as entry
     sys.argv = ["hmem_jax.main.train", *sys.argv[1:]]
     entry.run()
     print("NOT KILLED")
 """)
+)
 
 
 def _losses(workdir):

@@ -15,7 +15,7 @@ import logging as logging_lib
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from absl import app, flags
 
@@ -55,6 +55,9 @@ PROCESS_ID = flags.DEFINE_integer(
     int(os.environ.get("HMEM_PROCESS_ID", "0")),
     "This process's index in a multi-process run (also HMEM_PROCESS_ID).",
 )
+
+if TYPE_CHECKING:
+    from hmem_jax.infer.engine import Engine
 
 
 def workdir_flag(help_text: str = "The training run's folder.") -> flags.FlagHolder:
@@ -193,6 +196,17 @@ def _detail() -> None:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
+
+
+def check_memory_mode(engine: Engine, mode: str, workdir: str) -> None:
+    """`--memory=MODE` is one the run can serve (memory at all; a generic block for 'generic')."""
+    if mode != "none" and not engine.has_memory:
+        fail(f"--memory={mode}: {workdir} was trained without memory; use --memory=none.")
+    if mode == "generic" and not engine.has_generic:
+        fail(
+            "--memory=generic: this run has no generic memory "
+            "(MemoryConfig.generic_probability = 0)."
+        )
 
 
 def fail(message: str) -> NoReturn:

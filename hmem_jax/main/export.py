@@ -43,15 +43,7 @@ def main(argv: list[str]) -> None:
         common.fail("--memory=fetched needs exactly one of --route_text or --path.")
     run = load_run(WORKDIR.value, STEP.value)
     engine = Engine(run)
-    if mode != "none" and not engine.has_memory:
-        common.fail(
-            f"--memory={mode}: {run.workdir} was trained without memory; use --memory=none."
-        )
-    if mode == "generic" and not engine.has_generic:
-        common.fail(
-            "--memory=generic: this run has no generic memory "
-            "(MemoryConfig.generic_probability = 0)."
-        )
+    common.check_memory_mode(engine, mode, run.workdir)
     if mode == "fetched":
         if PATH.value:
             path_ids = run.tree.block_ids(parse_path(PATH.value, run.tree))

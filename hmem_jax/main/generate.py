@@ -50,15 +50,7 @@ def main(argv: list[str]) -> None:
     )
     engine = Engine(load_run(WORKDIR.value, STEP.value))
     mode = MEMORY.value
-    if mode != "none" and not engine.has_memory:
-        common.fail(
-            f"--memory={mode}: {WORKDIR.value} was trained without memory; use --memory=none."
-        )
-    if mode == "generic" and not engine.has_generic:
-        common.fail(
-            "--memory=generic: this run has no generic memory "
-            "(MemoryConfig.generic_probability = 0)."
-        )
+    common.check_memory_mode(engine, mode, WORKDIR.value)
     for start in range(0, len(prompts), BATCH.value):
         chunk = prompts[start : start + BATCH.value]
         ids = engine.block_ids(chunk) if mode == "fetched" else None

@@ -64,3 +64,23 @@ def assert_banks_equal(device_bank, streamed, exact=True):
                 else:
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(streamed[key]["count"], np.asarray(level.count))
+
+
+KILL_MID_WRITE_BACK = """
+from hmem_jax.bank import store as _store_lib
+
+_original_write = _store_lib.BankStore.write_pieces
+
+
+def _write_then_die(self, key, pieces):
+    # After the step-3 checkpoint: store one field of the blocks, then SIGKILL mid write-back.
+    if self.version is not None and self.version >= 3:
+        _original_write(self, key, list(pieces)[:1])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _original_write(self, key, pieces)
+
+
+_store_lib.BankStore.write_pieces = _write_then_die
+"""
+"""Child-script source (it needs `os` and `signal` imported): every bank store write after the
+step-3 checkpoint writes one field and then kills the process, as a crash mid write-back would."""
