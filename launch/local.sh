@@ -27,23 +27,9 @@ usage() {
   exit 2
 }
 
-die() {
-  echo "local.sh: $*" >&2
-  exit 2
-}
-
-# Shell-quote each argument the way Python's shlex.quote does, joined by spaces.
-quote() {
-  local word out=()
-  for word in "$@"; do
-    if [[ -n $word && $word != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\"\'\"\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# die MESSAGE, quote ARGS...: shared with the other launchers.
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $# -ge 1 ]] || usage
 [[ $1 =~ ^[1-9][0-9]*$ ]] || die "the first argument is the number of processes (>= 1), got '$1'"

@@ -35,23 +35,9 @@
 # Environment: HMEM_PYTHON (the image's python, default python3), XPK (the xpk command, default xpk).
 set -euo pipefail
 
-die() {
-  echo "xpk.sh: $*" >&2
-  exit 2
-}
-
-# Shell-quote each argument the way Python's shlex.quote does, joined by spaces.
-quote() {
-  local word out=()
-  for word in "$@"; do
-    if [[ -n $word && $word != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/\'\"\'\"\'}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# die MESSAGE, quote ARGS...: shared with the other launchers.
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cluster= workload= docker_image= base_docker_image= tpu_type= num_slices=1
 project= zone= max_restarts=20 grace_s=120 priority= dry_run=0
