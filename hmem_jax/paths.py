@@ -18,6 +18,7 @@ is one line after seconds, never a hang.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import tempfile
@@ -112,15 +113,44 @@ def read_bytes(path: str) -> bytes:
         return handle.read()
 
 
-def upload_tree(local_dir: str, url: str) -> None:
-    """Copy every file under `local_dir` to the same relative keys under `url`."""
+def remove(path: str) -> None:
+    """Delete one file (or object); a missing one is not an error."""
+    if not is_remote(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+    _remote(path, lambda p: p.unlink(missing_ok=True))
+
+
+def rename(source: str, target: str) -> None:
+    """os.rename for local paths; for URLs a copy of every object under `source` to `target`
+    and then their deletion (object stores have no rename: not atomic)."""
+    if not is_remote(source):
+        os.rename(source, target)
+        return
+
+    def move(_: Any) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(source)
+        fs.mv(root, fsspec.core.url_to_fs(target)[1], recursive=True)
+
+    _remote(source, move)
+
+
+def upload_tree(local_dir: str, url: str, last: tuple[str, ...] = ()) -> None:
+    """Copy every file under `local_dir` to the same relative keys under `url`; the files named
+    in `last` (relative paths, e.g. a manifest that says the folder is complete) go after all
+    others, so an interrupted upload never leaves them beside missing files."""
+    names = []
     for root, _, files in os.walk(local_dir):
         for name in files:
-            source = os.path.join(root, name)
-            relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
-            with open(source, "rb") as handle:
-                data = handle.read()
-            _remote(join(url, relative), lambda p, data=data: p.write_bytes(data))
+            names.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
+    names.sort(key=lambda relative: (relative in last, relative))
+    for relative in names:
+        with open(os.path.join(local_dir, *relative.split("/")), "rb") as handle:
+            data = handle.read()
+        _remote(join(url, relative), lambda p, data=data: p.write_bytes(data))
 
 
 def download_tree(url: str, local_dir: str) -> None:
@@ -149,17 +179,70 @@ def copy_folder(source: str, target: str) -> None:
         shutil.copytree(source, target, dirs_exist_ok=True)
 
 
+def cache_dir(name: str) -> str:
+    """This host's cache folder `name`: under $HMEM_JAX_CACHE, else ~/.cache/hmem_jax."""
+    root = os.environ.get("HMEM_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hmem_jax"
+    )
+    return os.path.join(root, name)
+
+
+class LocalMirror:
+    """A local folder standing in for the folder `url`, for writers that need local files
+    (appending, TensorBoard's event files, profiler traces). For a local `url` it is `url`
+    itself and `push`/`pull` do nothing; for a URL it is a fresh temporary folder: `pull` copies
+    a file of `url` into it (to append to it), `push` uploads what was written, `close` removes
+    the temporary folder."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.remote = is_remote(url)
+        self.local = tempfile.mkdtemp(prefix="hmem_mirror_") if self.remote else url
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.local, *relative.split("/"))
+
+    def pull(self, relative: str) -> bool:
+        """Copy file `relative` of `url` into the mirror; False if `url` has none."""
+        if not self.remote or not isfile(join(self.url, relative)):
+            return False
+        target = self.path(relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as handle:
+            handle.write(read_bytes(join(self.url, relative)))
+        return True
+
+    def push(self, relative: str) -> None:
+        """Upload file or folder `relative` of the mirror to the same place under `url`."""
+        if not self.remote:
+            return
+        source = self.path(relative)
+        if os.path.isdir(source):
+            upload_tree(source, join(self.url, relative))
+        elif os.path.isfile(source):
+            with open(source, "rb") as handle:
+                data = handle.read()
+            _remote(join(self.url, relative), lambda p: p.write_bytes(data))
+
+    def close(self) -> None:
+        if self.remote:
+            import shutil
+
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def staged(out: str) -> Iterator[str]:
+def staged(out: str, last: tuple[str, ...] = ()) -> Iterator[str]:
     """A local folder to write an output folder `out` into: `out` itself when local; for a URL a
     temporary folder whose files are uploaded to `out` when the block succeeds (the writers of
-    outputs, HF files and plots among them, write local files)."""
+    outputs, HF files and plots among them, write local files), those named in `last` after
+    the others (`upload_tree`)."""
     if not is_remote(out):
         yield out
         return
     with tempfile.TemporaryDirectory(prefix="hmem_out_") as local:
         yield local
-        upload_tree(local, out)
+        upload_tree(local, out, last=last)
 
 
 def configure_fsspec() -> None:
@@ -290,6 +373,8 @@ def check_kvstore(spec: dict[str, Any], where: str) -> None:
     a missing bucket answers 'missing' on some servers; a listing does not."""
     if spec.get("driver") not in ("s3", "gcs"):
         return
+    if spec.get("driver") == "s3" and "aws_credentials" not in spec:
+        _require_aws_credentials(where)
     import tensorstore as ts
 
     prefix = spec.get("path", "")
@@ -299,3 +384,27 @@ def check_kvstore(spec: dict[str, Any], where: str) -> None:
         store.list(ts.KvStore.KeyRange(key, key + "\0")).result()
     except ValueError as err:
         raise explain(err, where) from err
+
+
+@functools.cache
+def _aws_credentials_found() -> bool:
+    """Whether AWS's standard chain (environment, ~/.aws files, web identity, container and
+    instance roles) yields credentials; botocore asks it quietly and quickly."""
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_credentials() is not None
+    except Exception:  # a malformed ~/.aws file: let the request report it
+        return True
+
+
+def _require_aws_credentials(where: str) -> None:
+    """No credentials at all: one line now (tensorstore would print its whole failed search of
+    the chain, then a signed-less request's error)."""
+    if not _aws_credentials_found():
+        raise ObjectStoreError(
+            f"{where}: no AWS credentials were found (no AWS_ACCESS_KEY_ID, no ~/.aws "
+            "credentials or AWS_PROFILE, no instance or container role). Set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for an account that "
+            "may use the bucket."
+        )

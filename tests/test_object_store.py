@@ -4,9 +4,12 @@ A moto server (`python -m moto.server`) stands in for S3: AWS_ENDPOINT_URL point
 credentials are dummies. Nothing here needs the network.
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from helpers.bank import KILL_MID_WRITE_BACK, streamed_bank
-from helpers.small import run_entry_point
+from helpers.small import run_entry_point, tree_hashes
 from helpers.training import MEMORY_BINDINGS, memory_config
 
 from hmem_jax import paths
@@ -25,52 +28,71 @@ BUCKET = "hmem-test"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on a free loopback port with bucket BUCKET; the AWS_* variables point at
-    it for the module (child processes inherit them). Stopped at the end."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
+@contextlib.contextmanager
+def _moto_server(env=None):
+    """A moto S3 server on a free loopback port (extra environment `env`) -> its endpoint."""
     import portpicker
 
     port = portpicker.pick_unused_port()
-    endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         deadline = time.time() + 30
-        while True:
+        while True:  # until it listens
             try:
-                client.create_bucket(Bucket=BUCKET)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except Exception:
+            except OSError:
                 if time.time() > deadline or server.poll() is not None:
                     raise
-                time.sleep(0.2)
-        yield endpoint, client
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on a free loopback port with bucket BUCKET; the AWS_* variables point at
+    it for the module (child processes inherit them). Stopped at the end."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+
+    with _moto_server() as endpoint:
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            deadline = time.time() + 30
+            while True:
+                try:
+                    client.create_bucket(Bucket=BUCKET)
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.2)
+            yield endpoint, client
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def test_paths_read_and_write_objects_and_make_kvstore_specs(s3_server):
@@ -104,6 +126,29 @@ def test_a_missing_bucket_and_a_closed_port_are_one_line_errors_without_hanging(
     assert time.time() - start < 20
 
 
+def test_missing_and_refused_credentials_are_one_line_errors(s3_server, tmp_path, monkeypatch):
+    """No credentials anywhere: refused before any request (tensorstore would print its search
+    of the credential chain). Credentials an auth-checking server does not know: refused."""
+    spec = paths.kvstore_spec(f"s3://{BUCKET}/bank")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # and no instance role to ask
+    paths._aws_credentials_found.cache_clear()
+    try:
+        with pytest.raises(paths.ObjectStoreError, match="bank: no AWS credentials were found"):
+            paths.check_kvstore(paths.kvstore_spec(f"s3://{BUCKET}/bank"), "bank")
+    finally:
+        paths._aws_credentials_found.cache_clear()
+
+    with _moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:  # checks signatures
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unknown-secret")
+        spec = {**spec, "endpoint": endpoint}
+        with pytest.raises(paths.ObjectStoreError, match="refused the credentials.*AWS_ACCESS"):
+            paths.check_kvstore(spec, "bank")
+
+
 def test_the_train_command_names_a_missing_bucket_in_one_line(
     s3_server, small_prepared_tree_data, tmp_path
 ):
@@ -124,23 +169,96 @@ def test_the_train_command_names_a_missing_bucket_in_one_line(
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_unsupported_object_store_paths_are_refused_in_one_line(small_prepared_tree_data):
+def test_every_object_store_a_run_names_is_checked_before_it_starts(
+    s3_server, small_prepared_tree_data
+):
+    """The workdir, prepared data, tree and anchor on a missing bucket: one line naming the
+    setting, from check_paths (before anything is fitted, prepared or written)."""
     from hmem_jax.train.layout import check_paths
 
-    prepared, _, params = small_prepared_tree_data
+    _, _, params = small_prepared_tree_data
     cfg = memory_config(params)
-    with pytest.raises(HmemError, match="orbax-checkpoint cannot write checkpoints to s3://"):
-        check_paths(cfg, f"s3://{BUCKET}/run")
-    with pytest.raises(HmemError, match="not supported yet"):
-        check_paths(cfg, "gs://bucket/run")
-    remote_data = memory_config(params + (f"DataConfig.prepared_dir = 's3://{BUCKET}/data'",))
-    with pytest.raises(HmemError, match="grain reads from local files only"):
-        check_paths(remote_data, "/tmp/run")
-    remote_anchor = memory_config(
-        params, init_from=f"s3://{BUCKET}/anchor", memory={"mode": "cotrain"}
-    )
-    with pytest.raises(HmemError, match="cannot read checkpoints from s3://"):
-        check_paths(remote_anchor, "/tmp/run")
+    check_paths(cfg, f"s3://{BUCKET}/run")  # the bucket answers
+    missing = "s3://hmem-no-such-bucket"
+    with pytest.raises(HmemError, match="--workdir=s3://hmem-no-such-bucket/run.*bucket"):
+        check_paths(cfg, f"{missing}/run")
+    remote_data = dataclasses.replace(cfg.data, prepared_dir=f"{missing}/data")
+    for field, cfg in (
+        ("DataConfig.prepared_dir", memory_config(params, data=remote_data)),
+        ("TrainConfig.tree_dir", memory_config(params, tree_dir=f"{missing}/tree")),
+        (
+            "TrainConfig.init_from",
+            memory_config(params, init_from=f"{missing}/anchor", memory={"mode": "cotrain"}),
+        ),
+    ):
+        with pytest.raises(HmemError, match=f"{field}=.*bucket does not exist"):
+            check_paths(cfg, "/tmp/run")
+
+
+def test_checkpoints_on_s3_commit_restore_and_pass_over_an_unfinished_save(s3_server):
+    """orbax writes checkpoints to S3 (tensorstore's s3 driver) and marks each complete one
+    with its commit file; a step folder without one (a save killed midway) is not a checkpoint.
+    The newest state and an older step's parameters (as `init_from` reads them) restore."""
+    import jax
+    import jax.numpy as jnp
+
+    from hmem_jax.train.checkpoint import Checkpointer
+
+    _, client = s3_server
+    directory = f"s3://{BUCKET}/ckpt"
+    state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "opt_state": {"m": jnp.ones(3)}}
+    saver = Checkpointer(directory, every=1, keep=2)
+    for step in (1, 2, 3):
+        saver.save(step, jax.tree.map(lambda x, s=step: x * s, state), {"step": step})
+    saver.close()
+    assert _committed_steps(client, "ckpt") == [2, 3]
+    client.put_object(Bucket=BUCKET, Key="ckpt/4/state/_METADATA", Body=b"{}")
+    reader = Checkpointer(directory, every=1, keep=2, async_save=False)
+    try:
+        assert reader.all_steps() == [2, 3] and reader.read_record(3)["step"] == 3
+        step, restored, skipped = reader.restore_newest(state)
+        assert (step, skipped) == (3, [])
+        np.testing.assert_array_equal(restored["params"]["w"], 3 * state["params"]["w"])
+        np.testing.assert_array_equal(restored["opt_state"]["m"], 3 * state["opt_state"]["m"])
+    finally:
+        reader.close()
+    anchor = Checkpointer(directory, every=1, keep=1 << 30, async_save=False)  # as init_from
+    try:
+        params = anchor.restore_params(2, state["params"])
+        np.testing.assert_array_equal(params["w"], 2 * state["params"]["w"])
+    finally:
+        anchor.close()
+
+
+def test_a_tree_and_prepared_data_written_to_s3_equal_local_ones(
+    s3_server, small_prepared_tree_data, tmp_path, monkeypatch
+):
+    """cluster and prepare write an S3 folder (its manifest last); a host's local copy of the
+    S3 data holds the files a local preparation writes, and is made once."""
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.prepared import local_copy
+    from hmem_jax.hierarchy.corpus import cluster_corpus
+    from hmem_jax.hierarchy.tree import ClusterTree
+    from hmem_jax.main.common import load_train_config
+
+    monkeypatch.setenv("HMEM_JAX_CACHE", str(tmp_path / "cache"))
+    prepared, tree, params = small_prepared_tree_data
+    cfg = load_train_config((), params)
+    remote_tree, remote_data = f"s3://{BUCKET}/fit/tree", f"s3://{BUCKET}/fit/data"
+    cluster_corpus(cfg.data, cfg.hierarchy, remote_tree, verbose=False)
+    assert ClusterTree.load(remote_tree).content_hash == ClusterTree.load(tree).content_hash
+    assert ensure_prepared(cfg, remote_data, remote_tree, progress=False) == remote_data
+    copy = local_copy(remote_data)
+    assert copy.startswith(str(tmp_path / "cache")) and local_copy(remote_data) == copy
+    manifest = "manifest.json"
+    assert {k: v for k, v in tree_hashes(copy).items() if k != manifest} == {
+        k: v for k, v in tree_hashes(prepared).items() if k != manifest
+    }
+    made, local = (json.loads(open(os.path.join(d, manifest)).read()) for d in (copy, prepared))
+    for varying in ("created", "timing_s"):  # when and how fast it was made
+        made.pop(varying), local.pop(varying)
+    assert made == local
+    assert ensure_prepared(cfg, remote_data, remote_tree, progress=False) == remote_data  # reused
 
 
 KILLED_CLI = (
@@ -161,44 +279,55 @@ KILLED_CLI = (
 def _losses(workdir):
     """step -> train/loss of metrics.jsonl (the resumed run's row wins)."""
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
-        for line in handle:
-            row = json.loads(line)
-            out[row["step"]] = row["train/loss"]
+    for line in paths.read_text(paths.join(str(workdir), "metrics.jsonl")).splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["train/loss"]
     return out
+
+
+def _committed_steps(client, prefix):
+    """Steps under s3://BUCKET/PREFIX/ that orbax committed (their commit_success.txt)."""
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    keys = [item["Key"][len(prefix) + 1 :].split("/") for item in listing.get("Contents", [])]
+    return sorted(int(k[0]) for k in keys if k[1:] == ["commit_success.txt"])
 
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_bank_and_tree_on_s3_survive_kill_9_and_match_a_local_run(
-    tmp_path, s3_server, small_prepared_tree_data
+def test_a_run_all_on_s3_survives_kill_9_and_matches_a_local_run(
+    tmp_path, s3_server, small_prepared_tree_data, monkeypatch
 ):
-    """The CLI trains with MemoryConfig.bank_store and TrainConfig.tree_dir on S3, is killed
-    (SIGKILL) mid write-back after the step-3 checkpoint, resumes to the end with the losses and
-    bank of an uninterrupted run with a local bank; evaluate and export read the S3 bank."""
+    """The CLI trains a streamed-bank memory run whose workdir (checkpoints, metrics, lease,
+    bank), prepared data and tree are all on S3; it is killed (SIGKILL) mid write-back after the
+    step-3 checkpoint, and a second start resumes to the end with the losses and bank of an
+    uninterrupted run that kept everything on the local disk. evaluate and export then read the
+    S3 workdir and write their outputs to S3."""
+    _, client = s3_server
+    monkeypatch.setenv("HMEM_JAX_CACHE", str(tmp_path / "cache"))  # the local copy of the data
     prepared, tree, params = small_prepared_tree_data
     paths.upload_tree(tree, f"s3://{BUCKET}/tree")
+    paths.upload_tree(prepared, f"s3://{BUCKET}/data", last=("manifest.json",))
     memory = {"bank_tier": "streaming", "prefetch_steps": 1}
     reference_cfg = memory_config(params, memory=memory)
-    store = f"s3://{BUCKET}/bank"
-    cli_params = tuple(p for p in params if not p.startswith("TrainConfig.tree_dir")) + (
+    local_params = (
+        *params,
         *MEMORY_BINDINGS,
-        f"TrainConfig.tree_dir = 's3://{BUCKET}/tree'",
         "MemoryConfig.bank_tier = 'streaming'",
         "MemoryConfig.prefetch_steps = 1",
-        f"MemoryConfig.bank_store = '{store}'",
     )
-    local_params = tuple(p for p in cli_params if not p.startswith("MemoryConfig.bank_store"))
-    local_params = tuple(
-        f"TrainConfig.tree_dir = '{tree}'" if p.startswith("TrainConfig.tree_dir") else p
-        for p in local_params
+    remote_params = tuple(
+        p for p in local_params if not p.startswith(("TrainConfig.tree_dir", "DataConfig.prep"))
+    ) + (
+        f"TrainConfig.tree_dir = 's3://{BUCKET}/tree'",
+        f"DataConfig.prepared_dir = 's3://{BUCKET}/data'",
     )
     reference = run_entry_point(
         "hmem_jax.main.train", tmp_path / "local", local_params, 1, "--probe_limit=0"
     )
     assert reference.returncode == 0, reference.stdout + reference.stderr
-    workdir = tmp_path / "run"
-    flags = [f"--workdir={workdir}", "--probe_limit=0"] + [f"--gin_param={p}" for p in cli_params]
+    workdir = f"s3://{BUCKET}/run"
+    flags = [f"--workdir={workdir}", "--probe_limit=0"]
+    flags += [f"--gin_param={p}" for p in remote_params]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # as below
     child = subprocess.run(
         [sys.executable, "-c", KILLED_CLI, *flags],
@@ -209,34 +338,37 @@ def test_a_bank_and_tree_on_s3_survive_kill_9_and_match_a_local_run(
         cwd=REPO,
     )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
-    assert max(int(s) for s in os.listdir(workdir / "checkpoints")) == 3
+    assert _committed_steps(client, "run/checkpoints") == [3]
+    assert paths.isfile(f"{workdir}/trainer.lock")  # left by the killed job: stale at once
 
-    resumed = run_entry_point("hmem_jax.main.train", workdir, cli_params, 1, "--probe_limit=0")
+    resumed = run_entry_point("hmem_jax.main.train", workdir, remote_params, 1, "--probe_limit=0")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _committed_steps(client, "run/checkpoints") == [3, 6]
+    assert not paths.exists(f"{workdir}/trainer.lock")
     losses = _losses(workdir)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses == _losses(tmp_path / "local")
     local = streamed_bank(reference_cfg, paths.kvstore_spec(str(tmp_path / "local" / "bank")))
-    remote = streamed_bank(reference_cfg, paths.kvstore_spec(store))
+    remote = streamed_bank(reference_cfg, paths.kvstore_spec(f"{workdir}/bank"))
     for key, fields in local.items():
         for field, value in fields.items():
             np.testing.assert_array_equal(remote[key][field], value, err_msg=f"{key} {field}")
 
     evaluated = run_entry_point(
-        "hmem_jax.main.evaluate", workdir, (), 1, "--limit=5", f"--out={tmp_path / 'eval'}"
+        "hmem_jax.main.evaluate", workdir, (), 1, "--limit=5", f"--out={workdir}/eval"
     )
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["probe"]
+    assert json.loads(paths.read_text(f"{workdir}/eval/results.json"))["probe"]
     pytest.importorskip("safetensors", reason="export needs the 'hf' extra")
     exported = run_entry_point(
         "hmem_jax.main.export",
         workdir,
         (),
         1,
-        f"--out={tmp_path / 'hf'}",
+        f"--out={workdir}/hf",
         "--memory=fetched",
         "--path=1,2",
     )
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    record = json.loads((tmp_path / "hf" / "hmem_export.json").read_text())
+    record = json.loads(paths.read_text(f"{workdir}/hf/hmem_export.json"))
     assert record["block_ids"] == [1, 6]  # the blocks of path 1,2, read from the S3 bank

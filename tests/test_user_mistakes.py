@@ -9,7 +9,17 @@ import sys
 import pytest
 from helpers.small import SMALL_CORPUS_PARAMS, tree_hashes
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = {
+    key: value
+    for key, value in os.environ.items()
+    if key not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")
+}
+ENV.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",  # no AWS credentials anywhere
+    AWS_CONFIG_FILE="/nonexistent/config",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 ANCHOR = SMALL_CORPUS_PARAMS + (
     "MemoryConfig.kind = 'none'",
     "TrainConfig.steps = 2",
@@ -106,14 +116,14 @@ MISTAKES = {
         _train(*MEMORY, "MemoryConfig.mode = 'cotrain'"),
         "TrainConfig.init_from",
     ),
-    # Object-store URLs where the engine cannot use them (tests/test_object_store.py: the rest).
-    "workdir-s3": (
+    # Object stores without credentials (tests/test_object_store*.py: the rest, with servers).
+    "workdir-s3-no-credentials": (
         _train(workdir="s3://hmem-test/run"),
-        "orbax-checkpoint cannot write checkpoints to s3://",
+        "--workdir=s3://hmem-test/run: no AWS credentials were found",
     ),
-    "prepared-dir-s3": (
+    "prepared-dir-s3-no-credentials": (
         _train("DataConfig.prepared_dir = 's3://hmem-test/data'"),
-        "grain reads from local files only",
+        "DataConfig.prepared_dir=s3://hmem-test/data: no AWS credentials were found",
     ),
     # Data paths and files.
     "jsonl-no-path": (_train("DataConfig.source = 'jsonl'"), "DataConfig.path"),

@@ -77,14 +77,20 @@ def level_layouts(
 def kvstore_spec(location: str, workdir: str) -> dict[str, Any]:
     """A tensorstore kvstore JSON spec (a directory, path ending in '/') for `bank_store`.
 
-    '' -> WORKDIR/bank on the local disk; a JSON object -> itself; a URL
+    '' -> WORKDIR/bank (on the workdir's disk or object store); a JSON object -> itself; a URL
     ('file:///...', 'gs://...', 's3://...', 'memory://...') -> tensorstore's
     parse of it; anything else -> a local path.
     """
     import tensorstore as ts
 
     if not location:
-        spec: dict[str, Any] = {"driver": "file", "path": os.path.join(workdir, "bank")}
+        from hmem_jax import paths
+
+        default = paths.join(workdir, "bank")
+        if paths.is_remote(default):  # an object-store workdir keeps its bank beside it
+            spec: dict[str, Any] = ts.KvStore.Spec(default + "/").to_json()
+        else:
+            spec = {"driver": "file", "path": default}
     elif location.lstrip().startswith("{"):
         try:
             spec = json.loads(location)

@@ -167,11 +167,12 @@ class ElementCounter:
 
 def read_counts(prepared_dir: str) -> dict[str, int] | None:
     """The element-name counts `prepare` stored, or None for data prepared without them."""
-    path = os.path.join(prepared_dir, COUNTS_FILE)
-    if not os.path.isfile(path):
+    from hmem_jax import paths
+
+    path = paths.join(prepared_dir, COUNTS_FILE)
+    if not paths.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return {str(k): int(v) for k, v in json.load(handle).items()}
+    return {str(k): int(v) for k, v in json.loads(paths.read_text(path)).items()}
 
 
 def frequency_buckets(counts: dict[str, int], num_buckets: int = 5) -> dict[str, int]:

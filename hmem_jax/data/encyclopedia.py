@@ -38,6 +38,7 @@ import json
 import random
 from collections.abc import Callable, Iterable
 
+from hmem_jax import paths
 from hmem_jax.data.document import Document
 from hmem_jax.errors import ConfigError
 
@@ -298,7 +299,7 @@ def write_probes(probes: Iterable[Probe], path: str) -> int:
 
 
 def read_probes(path: str) -> list[Probe]:
-    with open(path, encoding="utf-8") as handle:
+    with paths.open_file(path, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [Probe(**{**row, "documents": tuple(row.get("documents", ()))}) for row in rows]
 

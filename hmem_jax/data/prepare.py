@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from hmem_jax import paths
 from hmem_jax.config import DataConfig, TrainConfig
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
@@ -298,7 +299,10 @@ def ensure_prepared(
     wanted = requested_settings(
         config.data, config.seq_len, router.content_hash if router is not None else None
     )
-    if not os.path.exists(out_dir):
+    if paths.is_remote(out_dir):
+        if not paths.isfile(paths.join(out_dir, MANIFEST_FILE)):
+            _prepare_and_upload(config, out_dir, router, progress)
+    elif not os.path.exists(out_dir):
         try:
             prepare(config.data, config.seq_len, out_dir, router=router, progress=progress)
         except PreparedDataError:
@@ -314,3 +318,16 @@ def ensure_prepared(
             "the data again."
         )
     return out_dir
+
+
+def _prepare_and_upload(
+    config: TrainConfig, url: str, router: TreeRouter | None, progress: bool
+) -> None:
+    """Prepare into a local scratch folder, then upload it to `url` with the manifest last (an
+    interrupted upload leaves no manifest, so it is not taken for complete data)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hmem_prepare_") as scratch:
+        local = os.path.join(scratch, "data")
+        prepare(config.data, config.seq_len, local, router=router, progress=progress)
+        paths.upload_tree(local, url, last=(MANIFEST_FILE,))

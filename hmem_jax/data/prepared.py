@@ -13,6 +13,10 @@ A prepared directory holds (written by `data/prepare.py`, read by `data/loader.p
   corpus (hmem_jax/data/elements.py), which buckets the atomic-number probe;
 - `manifest.json`: written last. A directory is complete iff it has one.
 
+Prepared data may live on an object store (uploaded with the manifest last);
+grain reads ArrayRecord shards from local files only, so each host reads a
+copy on its own disk (`local_copy`, made once per manifest and reused).
+
 The manifest's `settings` (`requested_settings`) are what the data was made
 from; equal settings mean the data can be reused, and `settings_mismatches`
 names every difference when they are not.
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hmem_jax import paths
 from hmem_jax.config import DataConfig
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.sources import describe_source
@@ -80,15 +85,14 @@ def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) ->
 
 
 def read_manifest(prepared_dir: str) -> dict[str, Any]:
-    path = os.path.join(prepared_dir, MANIFEST_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(prepared_dir, MANIFEST_FILE)
+    if not paths.isfile(path):
         raise PreparedDataError(
             f"{prepared_dir!r} holds no {MANIFEST_FILE}, so it is not a complete prepared "
             "dataset. Run `python -m hmem_jax.main.prepare --out=DIR` (or let training "
             "prepare the embedded corpus)."
         )
-    with open(path, encoding="utf-8") as handle:
-        manifest = json.load(handle)
+    manifest = json.loads(paths.read_text(path))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PreparedDataError(
             f"{prepared_dir!r} has prepared-data format {manifest.get('format_version')!r}; this "
@@ -109,3 +113,40 @@ def settings_mismatches(
         elif want != have:
             lines.append(f"{prefix}{key}: requested {want!r}, prepared {have!r}")
     return lines
+
+
+def local_copy(prepared_dir: str) -> str:
+    """`prepared_dir` itself when it is local; for a gs:// or s3:// URL a copy of it on this
+    host's disk (`paths.cache_dir('prepared')`), made on first use and reused while the remote
+    manifest is unchanged. A copy is downloaded into a scratch folder and renamed into place
+    whole, so a killed download is never taken for a complete copy, and of processes of one
+    host racing to make it, one rename wins and the others use it."""
+    if not paths.is_remote(prepared_dir):
+        return prepared_dir
+    import shutil
+    import tempfile
+
+    manifest_text = paths.read_text(paths.join(prepared_dir, MANIFEST_FILE))
+    key = hashlib.sha256(f"{prepared_dir}\n{manifest_text}".encode()).hexdigest()[:20]
+    parent = paths.cache_dir("prepared")
+    target = os.path.join(parent, key)
+    if os.path.isfile(os.path.join(target, MANIFEST_FILE)):
+        return target
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{key}.", dir=parent)
+    try:
+        paths.download_tree(prepared_dir, scratch)
+        with open(os.path.join(scratch, MANIFEST_FILE), encoding="utf-8") as handle:
+            if handle.read() != manifest_text:
+                raise PreparedDataError(
+                    f"{prepared_dir!r} changed while it was being copied to {target}; "
+                    "is another job preparing it? Start again once it is complete."
+                )
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, MANIFEST_FILE)):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target

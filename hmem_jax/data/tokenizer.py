@@ -347,22 +347,22 @@ def load_tokenizer(prepared_dir: str) -> Tokenizer:
     Raises `TokenizerError` when the file is missing or differs from the one
     the shards were tokenized with (hash or vocabulary size).
     """
-    manifest_path = os.path.join(prepared_dir, "manifest.json")
-    if not os.path.isfile(manifest_path):
+    from hmem_jax import paths
+
+    manifest_path = paths.join(prepared_dir, "manifest.json")
+    if not paths.isfile(manifest_path):
         raise TokenizerError(
             f"{prepared_dir!r} has no manifest.json; it is not a prepared "
             "dataset. Run `python -m hmem_jax.main.prepare --out=DIR`."
         )
-    with open(manifest_path, encoding="utf-8") as handle:
-        expected = json.load(handle)["tokenizer"]
-    path = os.path.join(prepared_dir, expected["file"])
-    if not os.path.isfile(path):
+    expected = json.loads(paths.read_text(manifest_path))["tokenizer"]
+    path = paths.join(prepared_dir, expected["file"])
+    if not paths.isfile(path):
         raise TokenizerError(
             f"The prepared data in {prepared_dir!r} lists tokenizer file "
             f"{expected['file']!r}, which is missing. Prepare the data again."
         )
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = paths.read_bytes(path)
     # Hash first: a damaged file must be reported as a mismatch, not as a parser crash.
     found: dict[str, object] = {"sha256": hashlib.sha256(data).hexdigest()}
     if found["sha256"] == expected["sha256"]:

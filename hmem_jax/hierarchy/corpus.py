@@ -19,6 +19,7 @@ from typing import Any
 import gin
 import numpy as np
 
+from hmem_jax import paths as hmem_paths
 from hmem_jax.config import DataConfig, HierarchyConfig
 from hmem_jax.errors import SourceError
 
@@ -35,6 +36,7 @@ def cluster_corpus(
     from hmem_jax.hierarchy import ClusterTree, cluster_report, embed_cached, format_report
     from hmem_jax.hierarchy.cache import corpus_hash
     from hmem_jax.hierarchy.embedders import fit_embedder, get_embedder
+    from hmem_jax.hierarchy.tree import MANIFEST_NAME
 
     say = print if verbose else (lambda *_: None)
     timings: dict[str, float] = {}
@@ -75,26 +77,27 @@ def cluster_corpus(
     paths = tree.route(embeddings)
     timings["route_s"] = time.perf_counter() - started
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tree.save(out)
-    np.save(out / "paths.npy", paths)
-    (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
-    (out / "config.gin").write_text(gin.config_str())
-    report = cluster_report(tree, embeddings, paths)
-    report.update(
-        corpus_hash=corpus,
-        source=stats.as_dict(),
-        timings_s={k: round(v, 3) for k, v in timings.items()},
-        hierarchy={
-            **dataclasses.asdict(hierarchy),
-            "balance_threshold_used": tree.fit_info["balance_threshold"],
-        },
-    )
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    say(format_report(report))
-    say(
-        f"wrote the tree, paths.npy, doc_ids.json and report.json to {out} "
-        f"(tree {tree.content_hash[:12]})"
-    )
+    with hmem_paths.staged(str(out_dir), last=(MANIFEST_NAME,)) as local:  # URL: uploaded after
+        out = Path(local)
+        out.mkdir(parents=True, exist_ok=True)
+        tree.save(out)
+        np.save(out / "paths.npy", paths)
+        (out / "doc_ids.json").write_text(json.dumps([document.id for document in documents]))
+        (out / "config.gin").write_text(gin.config_str())
+        report = cluster_report(tree, embeddings, paths)
+        report.update(
+            corpus_hash=corpus,
+            source=stats.as_dict(),
+            timings_s={k: round(v, 3) for k, v in timings.items()},
+            hierarchy={
+                **dataclasses.asdict(hierarchy),
+                "balance_threshold_used": tree.fit_info["balance_threshold"],
+            },
+        )
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        say(format_report(report))
+        say(
+            f"wrote the tree, paths.npy, doc_ids.json and report.json to {out_dir} "
+            f"(tree {tree.content_hash[:12]})"
+        )
     return report

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from hmem_jax import paths
 from hmem_jax.errors import ConfigError, ProbeFileError
 from hmem_jax.infer.decode import Sampling
 from hmem_jax.infer.engine import Engine
@@ -95,13 +96,13 @@ def probe_item(row: Mapping[str, Any], where: str = "probe") -> ProbeItem:
 
 def read_probe_file(path: str) -> list[ProbeItem]:
     """Probe items of a jsonl file (the format in this module's docstring)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise ProbeFileError(
             f"The probe file {path!r} does not exist; pass a jsonl file with "
             "one {'prompt', 'answer', 'bucket'} object per line."
         )
     items = []
-    with open(path, encoding="utf-8") as handle:
+    with paths.open_file(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -195,8 +196,8 @@ def oracle_block_ids(
     per_item: dict[int, list[tuple[int, ...]]] = collections.defaultdict(list)
     for owner, row in _fact_document_routes(engine, items, documents):
         per_item[owner].append(tuple(int(x) for x in row))
-    for i, paths in per_item.items():
-        routes[i] = collections.Counter(paths).most_common(1)[0][0]
+    for i, found in per_item.items():
+        routes[i] = collections.Counter(found).most_common(1)[0][0]
         has[i] = True
     return routes, has
 

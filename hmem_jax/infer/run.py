@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from hmem_jax import sharding
+from hmem_jax import paths, sharding
 from hmem_jax.config import MeshConfig, TrainConfig
 from hmem_jax.errors import CheckpointMismatchError, RunLayoutError
 from hmem_jax.model import Transformer
@@ -47,7 +47,7 @@ class LoadedRun:
 
     @property
     def tree_dir(self) -> str:
-        return self.cfg.tree_dir or os.path.join(self.workdir, "tree")
+        return self.cfg.tree_dir or paths.join(self.workdir, "tree")
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -66,13 +66,21 @@ def load_config(workdir: str) -> TrainConfig:
     """The run's TrainConfig from its operative `config.gin`."""
     from hmem_jax.gin_parsing import load_train_config
 
-    path = os.path.join(workdir, "config.gin")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, "config.gin")
+    if not paths.isfile(path):
         raise RunLayoutError(
             f"{workdir!r} has no config.gin; point --workdir at a folder "
             "written by `python -m hmem_jax.main.train`."
         )
-    return load_train_config([path])
+    if not paths.is_remote(path):
+        return load_train_config([path])
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hmem_config_") as local:  # gin reads local files
+        copy = os.path.join(local, "config.gin")
+        with open(copy, "w", encoding="utf-8") as handle:
+            handle.write(paths.read_text(path))
+        return load_train_config([copy])
 
 
 def load_run(workdir: str, step: int | None = None) -> LoadedRun:
@@ -81,7 +89,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
     from hmem_jax.train.optimizer import make_optimizer
     from hmem_jax.train.state import abstract_state
 
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     cfg = load_config(workdir)
     plan = MemoryPlan.from_config(cfg)
     frozen = plan is not None and cfg.memory.mode == "frozen_anchor"
@@ -99,7 +107,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         None if streaming else plan,
     )
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False
+        paths.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False
     )
     try:
         if checkpointer.latest_step() is None:

@@ -87,7 +87,7 @@ def write_tokenizer(prepared_dir: str, out_dir: str) -> tuple[list[str], dict[st
     """
     from hmem_jax.data.tokenizer import load_tokenizer
 
-    if not os.path.isfile(os.path.join(prepared_dir, "manifest.json")):
+    if not paths.isfile(paths.join(prepared_dir, "manifest.json")):
         return [], {}
     tokenizer = load_tokenizer(prepared_dir)
     path = tokenizer.save(out_dir)

@@ -25,11 +25,11 @@ re-fitting with another tree shape or seed does not re-embed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from absl import flags
 
+from hmem_jax import paths
 from hmem_jax.config import ConfigError, DataConfig
 from hmem_jax.hierarchy.corpus import cluster_corpus
 from hmem_jax.main import common
@@ -43,7 +43,7 @@ DOCS = flags.DEFINE_string(
 OUT = common.out_flag("Output folder for the tree, paths and report (required).")
 CACHE_DIR = flags.DEFINE_string(
     "cache_dir",
-    os.path.join(os.path.expanduser("~"), ".cache", "hmem_jax", "embeddings"),
+    paths.cache_dir("embeddings"),
     "Embedding cache folder; empty disables the cache.",
 )
 QUIET = flags.DEFINE_bool("quiet", False, "No progress output.")

@@ -82,10 +82,10 @@ def _probe(engine, run, rag, out: str, results: dict) -> None:
     )
     from hmem_jax.infer.run import load_run
 
-    path = PROBE_FILE.value or os.path.join(run.prepared_dir, "probes.jsonl")
+    path = PROBE_FILE.value or paths.join(run.prepared_dir, "probes.jsonl")
     if ELEMENTS.value:
         path, probes = "the 118 elements", element_probes(run.prepared_dir)
-    elif not PROBE_FILE.value and not os.path.isfile(path):
+    elif not PROBE_FILE.value and not paths.isfile(path):
         print(f"probe: skipped ({path} does not exist; pass --probe_file=FILE.jsonl or --elements)")
         return
     else:
@@ -138,8 +138,8 @@ def _perplexity(engine, run, out: str, results: dict) -> None:
         texts = training_documents(run.cfg)
         texts = random.Random(0).sample(texts, min(PPL_DOCS.value, len(texts)))
         buckets = None
-        probes_path = os.path.join(run.prepared_dir, "probes.jsonl")
-        if os.path.isfile(probes_path):
+        probes_path = paths.join(run.prepared_dir, "probes.jsonl")
+        if paths.isfile(probes_path):
             from hmem_jax.data.encyclopedia import read_probes
 
             buckets = encyclopedia_buckets(texts, read_probes(probes_path))
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> None:
             common.fail(f"--{flag.name}: unknown {unknown}; choose from {list(known)}.")
     run = load_run(WORKDIR.value, STEP.value)
     engine = Engine(run)
-    target = OUT.value or os.path.join(run.workdir, "eval")
+    target = OUT.value or paths.join(run.workdir, "eval")
     with paths.staged(target) as out:  # gs:// or s3:// --out: written here, then uploaded
         os.makedirs(out, exist_ok=True)
         rag = None

@@ -42,6 +42,14 @@ def main(argv: list[str]) -> None:
     if mode == "fetched" and bool(ROUTE_TEXT.value) == bool(PATH.value):
         common.fail("--memory=fetched needs exactly one of --route_text or --path.")
     run = load_run(WORKDIR.value, STEP.value)
+    if BANK.value and run.streamed is not None:
+        common.fail(
+            "--bank: this run's bank is streamed (MemoryConfig.bank_tier = 'streaming'); it "
+            f"already is a tensorstore bank ({run.cfg.memory.bank_store or 'WORKDIR/bank'}, "
+            f"version {run.step}). Export single blocks with --memory=fetched, or copy the store."
+        )
+    if BANK.value and (run.bank is None or run.plan is None):
+        common.fail("--bank: this run has no memory bank.")
     engine = Engine(run)
     common.check_memory_mode(engine, mode, run.workdir)
     if mode == "fetched":
@@ -73,8 +81,7 @@ def main(argv: list[str]) -> None:
     out = OUT.value if paths.is_remote(OUT.value) else out
     print(f"exported {mode} model to {paths.absolute(out)}", flush=True)
     if BANK.value:
-        if run.bank is None or run.plan is None:
-            common.fail("--bank: this run has no memory bank.")
+        assert run.bank is not None and run.plan is not None  # checked above
         with paths.staged(BANK.value) as local:
             export_bank(
                 local,

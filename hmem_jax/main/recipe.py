@@ -14,8 +14,8 @@ to WORKDIR/probe.json.
 from __future__ import annotations
 
 import json
-import os
 
+from hmem_jax import paths
 from hmem_jax.main import common
 
 WORKDIR = common.workdir_flag("Folder of the recipe's runs.")
@@ -35,8 +35,8 @@ def _probe(recipe, limit: int) -> None:
 
     engines = {name: Engine(load_run(recipe.stage_dir(name))) for name in (BASELINE, MEMORY)}
     memory_run, baseline_run = engines[MEMORY].run, engines[BASELINE].run
-    path = os.path.join(memory_run.prepared_dir, "probes.jsonl")
-    if not os.path.isfile(path):
+    path = paths.join(memory_run.prepared_dir, "probes.jsonl")
+    if not paths.isfile(path):
         print(
             f"hmem_jax recipe: no probes ({path} does not exist; the embedded corpus has "
             "them, or run `hmem evaluate --probe_file=...` on both runs)",
@@ -56,7 +56,7 @@ def _probe(recipe, limit: int) -> None:
         names.get(name, name.replace(f"{MEMORY}: ", "memory run, ")): row
         for name, row in table.items()
     }
-    with open(os.path.join(recipe.workdir, "probe.json"), "w") as handle:
+    with paths.open_file(paths.join(recipe.workdir, "probe.json"), "w") as handle:
         json.dump(table, handle, indent=1)
     cfg = memory_run.cfg
     print(
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     from hmem_jax.train.recipe import Recipe, run_recipe
 
     recipe = Recipe(
-        os.path.abspath(WORKDIR.value),
+        paths.absolute(WORKDIR.value),
         tuple(common.GIN_FILES.value),
         tuple(common.GIN_PARAMS.value),
     )

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
     cfg = common.config_from_flags()  # user mistakes from here on: one line (common.run)
     profile_steps = parse_profile_steps(PROFILE_STEPS.value)
     workdir = paths.absolute(WORKDIR.value)
-    check_paths(cfg, workdir)  # an object-store workdir is refused before anything is written
+    check_paths(cfg, workdir)  # every object store named answers, before anything is written
     with WorkdirLease(workdir):  # before anything is written: one trainer per workdir
         loader = make_loader(cfg, workdir)
         data_fingerprint = fingerprint(loader.fingerprint)

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from hmem_jax import paths
 from hmem_jax.errors import CheckpointMismatchError, CheckpointSaveError, HmemError
+from hmem_jax.train import orbax_storage
 from hmem_jax.train.state import TrainState
 
 
@@ -103,7 +104,8 @@ class Checkpointer:
         passed since the last checkpoint (orbax's continuous policy: process 0 decides and
         every process follows, so all save the same step; never while a save is running).
         """
-        self.directory = paths.absolute(directory)  # a gs:// URL is orbax's own
+        self.directory = paths.absolute(directory)
+        orbax_storage.prepare(self.directory)  # s3:// through tensorstore's s3 driver
         self._bank_snapshot, self._bank_collect = bank_snapshot, bank_collect
         policies = ocp.checkpoint_managers
         # Explicit, so there is no save at a fresh run's first step (orbax's default adds one).
@@ -119,6 +121,7 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=async_save,
             save_decision_policy=policies.AnySavePolicy(decisions),
+            atomicity_options=orbax_storage.atomicity_options(self.directory),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_blocking_s = 0.0
@@ -230,11 +233,11 @@ class Checkpointer:
         from now on), so the run can write those steps again; returns the new names."""
         moved = []
         for step in steps:
-            source = os.path.join(self.directory, str(step))
+            source = paths.join(self.directory, str(step))
             target, n = f"{source}.unreadable", 1
-            while os.path.exists(target):
+            while paths.exists(target):
                 target, n = f"{source}.unreadable{n}", n + 1
-            os.rename(source, target)
+            paths.rename(source, target)
             moved.append(target)
         self.reload()
         return moved

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 from hmem_jax import paths
 from hmem_jax.config import ConfigError, TrainConfig
@@ -37,8 +36,8 @@ def check_resume(cfg: TrainConfig, workdir: str, data_fingerprint: str) -> None:
     from hmem_jax.train.checkpoint import Checkpointer
     from hmem_jax.train.resume import check_resumable
 
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = paths.join(workdir, "checkpoints")
+    if not paths.isdir(directory):
         return
     checkpointer = Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
     try:
@@ -54,11 +53,11 @@ def tree_dir_of(cfg: TrainConfig, workdir: str) -> str | None:
     """Where the run's ClusterTree lives (None: an anchor-only run without one)."""
     if cfg.tree_dir:
         return cfg.tree_dir
-    return os.path.join(workdir, "tree") if cfg.memory.enabled else None
+    return paths.join(workdir, "tree") if cfg.memory.enabled else None
 
 
 def prepared_dir_of(cfg: TrainConfig, workdir: str) -> str:
-    return cfg.data.prepared_dir or os.path.join(workdir, "data")
+    return cfg.data.prepared_dir or paths.join(workdir, "data")
 
 
 def ensure_tree(cfg: TrainConfig, workdir: str) -> str | None:
@@ -124,40 +123,20 @@ def check_before_start(cfg: TrainConfig, devices: int) -> None:
     cfg.check_batch_shards(shards, str(mesh))
 
 
-MOUNT_HINT = (
-    "a local path, or a shared filesystem or FUSE mount of the bucket (gcsfuse, mountpoint-s3, "
-    "s3fs-fuse)"
-)
-
-
 def check_paths(cfg: TrainConfig, workdir: str) -> None:
-    """Refuse, before anything is written, an object-store URL where the engine that would use
-    it cannot; check that a streamed bank's object store answers (endpoint, bucket,
-    credentials). What accepts URLs: MemoryConfig.bank_store (tensorstore's s3/gcs drivers),
-    TrainConfig.tree_dir (read through etils.epath), TrainConfig.init_from on gs:// (orbax)."""
-    if paths.scheme(workdir) == "s3":
-        raise paths.ObjectStoreError(
-            f"--workdir={workdir}: orbax-checkpoint cannot write checkpoints to s3:// (its "
-            "tensorstore paths take gs:// and local paths only). Use " + MOUNT_HINT + " for the "
-            "workdir; MemoryConfig.bank_store can stay on s3://."
-        )
-    if paths.is_remote(workdir):
-        raise paths.ObjectStoreError(
-            f"--workdir={workdir}: a training workdir on an object store is not supported yet "
-            "(its prepared data, tree, metrics and profiles are local files). Use "
-            + MOUNT_HINT
-            + "; MemoryConfig.bank_store and TrainConfig.tree_dir may be URLs."
-        )
-    if paths.is_remote(cfg.data.prepared_dir):
-        raise paths.ObjectStoreError(
-            f"DataConfig.prepared_dir = {cfg.data.prepared_dir!r}: prepared data is ArrayRecord "
-            "files, which grain reads from local files only. Prepare to " + MOUNT_HINT + "."
-        )
-    if paths.scheme(cfg.init_from) == "s3":
-        raise paths.ObjectStoreError(
-            f"TrainConfig.init_from = {cfg.init_from!r}: orbax-checkpoint cannot read "
-            "checkpoints from s3://. Copy the anchor run to " + MOUNT_HINT + ", or to gs://."
-        )
+    """Check, before anything is written, that every object store the run names answers
+    (endpoint, bucket, credentials): the workdir, the prepared data, the tree, the anchor
+    (`init_from`) and a streamed bank. A local path is not checked here."""
+    named = [
+        ("--workdir", workdir),
+        ("DataConfig.prepared_dir", cfg.data.prepared_dir),
+        ("TrainConfig.tree_dir", cfg.tree_dir),
+        ("TrainConfig.init_from", cfg.init_from),
+    ]
+    for what, location in named:
+        if paths.is_remote(location):
+            spec = paths.kvstore_spec(location)
+            paths.check_kvstore(spec, f"{what}={location}")
     if cfg.memory.enabled and cfg.memory.bank_tier == "streaming":
         from hmem_jax.bank.layout import describe_location, kvstore_spec
 
@@ -173,6 +152,7 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
 
     from hmem_jax import sharding
     from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.prepared import local_copy
     from hmem_jax.data.routing import TreeRouter
 
     count = devices or jax.device_count()
@@ -187,7 +167,7 @@ def make_loader(cfg: TrainConfig, workdir: str, devices: int | None = None) -> L
     multihost_utils.sync_global_devices("hmem_jax.data.prepared")
     tree_hash = TreeRouter.load(tree_dir).content_hash if tree_dir else None
     return Loader(
-        prepared,
+        local_copy(prepared),  # grain reads local files: a URL is copied to this host once
         cfg.batch_size,
         cfg.seq_len,
         cfg.seed,

@@ -14,7 +14,8 @@ holder, unless the lease is stale:
 - it names a process on this very host that no longer runs (a local kill -9 is
   recovered at once, without waiting for the lease to run out).
 A job that ends, fails or is stopped by a signal removes its record. The file
-is plain, so `rm WORKDIR/trainer.lock` is the manual override.
+is plain (on an object store, one object replaced whole at each renewal), so
+`rm WORKDIR/trainer.lock` is the manual override.
 
 The record is written and then read back before the job goes on, so of two
 jobs racing for a free workdir the later writer wins and the other stops; this
@@ -36,6 +37,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from hmem_jax import paths
 from hmem_jax.errors import WorkdirBusyError
 
 LOCK_FILE = "trainer.lock"
@@ -56,7 +58,8 @@ class WorkdirLease:
     """`with WorkdirLease(workdir):` trains with the workdir held (see the module docstring)."""
 
     def __init__(self, workdir: str, lease_s: float = LEASE_S) -> None:
-        self.path = os.path.join(workdir, LOCK_FILE)
+        self.workdir = workdir
+        self.path = paths.join(workdir, LOCK_FILE)
         self.lease_s = lease_s
         self.record = {
             "job": uuid.uuid4().hex,
@@ -69,17 +72,22 @@ class WorkdirLease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                return json.load(handle)
+            if paths.is_remote(self.path) and not paths.isfile(self.path):
+                return None
+            return json.loads(paths.read_text(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}  # unreadable (a torn write): treat as stale
 
     def _write(self) -> None:
+        text = json.dumps({**self.record, "renewed": time.time()})
+        if paths.is_remote(self.path):
+            paths.write_text(self.path, text)  # one PUT: an object is replaced whole
+            return
         temporary = f"{self.path}.{self.record['job']}"
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({**self.record, "renewed": time.time()}, handle)
+            handle.write(text)
         os.replace(temporary, self.path)
 
     def holder(self) -> str | None:
@@ -101,7 +109,7 @@ class WorkdirLease:
 
     def _acquire_here(self) -> str | None:
         """Process 0: take the lease, or the description of who holds it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        paths.makedirs(self.workdir)
         busy = self.holder()
         if busy is None:
             self._write()
@@ -118,7 +126,7 @@ class WorkdirLease:
                 busy = "another job (process 0 of this job says which)"
         if busy is not None:
             raise WorkdirBusyError(
-                f"{os.path.dirname(self.path)} is being trained by {busy}. Wait for it to end, "
+                f"{self.workdir} is being trained by {busy}. Wait for it to end, "
                 f"use another --workdir, or delete {self.path} if that job is surely gone."
             )
         if jax.process_index() == 0:
@@ -141,4 +149,4 @@ class WorkdirLease:
         self._renewer = None
         found = self._read()
         if found and found.get("job") == self.record["job"]:
-            os.remove(self.path)
+            paths.remove(self.path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import posixpath
 import time
 from collections.abc import Iterator
@@ -121,7 +120,7 @@ def train(
 
     snapshot, collect = tier.checkpoint_hooks()
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        paths.join(workdir, "checkpoints"),
         cfg.checkpoint_every,
         cfg.keep_checkpoints,
         cfg.async_checkpointing,
@@ -222,7 +221,8 @@ def train(
                 rate = (now - run_start) / timed_steps if timed_steps else step_time
                 writer.write(done, logged, eta_s=rate * (end_step - done))
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            checkpointer.save(done, state, record, force=done == end_step or stopping)
+            if checkpointer.save(done, state, record, force=done == end_step or stopping):
+                writer.sync()  # an object-store workdir's metrics reach the checkpoint's step
             if stopping:
                 stopped_at = done
                 break

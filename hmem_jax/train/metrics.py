@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -17,9 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hmem_jax import paths
 from hmem_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
 PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -93,19 +96,50 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    """One console line per logged step; TensorBoard events and `metrics.jsonl` in the workdir."""
+    """One console line per logged step; TensorBoard events and `metrics.jsonl` in the workdir.
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None) -> None:
+    On an object-store workdir both are written to a local mirror (objects cannot be appended
+    to) and uploaded whole by `sync`: every `sync_every_s` seconds, after each checkpoint (the
+    loop calls it) and at `close`. A resumed run first copies the workdir's metrics.jsonl in,
+    so the file keeps its history."""
+
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        enabled: bool | None = None,
+        sync_every_s: float = 60.0,
+    ) -> None:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
+        self.sync_every_s = sync_every_s
         self._tb = None
         self._jsonl = None
+        self._mirror: paths.LocalMirror | None = None
+        self._synced_at = time.monotonic()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            paths.makedirs(workdir)
+            self._mirror = paths.LocalMirror(workdir)
+            self._mirror.pull(METRICS_FILE)
+            self._jsonl = open(self._mirror.path(METRICS_FILE), "a", buffering=1)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+            self._tb = SummaryWriter(self._mirror.path(TENSORBOARD_DIR), flush_secs=10)
+
+    def sync(self) -> None:
+        """Upload the metrics written so far (a no-op for a local workdir)."""
+        if self._mirror is None or not self._mirror.remote:
+            return
+        assert self._jsonl is not None and self._tb is not None
+        self._jsonl.flush()
+        self._tb.flush()
+        self._push()
+
+    def _push(self) -> None:
+        assert self._mirror is not None
+        self._mirror.push(METRICS_FILE)
+        self._mirror.push(TENSORBOARD_DIR)
+        self._synced_at = time.monotonic()
 
     def write(self, step: int, metrics: dict[str, Any], eta_s: float | None = None) -> None:
         values = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -130,9 +164,17 @@ class MetricWriter:
         if eta_s is not None:
             line.append(f"eta {format_duration(eta_s)}")
         print(" | ".join(line), flush=True)
+        if time.monotonic() - self._synced_at >= self.sync_every_s:
+            self.sync()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._mirror is not None:
+            try:
+                if self._mirror.remote:
+                    self._push()
+            finally:
+                self._mirror.close()

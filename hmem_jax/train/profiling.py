@@ -4,17 +4,21 @@
 them) into `WORKDIR/profile/`. The trace starts before step START is
 dispatched and stops once step END has finished on the devices, so it holds
 whole steps: their host work, the transfers and the device execution. Each
-process writes its own trace (file names carry the host name).
+process writes its own trace (file names carry the host name); on an
+object-store workdir it is written locally and uploaded when the trace stops
+(the profiler writes local files).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 
+from hmem_jax import paths
 from hmem_jax.errors import ConfigError
+
+PROFILE_DIR = "profile"
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -37,14 +41,16 @@ class StepProfiler:
     """Starts and stops a trace around steps [start, end] of a run (a no-op without steps)."""
 
     def __init__(self, workdir: str, steps: tuple[int, int] | None) -> None:
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = paths.join(workdir, PROFILE_DIR)
+        self._mirror: paths.LocalMirror | None = None
         self.steps = steps
         self.active = False
 
     def before(self, step: int) -> None:
         """Called before 1-based step `step` is dispatched."""
         if self.steps is not None and step == self.steps[0] and not self.active:
-            jax.profiler.start_trace(self.directory)
+            self._mirror = paths.LocalMirror(self.directory)
+            jax.profiler.start_trace(self._mirror.local)
             self.active = True
 
     def after(self, step: int, outputs: Any) -> None:
@@ -57,5 +63,10 @@ class StepProfiler:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
+            assert self._mirror is not None
+            try:
+                self._mirror.push("")
+            finally:
+                self._mirror.close()
             if jax.process_index() == 0:
                 print(f"hmem_jax: profile of steps {self.steps} in {self.directory}", flush=True)

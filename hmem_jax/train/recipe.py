@@ -22,12 +22,12 @@ interruption continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import gin
 
+from hmem_jax import paths
 from hmem_jax.config import ConfigError, RecipeConfig, TrainConfig
 from hmem_jax.gin_parsing import build_train_config, parse_gin
 
@@ -43,7 +43,7 @@ class Recipe:
     gin_params: tuple[str, ...] = ()
 
     def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.workdir, stage)
+        return paths.join(self.workdir, stage)
 
     def settings(self) -> RecipeConfig:
         parse_gin(self.gin_files, self.gin_params)
@@ -54,14 +54,14 @@ class Recipe:
         recipe = self.settings()
         given = build_train_config()
         shared = {
-            "TrainConfig.tree_dir": given.tree_dir or os.path.join(self.workdir, "tree"),
+            "TrainConfig.tree_dir": given.tree_dir or paths.join(self.workdir, "tree"),
             "DataConfig.prepared_dir": (
-                given.data.prepared_dir or os.path.join(self.workdir, "data")
+                given.data.prepared_dir or paths.join(self.workdir, "data")
             ),
         }
         if stage == MEMORY:
             # The baseline checkpoint the memory run starts from.
-            anchor = os.path.join(self.stage_dir(BASELINE), "checkpoints", str(recipe.anchor_steps))
+            anchor = paths.join(self.stage_dir(BASELINE), "checkpoints", str(recipe.anchor_steps))
             return {**shared, "TrainConfig.init_from": anchor}
         baseline = {
             **shared,
@@ -115,7 +115,7 @@ def run_recipe(recipe: Recipe, say: Callable[[str], None] = print) -> bool:
 
     memory = recipe.config(MEMORY)
     check_paths(memory, recipe.stage_dir(MEMORY))  # before the tree is fitted into the workdir
-    fits_tree = memory.tree_dir == os.path.join(recipe.workdir, "tree")
+    fits_tree = memory.tree_dir == paths.join(recipe.workdir, "tree")
     # With no tree given, WORKDIR/tree is fitted as a memory run fits its own.
     ensure_tree(dataclasses.replace(memory, tree_dir="") if fits_tree else memory, recipe.workdir)
     anchor_steps = recipe.settings().anchor_steps

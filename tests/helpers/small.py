@@ -25,14 +25,17 @@ SMALL_TREE_PARAMS = SMALL_CORPUS_PARAMS + (
 )
 
 
-def run_entry_point(module: str, workdir, params, devices: int, *flags: str, timeout=900):
-    """`python -m MODULE --workdir=... FLAGS --gin_param=...` with `devices` fake CPU devices."""
+def run_entry_point(module: str, workdir, params, devices: int, *flags: str, timeout=900, env=None):
+    """`python -m MODULE --workdir=... FLAGS --gin_param=...` with `devices` fake CPU devices
+    (and the extra environment variables `env`)."""
     import subprocess
     import sys
 
     args = [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
     args += [f"--gin_param={p}" for p in params]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ, **(env or {}), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+    )
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
