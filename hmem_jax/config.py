@@ -780,7 +780,8 @@ class RecipeConfig:
       with `anchor_optim` (one warmup-cosine schedule over all its steps);
     memory: the run TrainConfig describes (MemoryConfig, anchor trained with
       `TrainConfig.optim`), started from the baseline's checkpoint at
-      `anchor_steps` (the paper's pretrained anchor) for `TrainConfig.steps`.
+      `anchor_steps` (the paper's pretrained anchor) for `TrainConfig.steps`;
+      MemoryConfig.mode 'scratch' (the default) becomes 'cotrain' there.
     Both runs see the same batches for the first `anchor_steps` steps and the
     same number of tokens in all, so the probe compares a memory model with a
     same-size anchor-only model of the same training budget. `probe_limit`

@@ -222,9 +222,12 @@ def test_local_two_processes_train_like_one_process(tmp_path, small_prepared_dat
     single, multi = tmp_path / "single", tmp_path / "multi"
     done = run_local(1, "--devices_per_process=8", *train_flags(single, params))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    done = run_local(2, "--devices_per_process=4", *train_flags(multi, params))
+    # With the probe that follows training: process 0 reads the run alone, the other waits.
+    done = run_local(2, "--devices_per_process=4", *train_flags(multi, params, "--probe_limit=3"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    assert any("2 process(es)" in line for line in process_lines(done.stdout, 0))
+    lines = process_lines(done.stdout, 0)
+    assert any("2 process(es)" in line for line in lines)
+    assert any("long-tail probe" in line for line in lines), done.stdout[-3000:]
 
     def losses(workdir):
         rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]

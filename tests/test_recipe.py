@@ -26,8 +26,7 @@ def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp
         "RecipeConfig.anchor_steps = 20",
         "RecipeConfig.probe_limit = 20",
         "MemoryConfig.kind = 'ffn'",
-        "MemoryConfig.level_sizes = (8, 8)",
-        "MemoryConfig.mode = 'cotrain'",
+        "MemoryConfig.level_sizes = (8, 8)",  # mode 'scratch': the recipe makes it 'cotrain'
         "MemoryConfig.lr = 1e-2",
     ]
     done = _recipe(workdir, params)
@@ -57,16 +56,26 @@ def test_recipe_trains_baseline_and_memory_run_on_one_budget_and_probes_both(tmp
     assert sum(table["memory run, fetched"]["n_per_bucket"]) == 20
 
 
-def test_recipe_needs_a_memory_run_that_starts_from_the_anchor(tmp_path):
-    done = _recipe(
-        tmp_path / "r",
-        [
-            "MemoryConfig.kind = 'ffn'",
-            "HierarchyConfig.depth = 1",
-            "MemoryConfig.level_sizes = (4,)",
-        ],
+@pytest.mark.parametrize(("given", "trained"), [("scratch", "cotrain"), ("frozen_anchor",) * 2])
+def test_the_memory_stage_starts_from_the_anchor_in_the_mode_the_gin_files_allow(
+    tmp_path, given, trained
+):
+    """Gin files that train memory from scratch on their own (experiments/default.gin) co-train
+    from the baseline's anchor in the recipe; a frozen-anchor recipe stays frozen."""
+    from hmem_jax.train.recipe import MEMORY, Recipe
+
+    params = (
+        "MemoryConfig.kind = 'ffn'",
+        "HierarchyConfig.depth = 1",
+        "MemoryConfig.level_sizes = (4,)",
+        "RecipeConfig.anchor_steps = 7",
+        f"MemoryConfig.mode = '{given}'",
     )
-    assert done.returncode == 2 and "cotrain" in done.stderr and "Traceback" not in done.stderr
+    recipe = Recipe(str(tmp_path), (), params)
+    recipe.check()
+    cfg = recipe.config(MEMORY)
+    assert cfg.memory.mode == trained
+    assert cfg.init_from == str(tmp_path / "baseline" / "checkpoints" / "7")
 
 
 def test_a_runs_own_tree_of_another_embedder_is_refused_with_the_fix(tmp_path):

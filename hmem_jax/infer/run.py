@@ -107,7 +107,11 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         None if streaming else plan,
     )
     checkpointer = Checkpointer(
-        paths.join(workdir, "checkpoints"), every=1, keep=1 << 30, async_save=False
+        paths.join(workdir, "checkpoints"),
+        every=1,
+        keep=1 << 30,
+        async_save=False,
+        this_process_only=True,  # inference is one process's, even inside a training job
     )
     try:
         if checkpointer.latest_step() is None:

@@ -84,6 +84,18 @@ def _ignore_abandoned_writes() -> None:
         logger.addFilter(_never_retrieved)
 
 
+def _processes(this_process_only: bool) -> ocp.options.MultiprocessingOptions:
+    """All processes (orbax's default), or only this one, primary for itself."""
+    if not this_process_only:
+        return ocp.options.MultiprocessingOptions()
+    import jax
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"reader{me}"
+    )
+
+
 class Checkpointer:
     """Saves every `every` steps (or seconds), keeps the last `keep`, restores the latest."""
 
@@ -96,9 +108,14 @@ class Checkpointer:
         bank_snapshot: Callable[[int], dict[str, Any]] | None = None,
         bank_collect: Callable[[Iterable[int]], Any] | None = None,
         every_s: int = 0,
+        this_process_only: bool = False,
     ) -> None:
         """`bank_snapshot(step)` seals a streamed bank and returns what the record keeps of it;
         `bank_collect(steps)` drops bank versions not in `steps` (the kept checkpoints).
+
+        Every process of a job opens a checkpointer together (orbax synchronises them), except
+        with `this_process_only`: a reader that one process opens on its own, e.g. to probe or
+        evaluate a run after training while the job's other processes do not follow.
 
         Saves every `every` steps and, with `every_s` > 0, also once `every_s` seconds have
         passed since the last checkpoint (orbax's continuous policy: process 0 decides and
@@ -118,10 +135,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
-            create=True,
+            create=not this_process_only,  # a reader needs the folder to be there already
             enable_async_checkpointing=async_save,
             save_decision_policy=policies.AnySavePolicy(decisions),
             atomicity_options=orbax_storage.atomicity_options(self.directory),
+            multiprocessing_options=_processes(this_process_only),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_blocking_s = 0.0

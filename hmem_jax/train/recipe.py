@@ -3,7 +3,8 @@
     WORKDIR/tree, WORKDIR/data   one ClusterTree and one prepared corpus for both runs
     WORKDIR/baseline             anchor only, anchor_steps + steps steps, one schedule
     WORKDIR/memory               anchor from baseline/checkpoints/<anchor_steps>, then
-                                 anchor + memory for `steps` steps (mode 'cotrain')
+                                 anchor + memory for `steps` steps (mode 'cotrain', or
+                                 'frozen_anchor' when the gin files say so)
 
 The paper pretrains the anchor, then co-trains anchor and memory on as many
 tokens again, and compares with an anchor-only model given the same total
@@ -62,7 +63,10 @@ class Recipe:
         if stage == MEMORY:
             # The baseline checkpoint the memory run starts from.
             anchor = paths.join(self.stage_dir(BASELINE), "checkpoints", str(recipe.anchor_steps))
-            return {**shared, "TrainConfig.init_from": anchor}
+            memory = {**shared, "TrainConfig.init_from": anchor}
+            if given.memory.mode == "scratch":  # what the gin files train on their own
+                memory["MemoryConfig.mode"] = "cotrain"
+            return memory
         baseline = {
             **shared,
             "MemoryConfig.kind": "none",
