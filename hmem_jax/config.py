@@ -153,9 +153,25 @@ def _check_types(config: Any) -> None:
     for name, hint in _field_types(type(config)).items():
         value = getattr(config, name)
         _require(
-            _matches(value, hint),
+            value is gin.REQUIRED or _matches(value, hint),
             f"{owner}.{name} = {value!r} must be {_describe(hint)}.",
         )
+
+
+def check_given(config: Any) -> None:
+    """Fail, naming the first, when a field of `config` (or of a config inside it) is still the
+    `%gin.REQUIRED` a gin file put there: an experiment that describes itself without the one
+    setting each user must give (the paper gins: the corpus and the tokenizer)."""
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        _require(
+            value is not gin.REQUIRED,
+            f"{owner}.{field.name} must be set: the gin file marks it %gin.REQUIRED (its "
+            f'comments say what it takes). Add --gin_param="{owner}.{field.name} = ...".',
+        )
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_given(value)
 
 
 def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
@@ -763,6 +779,7 @@ class TrainConfig:
     def check_startable(self) -> None:
         """What a run needs before its first step, beyond valid values (checked at train time,
         so a config that a recipe completes can still be described by `hmem info`)."""
+        check_given(self)
         _require(
             not self.memory.needs_anchor or bool(self.init_from),
             f"MemoryConfig.mode = {self.memory.mode!r} starts from a trained anchor: set "

@@ -79,7 +79,8 @@ def test_info_reports_the_papers_anchor_bank_and_fetched_sizes(name, anchor, ban
 
 
 def test_cotraining_without_an_anchor_to_start_from_is_a_clear_error():
-    cfg = load_train_config(("paper_160m",), ())  # describable (`hmem info`), not startable
+    data = ("DataConfig.path = '/data/corpus'", "DataConfig.tokenizer_path = '/models/neox'")
+    cfg = load_train_config(("paper_160m",), data)  # describable (`hmem info`), not startable
     with pytest.raises(ConfigError, match="init_from"):
         cfg.check_startable()
     with pytest.raises(ConfigError, match="scratch"):
@@ -92,6 +93,30 @@ def test_cotraining_without_an_anchor_to_start_from_is_a_clear_error():
                 "TrainConfig.init_from = 'runs/anchor'",
             ),
         )
+
+
+@pytest.mark.parametrize("name", ["paper_160m", "paper_410m", "paper_1p4b"])
+def test_the_paper_runs_need_their_corpus_and_tokenizer_before_anything_reads_data(name, tmp_path):
+    """The paper gins describe themselves without a corpus or tokenizer (`hmem info`), but
+    training, preparing and clustering stop with one line naming the missing setting."""
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.data.sources import read_documents
+
+    anchor = ("TrainConfig.init_from = 'runs/anchor'",)
+    for given, missing in (
+        ((), "DataConfig.path must be set"),
+        (("DataConfig.path = '/data/corpus'",), "DataConfig.tokenizer_path must be set"),
+    ):
+        cfg = load_train_config((name,), anchor + given)
+        with pytest.raises(ConfigError, match=missing):
+            cfg.check_startable()
+        with pytest.raises(ConfigError, match=missing):
+            ensure_prepared(cfg, str(tmp_path / "data"), progress=False)
+    with pytest.raises(ConfigError, match="DataConfig.path must be set"):
+        next(read_documents(load_train_config((name,), anchor).data))
+    both = ("DataConfig.path = '/data/corpus'", "DataConfig.tokenizer_path = '/models/neox'")
+    load_train_config((name,), anchor + both).check_startable()
+    assert not (tmp_path / "data").exists()
 
 
 def test_memory_levels_must_match_the_tree_depth():

@@ -76,3 +76,58 @@ def test_load_tokenizer_rejects_a_swapped_file(sentencepiece_tokenizer, texts, t
     tokenizer_lib.train_sentencepiece(texts[:40], vocab_size=400).save(str(tmp_path))
     with pytest.raises(tokenizer_lib.TokenizerError, match="does not match"):
         tokenizer_lib.load_tokenizer(str(tmp_path))
+
+
+def test_a_model_folders_tokenizer_json_tokenizes_the_corpus_into_a_padded_vocabulary(
+    texts, tmp_path
+):
+    """DataConfig.tokenizer_path = a Hugging Face model folder (as for the paper's GPT-NeoX
+    tokenizer, padded to a multiple of 64): its tokenizer.json is used as given, byte for
+    byte, the loader's tokens decode to the corpus, and the padded size is the model's."""
+    pytest.importorskip("tokenizers", reason="the optional `tokenizers` package is not installed")
+    import numpy as np
+
+    from hmem_jax.config import ConfigError
+    from hmem_jax.data.loader import Loader
+    from hmem_jax.data.prepare import ensure_prepared
+    from hmem_jax.errors import PreparedDataError, TokenizerError
+    from hmem_jax.main.common import load_train_config
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    trained = tokenizer_lib.train_hf_bpe(texts, vocab_size=600)
+    (folder / "tokenizer.json").write_bytes(trained.data)
+    padded = -(-trained.vocab_size // 64) * 64
+    params = (
+        "DataConfig.embedded_entities = 150",
+        "DataConfig.tokenizer = 'hf'",
+        f"DataConfig.tokenizer_path = '{folder}'",
+        f"DataConfig.vocab_size = {padded}",
+        "TrainConfig.model = @model_preset()",
+        "model_preset.name = 'tiny'",
+        f"model_preset.vocab_size = {padded}",
+        "TrainConfig.seq_len = 64",
+    )
+    cfg = load_train_config((), params)
+    out = str(tmp_path / "data")
+    ensure_prepared(cfg, out, progress=False)
+    used = tokenizer_lib.load_tokenizer(out)
+    assert used.data == trained.data and used.vocab_size == trained.vocab_size < padded
+    assert cfg.model.vocab_size == padded
+    loader = Loader(out, 4, 64, 0)
+    tokens = np.asarray(loader.batch(0)["tokens"])
+    assert 0 <= tokens.min() and tokens.max() < trained.vocab_size
+    segments = np.asarray(loader.batch(0)["segment_ids"])[0]
+    piece = used.decode([t for t in tokens[0][segments == segments[0]] if t != used.eot_id])
+    corpus = [d.text for d in encyclopedia.generate_corpus(150, seed=0).documents]
+    assert len(piece) > 20 and any(piece in text for text in corpus), piece
+
+    too_small = params[:3] + (f"DataConfig.vocab_size = {trained.vocab_size - 1}",) + params[4:]
+    with pytest.raises(PreparedDataError, match="Raise DataConfig.vocab_size"):
+        ensure_prepared(load_train_config((), too_small), str(tmp_path / "d2"), progress=False)
+    with pytest.raises(ConfigError, match="raise the model's"):
+        load_train_config((), params + (f"model_preset.vocab_size = {padded - 64}",))
+    with pytest.raises(TokenizerError, match="set DataConfig.tokenizer = 'hf'"):
+        tokenizer_lib.build_tokenizer("sentencepiece", str(folder), [], padded)
+    with pytest.raises(TokenizerError, match="set DataConfig.tokenizer = 'hf'"):
+        tokenizer_lib.build_tokenizer("sentencepiece", str(folder / "tokenizer.json"), [], 1)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from hmem_jax import paths
-from hmem_jax.config import DataConfig, TrainConfig
+from hmem_jax.config import DataConfig, TrainConfig, check_given
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
 from hmem_jax.data.document import Document
@@ -143,13 +143,13 @@ def _prepare_into(
         data.tokenizer, data.tokenizer_path, _training_sample(data), data.vocab_size
     )
     tokenizer.save(staging)
-    if tokenizer.vocab_size < data.vocab_size:
+    if tokenizer.vocab_size < data.vocab_size and not data.tokenizer_path:
         logging.warning(
             "The tokenizer has %d tokens, fewer than DataConfig.vocab_size = %d "
             "(the corpus is small); the model's vocabulary still covers it.",
             tokenizer.vocab_size,
             data.vocab_size,
-        )
+        )  # a given tokenizer's vocabulary is padded on purpose (e.g. 50,277 -> 50,432)
     if tokenizer.vocab_size > data.vocab_size:
         raise PreparedDataError(
             f"The tokenizer at {data.tokenizer_path!r} has {tokenizer.vocab_size} tokens, more "
@@ -294,6 +294,7 @@ def ensure_prepared(
     `PreparedDataError` naming every difference. A directory without a
     manifest is never touched (it may be someone's data, or a crashed run's).
     """
+    check_given(config.data)  # a paper gin's %gin.REQUIRED corpus or tokenizer, not given
     if router is None and tree_dir:
         router = TreeRouter.load(tree_dir)
     wanted = requested_settings(

@@ -65,8 +65,11 @@ def _file_sha256(path: str) -> str:
 
 def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) -> dict[str, Any]:
     """The inputs that determine a prepared dataset; equal settings mean reusable data."""
-    if data.tokenizer_path:
-        tokenizer_lib.check_tokenizer_path(data.tokenizer_path)
+    given = (
+        tokenizer_lib.tokenizer_file(data.tokenizer, data.tokenizer_path)
+        if data.tokenizer_path
+        else None
+    )
     return {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -74,9 +77,7 @@ def requested_settings(data: DataConfig, seq_len: int, tree_hash: str | None) ->
         "tokenizer": {
             "kind": data.tokenizer,
             "requested_vocab_size": data.vocab_size,
-            "from_file_sha256": (
-                _file_sha256(data.tokenizer_path) if data.tokenizer_path else None
-            ),
+            "from_file_sha256": _file_sha256(given) if given else None,
             "train_chars": None if data.tokenizer_path else data.tokenizer_train_chars,
         },
         "tree_hash": tree_hash,

@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from hmem_jax.config import DataConfig
+from hmem_jax.config import DataConfig, check_given
 from hmem_jax.data.document import Document
 from hmem_jax.errors import SourceError
 
@@ -89,6 +89,7 @@ def read_documents(config: DataConfig, stats: SourceStats | None = None) -> Iter
     `stats`, when given, is updated as documents are produced, so after the
     iterator is exhausted it counts everything that was skipped or repaired.
     """
+    check_given(config)  # a paper gin's %gin.REQUIRED corpus, not given
     stats = stats if stats is not None else SourceStats()
     readers = {
         "embedded": _read_embedded,

@@ -314,14 +314,40 @@ def train_hf_bpe(texts: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
     return HuggingFaceTokenizer(tokenizer.to_str().encode("utf-8"))
 
 
-def check_tokenizer_path(tokenizer_path: str) -> None:
-    """`DataConfig.tokenizer_path` must name an existing tokenizer file."""
+_FILE_OF_KIND = {"hf": HF_FILE, "sentencepiece": "tokenizer.model"}
+
+
+def tokenizer_file(kind: str, tokenizer_path: str) -> str:
+    """The tokenizer file `DataConfig.tokenizer_path` names: the file itself, or in a folder
+    (a Hugging Face model's) its `tokenizer.json` ('hf') or `tokenizer.model`
+    ('sentencepiece'). A file of the other kind is refused with the setting that fits it."""
+    other = "sentencepiece" if kind == "hf" else "hf"
+    if os.path.isdir(tokenizer_path):
+        found = os.path.join(tokenizer_path, _FILE_OF_KIND[kind])
+        if os.path.isfile(found):
+            return found
+        if os.path.isfile(os.path.join(tokenizer_path, _FILE_OF_KIND[other])):
+            raise TokenizerError(
+                f"DataConfig.tokenizer_path = {tokenizer_path!r} holds a "
+                f"{_FILE_OF_KIND[other]}, not a {_FILE_OF_KIND[kind]}: set "
+                f"DataConfig.tokenizer = '{other}'."
+            )
+        raise TokenizerError(
+            f"DataConfig.tokenizer_path = {tokenizer_path!r} is a folder without "
+            f"{_FILE_OF_KIND[kind]}; name the tokenizer file, or a model folder holding one."
+        )
     if not os.path.isfile(tokenizer_path):
         raise TokenizerError(
             f"DataConfig.tokenizer_path = {tokenizer_path!r} does not exist; "
-            "give an existing sentencepiece .model or tokenizer.json, or "
-            "leave it empty to train one on the corpus."
+            "give an existing sentencepiece .model or tokenizer.json (or a model folder "
+            "holding one), or leave it empty to train one on the corpus."
         )
+    if kind == "sentencepiece" and tokenizer_path.endswith(".json"):
+        raise TokenizerError(
+            f"DataConfig.tokenizer_path = {tokenizer_path!r} is a JSON file, a Hugging Face "
+            "tokenizer: set DataConfig.tokenizer = 'hf'."
+        )
+    return tokenizer_path
 
 
 def build_tokenizer(
@@ -329,8 +355,7 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Loads `tokenizer_path` when given, else trains a tokenizer of `kind` on the texts."""
     if tokenizer_path:
-        check_tokenizer_path(tokenizer_path)
-        with open(tokenizer_path, "rb") as handle:
+        with open(tokenizer_file(kind, tokenizer_path), "rb") as handle:
             data = handle.read()
         try:
             return tokenizer_from_bytes(kind, data)
