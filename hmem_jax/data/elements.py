@@ -159,10 +159,15 @@ class ElementCounter:
                 self.counts[self._element_of[match.group(1).lower()]] += 1
 
     def save(self, directory: str) -> str:
-        path = os.path.join(directory, COUNTS_FILE)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.counts, handle, indent=1)
-        return path
+        return save_counts(self.counts, directory)
+
+
+def save_counts(counts: dict[str, int], directory: str) -> str:
+    """Store element-name counts in a prepared folder (`read_counts` reads them)."""
+    path = os.path.join(directory, COUNTS_FILE)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(counts, handle, indent=1)
+    return path
 
 
 def read_counts(prepared_dir: str) -> dict[str, int] | None:

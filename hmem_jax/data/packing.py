@@ -120,6 +120,11 @@ class LeafPacker:
         return remaining
 
 
+def records_per_shard(record_bytes: int) -> int:
+    """How many records of `record_bytes` a shard holds (about 256 MiB of them)."""
+    return max(1, _SHARD_TARGET_BYTES // record_bytes)
+
+
 class ShardWriter:
     """Writes sequences as ArrayRecord records, rotating shards, and the per-record leaf table."""
 
@@ -128,7 +133,7 @@ class ShardWriter:
 
         self._writer_class = ArrayRecordWriter
         self.directory = directory
-        self.records_per_shard = max(1, _SHARD_TARGET_BYTES // record_bytes)
+        self.records_per_shard = records_per_shard(record_bytes)
         self.shard_records: list[int] = []
         self.num_records = 0
         self._writer: ArrayRecordWriter | None = None

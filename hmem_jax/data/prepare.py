@@ -17,13 +17,14 @@ directory that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,22 +108,29 @@ def prepare(
         )
     if router is None and tree_dir:
         router = TreeRouter.load(tree_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(
-        parent, f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}"
-    )
-    os.makedirs(staging)
+    staging = staging_dir_for(out_dir)
     try:
         manifest = _prepare_into(staging, data, seq_len, router, progress)
-        _publish(staging, out_dir)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
 
-def _publish(staging: str, out_dir: str) -> None:
+def staging_dir_for(out_dir: str) -> str:
+    """A new hidden folder beside `out_dir` to prepare into (made here); `publish` renames it
+    into place when complete, so `out_dir` never exists half-written."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(
+        parent, f".{os.path.basename(out_dir)}.incomplete-{uuid.uuid4().hex[:8]}"
+    )
+    os.makedirs(staging)
+    return staging
+
+
+def publish(staging: str, out_dir: str) -> None:
     """Renames the finished staging directory into place (atomic on one filesystem)."""
     try:
         os.rename(staging, out_dir)
@@ -133,12 +141,25 @@ def _publish(staging: str, out_dir: str) -> None:
         ) from error
 
 
-def _prepare_into(
-    staging: str, data: DataConfig, seq_len: int, router: TreeRouter | None, progress: bool
-) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class PackedCorpus:
+    """What packing a corpus produced, for its manifest: per leaf (in first-seen order, the
+    leaf index of its records) its path and counts; the shards written; what reading found."""
 
-    started = time.perf_counter()
+    leaf_keys: list[tuple[int, ...]]
+    leaf_documents: list[int]
+    leaf_tokens: list[int]
+    leaf_sequences: list[int]
+    shards: list[dict[str, object]]
+    num_records: int
+    stats: SourceStats
+    element_counts: dict[str, int]
+    timing_s: dict[str, float]
+
+
+def make_tokenizer(data: DataConfig, staging: str) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer (DataConfig.tokenizer_path, or trained on the corpus's first
+    characters), saved into `staging` and checked against DataConfig.vocab_size."""
     tokenizer = tokenizer_lib.build_tokenizer(
         data.tokenizer, data.tokenizer_path, _training_sample(data), data.vocab_size
     )
@@ -156,10 +177,24 @@ def _prepare_into(
             f"than DataConfig.vocab_size = {data.vocab_size}. Raise DataConfig.vocab_size (and "
             "ModelConfig.vocab_size) to at least that."
         )
+    return tokenizer
+
+
+def record_dtypes(tokenizer: tokenizer_lib.Tokenizer, seq_len: int) -> tuple[np.dtype, np.dtype]:
+    """(token dtype, segment id dtype) of the records."""
+    return token_dtype_for(tokenizer.vocab_size), segment_dtype_for(seq_len)
+
+
+def _prepare_into(
+    staging: str, data: DataConfig, seq_len: int, router: TreeRouter | None, progress: bool
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    tokenizer = make_tokenizer(data, staging)
     tokenizer_seconds = time.perf_counter() - started
 
-    token_dtype = token_dtype_for(tokenizer.vocab_size)
-    segment_dtype = segment_dtype_for(seq_len)
+    token_dtype, segment_dtype = record_dtypes(tokenizer, seq_len)
     packer = LeafPacker(seq_len, tokenizer.eot_id, tokenizer.pad_id, token_dtype, segment_dtype)
     writer = ShardWriter(staging, seq_len * (token_dtype.itemsize + segment_dtype.itemsize))
     leaf_of_path: dict[tuple[int, ...], int] = {}
@@ -182,11 +217,7 @@ def _prepare_into(
         for chunk, flat_ids, lengths in tokenization.map(chunks):
             element_counter.add(document.text for document in chunk)
             route_started = time.perf_counter()
-            if router is not None:
-                paths = router.route([document.text for document in chunk])
-                keys = [tuple(int(i) for i in row) for row in paths]
-            else:
-                keys = [_NO_TREE_LEAF] * len(chunk)
+            keys = route_keys(router, [document.text for document in chunk])
             route_seconds += time.perf_counter() - route_started
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             for number, key in enumerate(keys):
@@ -207,7 +238,40 @@ def _prepare_into(
         bar.close()
         shards = writer.close()
 
-    if writer.num_records == 0:
+    packed = PackedCorpus(
+        leaf_keys=list(leaf_of_path),
+        leaf_documents=leaf_documents,
+        leaf_tokens=leaf_tokens,
+        leaf_sequences=leaf_sequences,
+        shards=shards,
+        num_records=writer.num_records,
+        stats=stats,
+        element_counts=element_counter.counts,
+        timing_s={"tokenizer": tokenizer_seconds, "route": route_seconds},
+    )
+    return write_manifest(staging, data, seq_len, tokenizer, router, packed, started)
+
+
+def route_keys(router: TreeRouter | None, texts: list[str]) -> list[tuple[int, ...]]:
+    """The cluster path of each text (one shared stream without a tree)."""
+    if router is None:
+        return [_NO_TREE_LEAF] * len(texts)
+    return [tuple(int(i) for i in row) for row in router.route(texts)]
+
+
+def write_manifest(
+    staging: str,
+    data: DataConfig,
+    seq_len: int,
+    tokenizer: tokenizer_lib.Tokenizer,
+    router: TreeRouter | None,
+    packed: PackedCorpus,
+    started: float,
+) -> dict[str, Any]:
+    """The files beside the shards (element counts, leaf paths and block ids, probes) and,
+    last, the manifest; returns the manifest."""
+    stats = packed.stats
+    if packed.num_records == 0:
         raise PreparedDataError(
             f"The source {describe_source(data)} produced no documents "
             f"({stats.problems() or 'it is empty'}); nothing to prepare."
@@ -215,8 +279,9 @@ def _prepare_into(
     if stats.problems():
         logging.warning("Source repairs while preparing: %s", stats.problems())
 
-    element_counter.save(staging)
-    leaf_paths = np.array(list(leaf_of_path), dtype=np.int32).reshape(len(leaf_of_path), -1)
+    elements.save_counts(packed.element_counts, staging)
+    leaves = len(packed.leaf_keys)
+    leaf_paths = np.array(packed.leaf_keys, dtype=np.int32).reshape(leaves, -1)
     tree_description = None
     if router is not None:
         np.save(os.path.join(staging, LEAF_PATHS_FILE), leaf_paths)
@@ -233,7 +298,9 @@ def _prepare_into(
             "count": encyclopedia.write_probes(corpus.probes, os.path.join(staging, PROBES_FILE)),
         }
 
+    token_dtype, segment_dtype = record_dtypes(tokenizer, seq_len)
     elapsed = time.perf_counter() - started
+    num_tokens = int(sum(packed.leaf_tokens))
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -248,23 +315,22 @@ def _prepare_into(
         "tokenizer": tokenizer.describe(),
         "tree": tree_description,
         "source": describe_source(data),
-        "num_records": writer.num_records,
+        "num_records": packed.num_records,
         "num_documents": stats.documents,
-        "num_tokens": int(sum(leaf_tokens)),
-        "num_padding_tokens": writer.num_records * seq_len - int(sum(leaf_tokens)),
-        "shards": shards,
+        "num_tokens": num_tokens,
+        "num_padding_tokens": packed.num_records * seq_len - num_tokens,
+        "shards": packed.shards,
         "leaves": {
-            "count": len(leaf_of_path),
-            "documents": leaf_documents,
-            "tokens": leaf_tokens,
-            "sequences": leaf_sequences,
+            "count": leaves,
+            "documents": packed.leaf_documents,
+            "tokens": packed.leaf_tokens,
+            "sequences": packed.leaf_sequences,
         },
         "corpus": stats.as_dict(),
         "probes": probes,
         "timing_s": {
             "total": round(elapsed, 3),
-            "tokenizer": round(tokenizer_seconds, 3),
-            "route": round(route_seconds, 3),
+            **{name: round(value, 3) for name, value in packed.timing_s.items()},
         },
     }
     with open(os.path.join(staging, MANIFEST_FILE), "w", encoding="utf-8") as handle:
@@ -272,9 +338,9 @@ def _prepare_into(
     logging.info(
         "Prepared %d documents into %d sequences of %d tokens (%d leaves) in %.1f s.",
         stats.documents,
-        writer.num_records,
+        packed.num_records,
         seq_len,
-        len(leaf_of_path),
+        leaves,
         elapsed,
     )
     return manifest
@@ -286,8 +352,10 @@ def ensure_prepared(
     tree_dir: str | None = None,
     router: TreeRouter | None = None,
     progress: bool = True,
+    beam_args: Sequence[str] = (),
 ) -> str:
-    """`out_dir` holding prepared data for `config` (and the tree), preparing it if absent.
+    """`out_dir` holding prepared data for `config` (and the tree), preparing it if absent
+    (with `beam_args`, Beam's pipeline options, by the Beam pipeline: data/beam_prepare.py).
 
     Reuses an existing complete directory only if it was prepared with the same
     settings (seq_len, tokenizer, tree hash, source); otherwise raises
@@ -300,12 +368,21 @@ def ensure_prepared(
     wanted = requested_settings(
         config.data, config.seq_len, router.content_hash if router is not None else None
     )
+
+    def make(local: str) -> None:
+        if beam_args:
+            from hmem_jax.data.beam_prepare import prepare_with_beam
+
+            prepare_with_beam(config.data, config.seq_len, local, tree_dir, beam_args)
+        else:
+            prepare(config.data, config.seq_len, local, router=router, progress=progress)
+
     if paths.is_remote(out_dir):
         if not paths.isfile(paths.join(out_dir, MANIFEST_FILE)):
-            _prepare_and_upload(config, out_dir, router, progress)
+            _prepare_and_upload(make, out_dir)
     elif not os.path.exists(out_dir):
         try:
-            prepare(config.data, config.seq_len, out_dir, router=router, progress=progress)
+            make(out_dir)
         except PreparedDataError:
             if not os.path.isfile(os.path.join(out_dir, MANIFEST_FILE)):
                 raise  # a real failure, not a concurrent preparer that finished first
@@ -321,14 +398,12 @@ def ensure_prepared(
     return out_dir
 
 
-def _prepare_and_upload(
-    config: TrainConfig, url: str, router: TreeRouter | None, progress: bool
-) -> None:
-    """Prepare into a local scratch folder, then upload it to `url` with the manifest last (an
-    interrupted upload leaves no manifest, so it is not taken for complete data)."""
+def _prepare_and_upload(make: Callable[[str], None], url: str) -> None:
+    """`make` the data in a local scratch folder, then upload it to `url` with the manifest
+    last (an interrupted upload leaves no manifest, so it is not taken for complete data)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hmem_prepare_") as scratch:
         local = os.path.join(scratch, "data")
-        prepare(config.data, config.seq_len, local, router=router, progress=progress)
+        make(local)
         paths.upload_tree(local, url, last=(MANIFEST_FILE,))

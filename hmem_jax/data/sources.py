@@ -89,15 +89,33 @@ def read_documents(config: DataConfig, stats: SourceStats | None = None) -> Iter
     `stats`, when given, is updated as documents are produced, so after the
     iterator is exhausted it counts everything that was skipped or repaired.
     """
-    check_given(config)  # a paper gin's %gin.REQUIRED corpus, not given
     stats = stats if stats is not None else SourceStats()
+    for unit in source_units(config):
+        yield from read_unit(config, unit, stats)
+
+
+def source_units(config: DataConfig) -> list[str]:
+    """The source's independent parts, in reading order: one per file of a jsonl or text_dir
+    source, one for the embedded corpus or a seqio Task. `read_documents` reads them in turn;
+    a distributed preparation (data/beam_prepare.py) reads them on many workers, and the
+    documents of unit u in order are those `read_documents` yields between u-1 and u+1."""
+    check_given(config)  # a paper gin's %gin.REQUIRED corpus, not given
+    if config.source == "jsonl":
+        return _jsonl_files(config.path)
+    if config.source == "text_dir":
+        return _text_files(config.path)
+    return [""]
+
+
+def read_unit(config: DataConfig, unit: str, stats: SourceStats) -> Iterator[Document]:
+    """The documents of one unit of `source_units`, repaired and split as described above."""
     readers = {
-        "embedded": _read_embedded,
-        "jsonl": _read_jsonl,
-        "text_dir": _read_text_dir,
-        "seqio": _read_seqio,
+        "embedded": lambda: _read_embedded(config, stats),
+        "jsonl": lambda: _read_jsonl_file(unit, stats),
+        "text_dir": lambda: _read_text_file(config, unit, stats),
+        "seqio": lambda: _read_seqio(config, stats),
     }
-    for document in readers[config.source](config, stats):
+    for document in readers[config.source]():
         yield from _finish(document, config.max_document_chars, stats)
 
 
@@ -201,28 +219,27 @@ def _jsonl_files(path: str) -> list[str]:
     return [path]
 
 
-def _read_jsonl(config: DataConfig, stats: SourceStats) -> Iterator[Document]:
-    for file_path in _jsonl_files(config.path):
-        stem = os.path.splitext(os.path.basename(file_path))[0]
-        with open(file_path, "rb") as handle:
-            for line_number, raw_line in enumerate(handle, start=1):
-                if not raw_line.strip():
-                    continue
-                line, replaced = decode_utf8(raw_line)
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    stats.malformed_skipped += 1
-                    continue
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    stats.malformed_skipped += 1
-                    continue
-                if replaced or _has_lone_surrogates(record["text"]):
-                    stats.non_utf8_replaced += 1
-                text = _strip_surrogates(record["text"])
-                doc_id = record.get("id")
-                doc_id = str(doc_id) if doc_id is not None else f"{stem}:{line_number}"
-                yield Document(id=doc_id, text=text)
+def _read_jsonl_file(file_path: str, stats: SourceStats) -> Iterator[Document]:
+    stem = os.path.splitext(os.path.basename(file_path))[0]
+    with open(file_path, "rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            if not raw_line.strip():
+                continue
+            line, replaced = decode_utf8(raw_line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                stats.malformed_skipped += 1
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                stats.malformed_skipped += 1
+                continue
+            if replaced or _has_lone_surrogates(record["text"]):
+                stats.non_utf8_replaced += 1
+            text = _strip_surrogates(record["text"])
+            doc_id = record.get("id")
+            doc_id = str(doc_id) if doc_id is not None else f"{stem}:{line_number}"
+            yield Document(id=doc_id, text=text)
 
 
 def _has_lone_surrogates(text: str) -> bool:
@@ -236,8 +253,7 @@ def _strip_surrogates(text: str) -> str:
     return "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in text)
 
 
-def _read_text_dir(config: DataConfig, stats: SourceStats) -> Iterator[Document]:
-    root = config.path
+def _text_files(root: str) -> list[str]:
     if not os.path.isdir(root):
         raise SourceError(
             f"DataConfig.path = {root!r} is not a folder; source 'text_dir' "
@@ -253,17 +269,20 @@ def _read_text_dir(config: DataConfig, stats: SourceStats) -> Iterator[Document]
         raise SourceError(
             f"DataConfig.path = {root!r} holds no *.txt files; add some or use source 'jsonl'."
         )
-    for file_path in files:
-        doc_id = os.path.relpath(file_path, root)
-        # A UTF-8 character is at most 4 bytes: files under this size are read whole (and
-        # split by `_finish` if needed); bigger ones are certainly huge and are streamed.
-        if os.path.getsize(file_path) <= 4 * config.max_document_chars:
-            with open(file_path, "rb") as handle:
-                text, replaced = decode_utf8(handle.read())
-            stats.non_utf8_replaced += int(replaced)
-            yield Document(id=doc_id, text=text)
-        else:
-            yield from _read_huge_text_file(file_path, doc_id, config.max_document_chars, stats)
+    return files
+
+
+def _read_text_file(config: DataConfig, file_path: str, stats: SourceStats) -> Iterator[Document]:
+    doc_id = os.path.relpath(file_path, config.path)
+    # A UTF-8 character is at most 4 bytes: files under this size are read whole (and
+    # split by `_finish` if needed); bigger ones are certainly huge and are streamed.
+    if os.path.getsize(file_path) <= 4 * config.max_document_chars:
+        with open(file_path, "rb") as handle:
+            text, replaced = decode_utf8(handle.read())
+        stats.non_utf8_replaced += int(replaced)
+        yield Document(id=doc_id, text=text)
+    else:
+        yield from _read_huge_text_file(file_path, doc_id, config.max_document_chars, stats)
 
 
 def _read_huge_text_file(

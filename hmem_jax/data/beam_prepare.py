@@ -1,0 +1,416 @@
+"""`prepare` on Apache Beam: the same prepared folder, made by many workers.
+
+The in-process path (data/prepare.py) reads the corpus in order, routes and
+tokenizes it, packs each leaf's documents with `LeafPacker` and writes the
+sequences in the order the packer completes them. This pipeline computes the
+same records in the same order with per-stage work spread over workers:
+
+1. read: one element per unit of the source (`sources.source_units`: a file of
+   a jsonl or text_dir corpus), read with `sources.read_unit`; each document
+   gets the order key (unit, number within the unit), the order in which the
+   in-process path reads it.
+2. route and tokenize in batches (one TreeRouter and tokenizer per worker,
+   loaded once in `setup`): the path of every document and its token ids.
+3. pack per leaf: the leaf's documents, sorted by order key, go through a
+   `LeafPacker` of their own. A packer's choices for a leaf depend only on that
+   leaf's documents in order, so these are the sequences the in-process packer
+   makes for that leaf; each gets the key of the moment the in-process path
+   completes it: (0, order key of the document whose `add` completed it, its
+   number in that `add`), or (1, the leaf's first order key, its number in
+   `finish`) for the sequences left open at the end (`finish` walks the leaves
+   in first-seen order).
+4. place: the count of sequences per unit gives each unit's first record
+   position; a unit's sequences sorted by key take the positions after it, so
+   sorting is never global (one unit's sequences at a time).
+5. write: records grouped by shard (position // records per shard, the
+   in-process writer's rotation) are written in position order, with that
+   shard's slice of the per-record leaf table; leaf indices are the leaves'
+   first-seen ranks, as the in-process path numbers them.
+
+The result equals the in-process folder file for file (the manifest up to its
+`created` time and timings): the same records in the same shards and the same
+leaf table, so a run over either trains identically. What reading found is
+counted in Beam's metrics (documents, each kind of skip or repair, tokens and
+sequences per leaf) and recorded in the manifest as the in-process path does.
+A failed pipeline leaves only its hidden staging folder (removed), never a
+folder with a manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from hmem_jax.config import DataConfig
+from hmem_jax.data import elements
+from hmem_jax.data import tokenizer as tokenizer_lib
+from hmem_jax.data.packing import LeafPacker, records_per_shard
+from hmem_jax.data.prepared import RECORD_LEAVES_FILE, SHARD_PATTERN
+from hmem_jax.data.routing import TreeRouter
+from hmem_jax.data.sources import SourceStats, read_unit, source_units
+from hmem_jax.errors import PreparedDataError
+
+_NAMESPACE = "hmem_jax.prepare"
+_PARTS_DIR = "_beam_parts"
+_FINISH = 1  # key of the sequences `LeafPacker.finish` returns: after every `add`
+
+
+def prepare_with_beam(
+    data: DataConfig,
+    seq_len: int,
+    out_dir: str,
+    tree_dir: str | None,
+    pipeline_args: Sequence[str],
+) -> dict[str, Any]:
+    """Prepare `out_dir` with a Beam pipeline (`pipeline_args`: Beam's own options, e.g.
+    --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing);
+    returns the manifest. Like `prepare`, `out_dir` must not exist yet."""
+    from hmem_jax.data.prepare import (
+        make_tokenizer,
+        publish,
+        record_dtypes,
+        staging_dir_for,
+        write_manifest,
+    )
+
+    if os.path.exists(out_dir):
+        raise PreparedDataError(
+            f"{out_dir!r} already exists; prepare never overwrites data. "
+            "Delete it or choose another --out."
+        )
+    staging = staging_dir_for(out_dir)
+    try:
+        started = time.perf_counter()
+        tokenizer = make_tokenizer(data, staging)
+        tokenizer_seconds = time.perf_counter() - started
+        token_dtype, segment_dtype = record_dtypes(tokenizer, seq_len)
+        record_bytes = seq_len * (token_dtype.itemsize + segment_dtype.itemsize)
+        stage = _Stages(
+            data=data,
+            seq_len=seq_len,
+            tree_dir=tree_dir,
+            tokenizer_kind=tokenizer.kind,
+            tokenizer_data=tokenizer.data,
+            per_shard=records_per_shard(record_bytes),
+            parts=os.path.join(staging, _PARTS_DIR),
+            shards_dir=staging,
+        )
+        os.makedirs(stage.parts)
+        _run_pipeline(stage, source_units(data), pipeline_args)
+        packed = _collect(stage, tokenizer_seconds)
+        router = TreeRouter.load(tree_dir) if tree_dir else None
+        shutil.rmtree(stage.parts)
+        manifest = write_manifest(staging, data, seq_len, tokenizer, router, packed, started)
+        publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+    """What every stage needs, pickled to the workers."""
+
+    data: DataConfig
+    seq_len: int
+    tree_dir: str | None
+    tokenizer_kind: str
+    tokenizer_data: bytes
+    per_shard: int
+    parts: str  # small per-stage outputs (leaf summaries, counts, shard leaf tables)
+    shards_dir: str
+
+    def tokenizer(self) -> tokenizer_lib.Tokenizer:
+        return tokenizer_lib.tokenizer_from_bytes(self.tokenizer_kind, self.tokenizer_data)
+
+
+def _run_pipeline(stage: _Stages, units: list[str], pipeline_args: Sequence[str]) -> None:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(pipeline_args))
+    with beam.Pipeline(options=options) as pipeline:
+        documents = (
+            pipeline
+            | "units" >> beam.Create(list(enumerate(units)))
+            | "spread units" >> beam.Reshuffle()
+            | "read" >> beam.ParDo(_ReadUnit(stage))
+        )
+        _ = (
+            documents
+            | "element names" >> beam.Map(lambda item: _element_counts([item[1]]))
+            | "sum names" >> beam.CombineGlobally(_sum_counts)
+            | "write names" >> beam.Map(_write_json, os.path.join(stage.parts, "elements.json"))
+        )
+        routed = (
+            documents
+            | "batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+            | "route and tokenize" >> beam.ParDo(_RouteAndTokenize(stage))
+        )
+        packed = (
+            routed
+            | "by leaf" >> beam.GroupByKey()
+            | "pack leaf" >> beam.ParDo(_PackLeaf(stage)).with_outputs("leaf", main="sequence")
+        )
+        leaves = (
+            packed.leaf
+            | "all leaves" >> beam.combiners.ToList()
+            | "number leaves" >> beam.Map(_number_leaves, stage.parts)
+        )
+        sequences = packed.sequence
+        firsts = (
+            sequences
+            | "bucket of each" >> beam.Map(lambda item: item[0])
+            | "count per bucket" >> beam.combiners.Count.PerElement()
+            | "all counts" >> beam.combiners.ToList()
+            | "first positions" >> beam.Map(_first_positions)
+        )
+        _ = (
+            sequences
+            | "by bucket" >> beam.GroupByKey()
+            | "place"
+            >> beam.ParDo(
+                _Place(stage),
+                firsts=beam.pvalue.AsSingleton(firsts),
+                leaf_index=beam.pvalue.AsSingleton(leaves),
+            )
+            | "by shard" >> beam.GroupByKey()
+            | "write shard" >> beam.ParDo(_WriteShard(stage))
+        )
+
+
+def _element_counts(texts: Iterable[str]) -> dict[str, int]:
+    counter = elements.ElementCounter()
+    counter.add(texts)
+    return {name: n for name, n in counter.counts.items() if n}
+
+
+def _sum_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in parts:
+        for name, n in part.items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+def _write_json(value: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+
+
+class _ReadUnit:
+    """unit -> (order key, text) per document, in the unit's order; the reading's repairs and
+    skips are counted in Beam metrics and in a per-unit stats file."""
+
+    def __new__(cls, stage: _Stages) -> Any:
+        import apache_beam as beam
+
+        class ReadUnit(beam.DoFn):
+            def process(self, element: tuple[int, str]) -> Iterator[tuple[tuple[int, int], str]]:
+                number, unit = element
+                stats = SourceStats()
+                for k, document in enumerate(read_unit(stage.data, unit, stats)):
+                    yield (number, k), document.text
+                _write_json(stats.as_dict(), os.path.join(stage.parts, f"stats-{number:08d}.json"))
+                for name, value in stats.as_dict().items():
+                    beam.metrics.Metrics.counter(_NAMESPACE, name).inc(value)
+
+        return ReadUnit()
+
+
+class _RouteAndTokenize:
+    """A batch of (order key, text) -> (path, (order key, token ids)) per document."""
+
+    def __new__(cls, stage: _Stages) -> Any:
+        import apache_beam as beam
+
+        from hmem_jax.data.prepare import route_keys
+
+        class RouteAndTokenize(beam.DoFn):
+            def setup(self) -> None:
+                self.router = TreeRouter.load(stage.tree_dir) if stage.tree_dir else None
+                self.tokenizer = stage.tokenizer()
+
+            def process(self, batch: list[tuple[tuple[int, int], str]]) -> Iterator[Any]:
+                texts = [text for _, text in batch]
+                keys = route_keys(self.router, texts)
+                for (order, _), path, ids in zip(
+                    batch, keys, self.tokenizer.encode_batch(texts), strict=True
+                ):
+                    yield path, (order, np.asarray(ids, dtype=np.int64))
+
+        return RouteAndTokenize()
+
+
+class _PackLeaf:
+    """(path, documents) -> its sequences keyed by when the in-process packer completes them,
+    as (bucket, (key, path, record bytes)); and to output 'leaf' the leaf's summary."""
+
+    def __new__(cls, stage: _Stages) -> Any:
+        import apache_beam as beam
+
+        class PackLeaf(beam.DoFn):
+            def setup(self) -> None:
+                tokenizer = stage.tokenizer()
+                self.eot, self.pad = tokenizer.eot_id, tokenizer.pad_id
+                self.dtypes = _record_dtypes(tokenizer, stage.seq_len)
+                self.finish_bucket = 1 << 62
+
+            def process(self, element: tuple[tuple[int, ...], Iterable[Any]]) -> Iterator[Any]:
+                path, documents = element
+                ordered = sorted(documents, key=lambda document: document[0])
+                packer = LeafPacker(stage.seq_len, self.eot, self.pad, *self.dtypes)
+                tokens = sequences = 0
+                for order, ids in ordered:
+                    tokens += len(ids) + 1
+                    for j, (_, t, s) in enumerate(packer.add(0, ids)):
+                        sequences += 1
+                        yield order[0], ((0, order, j), path, _record(t, s))
+                first = ordered[0][0]
+                for j, (_, t, s) in enumerate(packer.finish()):
+                    sequences += 1
+                    yield self.finish_bucket, ((_FINISH, first, j), path, _record(t, s))
+                beam.metrics.Metrics.counter(_NAMESPACE, "sequences").inc(sequences)
+                beam.metrics.Metrics.counter(_NAMESPACE, "tokens").inc(tokens)
+                yield beam.pvalue.TaggedOutput(
+                    "leaf",
+                    {
+                        "path": list(path),
+                        "first": list(first),
+                        "documents": len(ordered),
+                        "tokens": tokens,
+                        "sequences": sequences,
+                    },
+                )
+
+        return PackLeaf()
+
+
+def _record_dtypes(tokenizer: tokenizer_lib.Tokenizer, seq_len: int) -> tuple[np.dtype, np.dtype]:
+    from hmem_jax.data.prepare import record_dtypes
+
+    return record_dtypes(tokenizer, seq_len)
+
+
+def _record(tokens: np.ndarray, segment_ids: np.ndarray) -> bytes:
+    """One record's bytes, as ShardWriter writes them (tokens then segment ids, little-endian)."""
+    return (
+        tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
+        + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()
+    )
+
+
+def _number_leaves(summaries: list[dict[str, Any]], parts: str) -> dict[tuple[int, ...], int]:
+    """Leaf index of each path: its first-seen rank (the in-process numbering); the summaries
+    in that order are written for the manifest."""
+    ordered = sorted(summaries, key=lambda leaf: tuple(leaf["first"]))
+    _write_json(ordered, os.path.join(parts, "leaves.json"))
+    return {tuple(leaf["path"]): index for index, leaf in enumerate(ordered)}
+
+
+def _first_positions(counts: list[tuple[int, int]]) -> dict[int, int]:
+    """Bucket -> position of its first record (buckets in order: units, then the finish)."""
+    firsts, position = {}, 0
+    for bucket, count in sorted(counts):
+        firsts[bucket] = position
+        position += count
+    return firsts
+
+
+class _Place:
+    """A bucket's sequences, sorted by key, take the positions from its first one:
+    -> (shard, (position, leaf index, record bytes))."""
+
+    def __new__(cls, stage: _Stages) -> Any:
+        import apache_beam as beam
+
+        class Place(beam.DoFn):
+            def process(
+                self,
+                element: tuple[int, Iterable[Any]],
+                firsts: dict[int, int],
+                leaf_index: dict[tuple[int, ...], int],
+            ) -> Iterator[Any]:
+                bucket, items = element
+                position = firsts[bucket]
+                for _, path, record in sorted(items, key=lambda item: item[0]):
+                    yield position // stage.per_shard, (position, leaf_index[tuple(path)], record)
+                    position += 1
+
+        return Place()
+
+
+class _WriteShard:
+    """(shard, records) -> the ArrayRecord shard in position order, and its leaf table part."""
+
+    def __new__(cls, stage: _Stages) -> Any:
+        import apache_beam as beam
+
+        class WriteShard(beam.DoFn):
+            def process(self, element: tuple[int, Iterable[Any]]) -> Iterator[int]:
+                from array_record.python.array_record_module import ArrayRecordWriter
+
+                shard, items = element
+                ordered = sorted(items, key=lambda item: item[0])
+                path = os.path.join(stage.shards_dir, SHARD_PATTERN.format(shard))
+                writer = ArrayRecordWriter(path, "group_size:1")
+                try:
+                    for _, _, record in ordered:
+                        writer.write(record)
+                finally:
+                    writer.close()
+                leaves = np.array([leaf for _, leaf, _ in ordered], dtype="<i4")
+                leaves.tofile(os.path.join(stage.parts, f"leaves-{shard:08d}.bin"))
+                yield shard
+
+        return WriteShard()
+
+
+def _collect(stage: _Stages, tokenizer_seconds: float) -> Any:
+    """Read the pipeline's small outputs back into what the manifest records; join the
+    per-shard leaf tables into the record leaf table."""
+    from hmem_jax.data.prepare import PackedCorpus
+
+    with open(os.path.join(stage.parts, "leaves.json"), encoding="utf-8") as handle:
+        leaves = json.load(handle)
+    stats = SourceStats()
+    for name in sorted(os.listdir(stage.parts)):
+        if name.startswith("stats-"):
+            with open(os.path.join(stage.parts, name), encoding="utf-8") as handle:
+                for field, value in json.load(handle).items():
+                    setattr(stats, field, getattr(stats, field) + value)
+    counts = elements.ElementCounter().counts
+    names_file = os.path.join(stage.parts, "elements.json")
+    if os.path.isfile(names_file):
+        with open(names_file, encoding="utf-8") as handle:
+            counts.update(json.load(handle))
+    parts = sorted(name for name in os.listdir(stage.parts) if name.startswith("leaves-"))
+    shards, num_records = [], 0
+    with open(os.path.join(stage.shards_dir, RECORD_LEAVES_FILE), "wb") as table:
+        for number, name in enumerate(parts):
+            if name != f"leaves-{number:08d}.bin":
+                raise PreparedDataError(f"Beam wrote no shard {number}; the pipeline is broken.")
+            with open(os.path.join(stage.parts, name), "rb") as handle:
+                data = handle.read()
+            table.write(data)
+            shards.append({"file": SHARD_PATTERN.format(number), "records": len(data) // 4})
+            num_records += len(data) // 4
+    return PackedCorpus(
+        leaf_keys=[tuple(leaf["path"]) for leaf in leaves],
+        leaf_documents=[leaf["documents"] for leaf in leaves],
+        leaf_tokens=[leaf["tokens"] for leaf in leaves],
+        leaf_sequences=[leaf["sequences"] for leaf in leaves],
+        shards=shards,
+        num_records=num_records,
+        stats=stats,
+        element_counts=counts,
+        timing_s={"tokenizer": tokenizer_seconds},
+    )

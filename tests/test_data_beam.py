@@ -1,0 +1,124 @@
+"""`prepare` on Apache Beam (DirectRunner, several worker processes) makes the folder the
+in-process path makes: the same records in the same shards, the same leaf table and manifest."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers.small import tree_hashes
+
+from hmem_jax.main.common import load_train_config
+
+pytest.importorskip("apache_beam", reason="the 'beam' extra is not installed")
+
+DIRECT = [
+    "--runner=DirectRunner",
+    "--direct_num_workers=2",
+    "--direct_running_mode=multi_processing",
+]
+
+
+def _manifest_without_timings(folder):
+    manifest = json.loads(open(os.path.join(folder, "manifest.json")).read())
+    for varying in ("created", "timing_s"):  # when and how fast it was made
+        manifest.pop(varying)
+    return manifest
+
+
+def _assert_same_folders(beam_out, local_out):
+    manifest = "manifest.json"
+    assert {k: v for k, v in tree_hashes(beam_out).items() if k != manifest} == {
+        k: v for k, v in tree_hashes(local_out).items() if k != manifest
+    }
+    assert _manifest_without_timings(beam_out) == _manifest_without_timings(local_out)
+
+
+@pytest.mark.ci
+def test_beam_prepares_the_embedded_corpus_as_the_in_process_path_does(
+    small_prepared_tree_data, tmp_path
+):
+    from hmem_jax.data.beam_prepare import prepare_with_beam
+
+    prepared, tree, params = small_prepared_tree_data
+    cfg = load_train_config((), params)
+    out = str(tmp_path / "beam")
+    prepare_with_beam(cfg.data, cfg.seq_len, out, tree, DIRECT)
+    _assert_same_folders(out, prepared)
+
+
+@pytest.mark.ci
+def test_beam_prepares_a_jsonl_corpus_of_many_files_into_the_same_shards(
+    small_prepared_tree_data, tmp_path, monkeypatch
+):
+    """Several files (units read by different workers), malformed and empty lines (counted
+    alike), a document longer than a sequence, and shards small enough that there are many."""
+    from hmem_jax.data import encyclopedia, packing
+    from hmem_jax.data.beam_prepare import prepare_with_beam
+    from hmem_jax.data.prepare import prepare
+
+    _, tree, params = small_prepared_tree_data
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = encyclopedia.generate_corpus(200, seed=0).documents
+    for number in range(5):
+        lines = [json.dumps({"id": d.id, "text": d.text}) for d in documents[number::5]]
+        lines[3:3] = ["{not json", json.dumps({"text": ""}), json.dumps({"id": 7})]
+        if number == 2:
+            lines.append(json.dumps({"text": " ".join(d.text for d in documents[:40])}))
+        (corpus / f"part-{number}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_train_config(
+        (),
+        params
+        + (
+            "DataConfig.source = 'jsonl'",
+            f"DataConfig.path = '{corpus}'",
+            "DataConfig.max_document_chars = 2000",
+        ),
+    )
+    monkeypatch.setattr(packing, "_SHARD_TARGET_BYTES", 40 * cfg.seq_len * 4)  # 40 records
+    local, beam = str(tmp_path / "local"), str(tmp_path / "beam")
+    prepare(cfg.data, cfg.seq_len, local, tree_dir=tree, progress=False)
+    prepare_with_beam(cfg.data, cfg.seq_len, beam, tree, DIRECT)
+    _assert_same_folders(beam, local)
+    manifest = _manifest_without_timings(beam)
+    assert len(manifest["shards"]) > 3
+    assert (
+        manifest["corpus"]["malformed_skipped"] == 10 and manifest["corpus"]["empty_skipped"] == 5
+    )
+    assert manifest["corpus"]["huge_split"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_the_prepare_command_runs_the_pipeline_and_a_run_trains_on_its_data(
+    small_prepared_tree_data, tmp_path
+):
+    from helpers.small import run_entry_point
+    from helpers.training import MEMORY_BINDINGS
+
+    prepared, tree, params = small_prepared_tree_data
+    out = tmp_path / "beam"
+    data_params = tuple(p for p in params if not p.startswith("DataConfig.prepared_dir"))
+    command = [sys.executable, "-m", "hmem_jax.main.prepare", f"--out={out}", f"--tree={tree}"]
+    command += ["--quiet", "--beam_runner=DirectRunner"]
+    command += [f"--beam_option={option}" for option in DIRECT[1:]]
+    command += [f"--gin_param={p}" for p in data_params]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        json.loads(done.stdout)["num_records"] == _manifest_without_timings(prepared)["num_records"]
+    )
+    _assert_same_folders(str(out), prepared)
+    run = tmp_path / "run"
+    trained = run_entry_point(
+        "hmem_jax.main.train",
+        run,
+        data_params + MEMORY_BINDINGS + (f"DataConfig.prepared_dir = '{out}'",),
+        1,
+        "--probe_limit=0",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
