@@ -122,3 +122,36 @@ def test_the_prepare_command_runs_the_pipeline_and_a_run_trains_on_its_data(
     assert trained.returncode == 0, trained.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_failed_pipeline_leaves_no_folder_that_looks_prepared(
+    small_prepared_tree_data, tmp_path, monkeypatch
+):
+    """A worker that fails midway (here: reading the third file) fails the pipeline; neither
+    the output folder nor its staging folder is left behind."""
+    from hmem_jax.data import beam_prepare, encyclopedia
+
+    _, tree, params = small_prepared_tree_data
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = encyclopedia.generate_corpus(60, seed=0).documents
+    for number in range(4):
+        rows = [json.dumps({"text": d.text}) for d in documents[number::4]]
+        (corpus / f"part-{number}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = load_train_config(
+        (), params + ("DataConfig.source = 'jsonl'", f"DataConfig.path = '{corpus}'")
+    )
+    original = beam_prepare.read_unit
+
+    def failing(data, unit, stats):
+        if unit.endswith("part-2.jsonl"):
+            raise OSError("the disk went away")
+        return original(data, unit, stats)
+
+    monkeypatch.setattr(beam_prepare, "read_unit", failing)
+    out = tmp_path / "out" / "beam"
+    with pytest.raises(Exception, match="the disk went away"):
+        beam_prepare.prepare_with_beam(
+            cfg.data, cfg.seq_len, str(out), tree, ["--runner=DirectRunner"]
+        )
+    assert not out.exists() and os.listdir(out.parent) == []
