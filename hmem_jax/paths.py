@@ -148,9 +148,14 @@ def upload_tree(local_dir: str, url: str, last: tuple[str, ...] = ()) -> None:
             names.append(os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"))
     names.sort(key=lambda relative: (relative in last, relative))
     for relative in names:
-        with open(os.path.join(local_dir, *relative.split("/")), "rb") as handle:
-            data = handle.read()
-        _remote(join(url, relative), lambda p, data=data: p.write_bytes(data))
+        upload_file(os.path.join(local_dir, *relative.split("/")), join(url, relative))
+
+
+def upload_file(local_file: str, url: str) -> None:
+    """Copy one local file to the object `url`."""
+    with open(local_file, "rb") as handle:
+        data = handle.read()
+    _remote(url, lambda p: p.write_bytes(data))
 
 
 def download_tree(url: str, local_dir: str) -> None:
@@ -220,9 +225,7 @@ class LocalMirror:
         if os.path.isdir(source):
             upload_tree(source, join(self.url, relative))
         elif os.path.isfile(source):
-            with open(source, "rb") as handle:
-                data = handle.read()
-            _remote(join(self.url, relative), lambda p: p.write_bytes(data))
+            upload_file(source, join(self.url, relative))
 
     def close(self) -> None:
         if self.remote:

@@ -51,7 +51,16 @@ import numpy as np
 from hmem_jax.config import DataConfig
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
-from hmem_jax.data.packing import LeafPacker, records_per_shard
+from hmem_jax.data.packing import LeafPacker, encode_record, records_per_shard
+from hmem_jax.data.prepare import (
+    PackedCorpus,
+    make_tokenizer,
+    publish,
+    record_dtypes,
+    route_keys,
+    staging_dir_for,
+    write_manifest,
+)
 from hmem_jax.data.prepared import RECORD_LEAVES_FILE, SHARD_PATTERN
 from hmem_jax.data.routing import TreeRouter
 from hmem_jax.data.sources import SourceStats, read_unit, source_units
@@ -72,13 +81,6 @@ def prepare_with_beam(
     """Prepare `out_dir` with a Beam pipeline (`pipeline_args`: Beam's own options, e.g.
     --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing);
     returns the manifest. Like `prepare`, `out_dir` must not exist yet."""
-    from hmem_jax.data.prepare import (
-        make_tokenizer,
-        publish,
-        record_dtypes,
-        staging_dir_for,
-        write_manifest,
-    )
 
     if os.path.exists(out_dir):
         raise PreparedDataError(
@@ -232,8 +234,6 @@ class _RouteAndTokenize:
     def __new__(cls, stage: _Stages) -> Any:
         import apache_beam as beam
 
-        from hmem_jax.data.prepare import route_keys
-
         class RouteAndTokenize(beam.DoFn):
             def setup(self) -> None:
                 self.router = TreeRouter.load(stage.tree_dir) if stage.tree_dir else None
@@ -261,7 +261,7 @@ class _PackLeaf:
             def setup(self) -> None:
                 tokenizer = stage.tokenizer()
                 self.eot, self.pad = tokenizer.eot_id, tokenizer.pad_id
-                self.dtypes = _record_dtypes(tokenizer, stage.seq_len)
+                self.dtypes = record_dtypes(tokenizer, stage.seq_len)
                 self.finish_bucket = 1 << 62
 
             def process(self, element: tuple[tuple[int, ...], Iterable[Any]]) -> Iterator[Any]:
@@ -273,11 +273,11 @@ class _PackLeaf:
                     tokens += len(ids) + 1
                     for j, (_, t, s) in enumerate(packer.add(0, ids)):
                         sequences += 1
-                        yield order[0], ((0, order, j), path, _record(t, s))
+                        yield order[0], ((0, order, j), path, encode_record(t, s))
                 first = ordered[0][0]
                 for j, (_, t, s) in enumerate(packer.finish()):
                     sequences += 1
-                    yield self.finish_bucket, ((_FINISH, first, j), path, _record(t, s))
+                    yield self.finish_bucket, ((_FINISH, first, j), path, encode_record(t, s))
                 beam.metrics.Metrics.counter(_NAMESPACE, "sequences").inc(sequences)
                 beam.metrics.Metrics.counter(_NAMESPACE, "tokens").inc(tokens)
                 yield beam.pvalue.TaggedOutput(
@@ -292,20 +292,6 @@ class _PackLeaf:
                 )
 
         return PackLeaf()
-
-
-def _record_dtypes(tokenizer: tokenizer_lib.Tokenizer, seq_len: int) -> tuple[np.dtype, np.dtype]:
-    from hmem_jax.data.prepare import record_dtypes
-
-    return record_dtypes(tokenizer, seq_len)
-
-
-def _record(tokens: np.ndarray, segment_ids: np.ndarray) -> bytes:
-    """One record's bytes, as ShardWriter writes them (tokens then segment ids, little-endian)."""
-    return (
-        tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
-        + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()
-    )
 
 
 def _number_leaves(summaries: list[dict[str, Any]], parts: str) -> dict[tuple[int, ...], int]:
@@ -374,11 +360,9 @@ class _WriteShard:
         return WriteShard()
 
 
-def _collect(stage: _Stages, tokenizer_seconds: float) -> Any:
+def _collect(stage: _Stages, tokenizer_seconds: float) -> PackedCorpus:
     """Read the pipeline's small outputs back into what the manifest records; join the
     per-shard leaf tables into the record leaf table."""
-    from hmem_jax.data.prepare import PackedCorpus
-
     with open(os.path.join(stage.parts, "leaves.json"), encoding="utf-8") as handle:
         leaves = json.load(handle)
     stats = SourceStats()

@@ -120,6 +120,14 @@ class LeafPacker:
         return remaining
 
 
+def encode_record(tokens: np.ndarray, segment_ids: np.ndarray) -> bytes:
+    """One record's bytes: tokens then segment ids, little-endian (prepared.py's layout)."""
+    return (
+        tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
+        + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()
+    )
+
+
 def records_per_shard(record_bytes: int) -> int:
     """How many records of `record_bytes` a shard holds (about 256 MiB of them)."""
     return max(1, _SHARD_TARGET_BYTES // record_bytes)
@@ -143,10 +151,7 @@ class ShardWriter:
         if self._writer is None or self.shard_records[-1] >= self.records_per_shard:
             self._rotate()
             assert self._writer is not None
-        self._writer.write(
-            tokens.astype("<" + tokens.dtype.str[1:], copy=False).tobytes()
-            + segment_ids.astype("<" + segment_ids.dtype.str[1:], copy=False).tobytes()
-        )
+        self._writer.write(encode_record(tokens, segment_ids))
         self._leaves.write(np.int32(leaf).astype("<i4").tobytes())
         self.shard_records[-1] += 1
         self.num_records += 1

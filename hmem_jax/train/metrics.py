@@ -19,10 +19,10 @@ import numpy as np
 from hmem_jax import paths
 from hmem_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor data sheets).
 PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
