@@ -426,6 +426,13 @@ class HierarchyConfig:
     default) means exactly that, scaled to other branchings as
     0.094 * 16 / branching. An explicit value must be >= 1/branching, or no
     clustering could satisfy it. `seed` makes the tree deterministic.
+
+    `fit_sample`: fit on a uniform sample of at most this many documents, drawn
+    while the corpus streams past, so neither the documents nor their
+    embeddings are ever all in memory (None: fit on every document). A node at
+    the last level sees about fit_sample / branching**(depth-1) documents: for
+    the paper's tree and full minibatches of 6,400 at every level-4 node, that
+    is 4,096 x 6,400 = 26.2M documents (40 GB of float32 MiniLM vectors).
     """
 
     # 'hashed_idf' (no torch; document frequencies fitted on the corpus), 'hashed', or 'minilm'
@@ -437,6 +444,8 @@ class HierarchyConfig:
     samples_per_step: int = 6400
     balance_threshold: float | None = None  # None: 0.094 * 16 / branching (paper at 16: 0.094)
     seed: int = 0
+    # Fit on a uniform sample of at most this many documents, streamed (None: all of them).
+    fit_sample: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -452,6 +461,11 @@ class HierarchyConfig:
         )
         _check_positive(
             "HierarchyConfig", em_steps=self.em_steps, samples_per_step=self.samples_per_step
+        )
+        _require(
+            self.fit_sample is None or self.fit_sample >= self.branching,
+            f"HierarchyConfig.fit_sample = {self.fit_sample} must be None (every document) or "
+            f">= branching = {self.branching}.",
         )
         _require(
             self.samples_per_step >= self.branching,

@@ -108,6 +108,11 @@ def write_text(path: str, text: str) -> None:
         handle.write(text)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    with open_file(path, "wb") as handle:
+        handle.write(data)
+
+
 def read_bytes(path: str) -> bytes:
     with open_file(path, "rb") as handle:
         return handle.read()
@@ -130,10 +135,8 @@ def rename(source: str, target: str) -> None:
         return
 
     def move(_: Any) -> None:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(source)
-        fs.mv(root, fsspec.core.url_to_fs(target)[1], recursive=True)
+        fs, root = _filesystem(source)
+        fs.mv(root, _filesystem(target)[1], recursive=True)
 
     _remote(source, move)
 
@@ -162,9 +165,7 @@ def download_tree(url: str, local_dir: str) -> None:
     """Copy every object under the folder `url` to the same relative paths under `local_dir`."""
 
     def copy(_: Any) -> None:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = _filesystem(url)
         root = root.rstrip("/")
         for key in fs.find(root):
             target = os.path.join(local_dir, *key[len(root) :].lstrip("/").split("/"))
@@ -172,6 +173,78 @@ def download_tree(url: str, local_dir: str) -> None:
             fs.get_file(key, target)
 
     _remote(url, copy)
+
+
+GLOB_CHARACTERS = "*?["
+
+
+def has_glob(path: str) -> bool:
+    """Whether `path` is a pattern (holds *, ? or [) rather than one file or folder."""
+    return any(char in str(path) for char in GLOB_CHARACTERS)
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a pattern's matches lie under: its components before the first wildcard."""
+    parts = str(pattern).split("/")
+    fixed = next(i for i, part in enumerate(parts) if has_glob(part))
+    return "/".join(parts[:fixed]) or ("/" if str(pattern).startswith("/") else ".")
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files (not folders) matching `pattern`, sorted; `**` matches across folders. A URL
+    pattern is matched by its object store's listing and answered as URLs."""
+    if not is_remote(pattern):
+        import glob
+
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+
+    def match(_: Any) -> list[str]:
+        fs, root = _filesystem(pattern)
+        found = fs.glob(root, detail=True)
+        return sorted(
+            f"{scheme(pattern)}://{key}" for key, info in found.items() if info["type"] == "file"
+        )
+
+    return _remote(pattern, match)
+
+
+def find_files(root: str) -> list[str]:
+    """Every file below the folder `root`, recursively, sorted (URLs for a URL root)."""
+    if not is_remote(root):
+        return sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+        )
+
+    def find(_: Any) -> list[str]:
+        fs, key = _filesystem(root)
+        return sorted(f"{scheme(root)}://{found}" for found in fs.find(key.rstrip("/")))
+
+    return _remote(root, find)
+
+
+def remove_tree(path: str) -> None:
+    """Delete the folder `path` and everything below it; a missing one is not an error."""
+    if not is_remote(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
+
+    def remove_all(_: Any) -> None:
+        fs, key = _filesystem(path)
+        keys = fs.find(key.rstrip("/"))
+        if keys:
+            fs.rm(keys)
+
+    _remote(path, remove_all)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for a URL and the URL's path within it."""
+    import fsspec
+
+    configure_fsspec()
+    return fsspec.core.url_to_fs(url)
 
 
 def copy_folder(source: str, target: str) -> None:

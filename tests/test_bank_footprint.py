@@ -126,8 +126,11 @@ def _compile(cfg: TrainConfig):
 
 @pytest.mark.parametrize(
     "mesh",
-    [MeshConfig(data=2, fsdp=1, memory=4), MeshConfig(data=8, fsdp=1), MeshConfig(data=2, fsdp=4)],
-    ids=["data2-memory4", "data8", "data2-fsdp4"],
+    [
+        pytest.param(MeshConfig(data=2, fsdp=1, memory=4), id="data2-memory4"),
+        pytest.param(MeshConfig(data=8, fsdp=1), id="data8", marks=pytest.mark.slow),
+        pytest.param(MeshConfig(data=2, fsdp=4), id="data2-fsdp4"),
+    ],
 )
 def test_footprint_matches_the_compiled_steps_arguments(mesh):
     anchor, _ = _argument_bytes(_config(mesh, MemoryConfig()))

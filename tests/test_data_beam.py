@@ -11,6 +11,7 @@ from helpers.small import tree_hashes
 
 from hmem_jax.main.common import load_train_config
 
+pytestmark = pytest.mark.extras  # tests/run_extras.sh
 pytest.importorskip("apache_beam", reason="the 'beam' extra is not installed")
 
 DIRECT = [
@@ -50,7 +51,7 @@ def test_beam_prepares_the_embedded_corpus_as_the_in_process_path_does(
 
 @pytest.mark.ci
 def test_beam_prepares_a_jsonl_corpus_of_many_files_into_the_same_shards(
-    small_prepared_tree_data, tmp_path, monkeypatch
+    small_prepared_tree_data, tmp_path, monkeypatch, caplog
 ):
     """Several files (units read by different workers), malformed and empty lines (counted
     alike), a document longer than a sequence, and shards small enough that there are many."""
@@ -80,9 +81,19 @@ def test_beam_prepares_a_jsonl_corpus_of_many_files_into_the_same_shards(
     monkeypatch.setattr(packing, "_SHARD_TARGET_BYTES", 40 * cfg.seq_len * 4)  # 40 records
     local, beam = str(tmp_path / "local"), str(tmp_path / "beam")
     prepare(cfg.data, cfg.seq_len, local, tree_dir=tree, progress=False)
-    prepare_with_beam(cfg.data, cfg.seq_len, beam, tree, DIRECT)
+    with caplog.at_level("INFO"):
+        prepare_with_beam(cfg.data, cfg.seq_len, beam, tree, DIRECT)
     _assert_same_folders(beam, local)
     manifest = _manifest_without_timings(beam)
+    # Beam's own counters, summed over the workers, agree with the manifest.
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Beam metrics")]
+    metrics = json.loads(logged[-1].split(": ", 1)[1])
+    leaves = manifest["leaves"]
+    assert metrics["documents"] == manifest["num_documents"]
+    assert metrics["malformed_skipped"] == 10 and metrics["leaves"] == leaves["count"]
+    assert metrics["sequences"] == manifest["num_records"]
+    assert metrics["leaf_tokens"]["max"] == max(leaves["tokens"])
+    assert metrics["leaf_documents"]["min"] == min(leaves["documents"])
     assert len(manifest["shards"]) > 3
     assert (
         manifest["corpus"]["malformed_skipped"] == 10 and manifest["corpus"]["empty_skipped"] == 5
@@ -155,3 +166,47 @@ def test_a_failed_pipeline_leaves_no_folder_that_looks_prepared(
             cfg.data, cfg.seq_len, str(out), tree, ["--runner=DirectRunner"]
         )
     assert not out.exists() and os.listdir(out.parent) == []
+
+
+def test_beam_reads_a_corpus_pattern_on_s3_and_writes_its_output_there(
+    small_prepared_tree_data, tmp_path
+):
+    """Source shards (plain, gzip, zstandard) matched by a pattern on an S3-compatible server,
+    output folder on it too: the workers write the shards into the bucket, the manifest comes
+    last, and the folder equals the in-process preparation of a local copy of the corpus."""
+    from helpers.object_store import s3_environment, upload_jsonl_corpus
+
+    from hmem_jax import paths
+    from hmem_jax.data import encyclopedia
+    from hmem_jax.data.prepare import ensure_prepared, prepare
+
+    _, tree, params = small_prepared_tree_data
+    documents = encyclopedia.generate_corpus(120, seed=1).documents
+    local_corpus = tmp_path / "corpus"
+    local_corpus.mkdir()
+    with s3_environment("hmem-beam") as (_, client):
+        for name, data in upload_jsonl_corpus(client, "hmem-beam", "in", documents).items():
+            (local_corpus / name).write_bytes(data)
+        pattern, out = "s3://hmem-beam/in/part-*.jsonl*", "s3://hmem-beam/out/data"
+        cfg = load_train_config(
+            (), params + ("DataConfig.source = 'jsonl'", f"DataConfig.path = '{pattern}'")
+        )
+        assert ensure_prepared(cfg, out, tree, beam_args=DIRECT) == out
+        keys = [item["Key"] for item in client.list_objects_v2(Bucket="hmem-beam")["Contents"]]
+        assert not any("_beam_parts" in key for key in keys)
+        downloaded = tmp_path / "downloaded"
+        paths.download_tree(out, str(downloaded))
+    local = load_train_config(
+        (), params + ("DataConfig.source = 'jsonl'", f"DataConfig.path = '{local_corpus}'")
+    )
+    local_out = tmp_path / "local"
+    prepare(local.data, local.seq_len, str(local_out), tree_dir=tree, progress=False)
+    beam_manifest, local_manifest = (
+        _manifest_without_timings(folder) for folder in (downloaded, local_out)
+    )
+    for manifest in (beam_manifest, local_manifest):  # all but the corpus's path are equal
+        assert manifest.pop("source") == manifest["settings"].pop("source")
+    assert beam_manifest == local_manifest
+    assert {k: v for k, v in tree_hashes(downloaded).items() if k != "manifest.json"} == {
+        k: v for k, v in tree_hashes(local_out).items() if k != "manifest.json"
+    }

@@ -352,6 +352,31 @@ def test_bad_documents_are_reported_in_the_manifest(tmp_path):
     assert batch["tokens"].shape == (2, 32)
 
 
+def test_prepare_reports_documents_per_second_files_and_an_eta_in_a_log(tmp_path, capsys):
+    """Not on a terminal (a job's log): a line every interval and one at the end, with the
+    files read of all and an ETA from them."""
+    import io
+
+    from hmem_jax.data.progress import PrepareProgress
+
+    for number in range(3):
+        rows = [json.dumps({"text": f"file {number} line {i} about rivers"}) for i in range(20)]
+        (tmp_path / f"part-{number}.jsonl").write_text("\n".join(rows) + "\n")
+    data = DataConfig(source="jsonl", path=str(tmp_path), vocab_size=300)
+    prepare_lib.prepare(data, 32, str(tmp_path / "out"), progress=True)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("prepare: 60 documents, ") and "documents/s" in last
+    assert last.endswith("file 3/3, ETA 0:00:00")
+
+    log = io.StringIO()
+    report = PrepareProgress(4, interval_s=0.0, stream=log)
+    report.add_documents(10)
+    assert log.getvalue().splitlines()[-1].endswith("file 0/4, ETA unknown")
+    report.file_done()
+    assert report.eta_seconds() is not None and report.eta_seconds() >= 0
+    assert "file 1/4, ETA " in log.getvalue().splitlines()[-1]
+
+
 def test_embedded_preparation_writes_probes(plain_dir):
     manifest = prepared.read_manifest(plain_dir)
     assert manifest["probes"]["count"] == DATA.embedded_entities

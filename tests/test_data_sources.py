@@ -1,8 +1,10 @@
 """Document sources: jsonl, text folders, embedded, seqio; bad input is repaired and counted."""
 
+import gzip
 import json
 
 import pytest
+import zstandard
 
 from hmem_jax.config import DataConfig
 from hmem_jax.data import encyclopedia
@@ -70,8 +72,59 @@ def test_text_dir_is_recursive_sorted_and_streams_huge_files(tmp_path):
 def test_missing_paths_are_clear_errors(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         list(read_documents(DataConfig(source="jsonl", path=str(tmp_path / "nope.jsonl"))))
-    with pytest.raises(SourceError, match="no \\*.txt files"):
+    with pytest.raises(SourceError, match="no .txt / .txt.gz / .txt.zst files"):
         list(read_documents(DataConfig(source="text_dir", path=str(tmp_path))))
+    with pytest.raises(SourceError, match="matches no files"):
+        list(read_documents(DataConfig(source="jsonl", path=str(tmp_path / "*.jsonl"))))
+
+
+def _compress(data: bytes, suffix: str) -> bytes:
+    if suffix == ".gz":
+        return gzip.compress(data)
+    if suffix == ".zst":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_compressed_files_read_like_plain_ones(tmp_path, suffix):
+    """.jsonl.gz / .jsonl.zst shards (as DCLM ships) and compressed text files, the huge one
+    streamed in pieces, give the documents and counts the plain files give."""
+    lines = [json.dumps({"text": f"document {i} " * 30}) for i in range(200)] + ["not json"]
+    jsonl = ("\n".join(lines) + "\n").encode()
+    huge = ("word " * 2_000).encode()  # > 4 x max_document_chars: streamed
+    for folder in ("plain", "packed"):
+        (tmp_path / folder / "t").mkdir(parents=True)
+    (tmp_path / "plain" / "shard.jsonl").write_bytes(jsonl)
+    (tmp_path / "packed" / f"shard.jsonl{suffix}").write_bytes(_compress(jsonl, suffix))
+    (tmp_path / "plain" / "t" / "huge.txt").write_bytes(huge)
+    (tmp_path / "packed" / "t" / f"huge.txt{suffix}").write_bytes(_compress(huge, suffix))
+
+    def read(folder, source, max_chars=400):
+        config = DataConfig(
+            source=source, path=str(tmp_path / folder), max_document_chars=max_chars
+        )
+        documents, stats = _read(config)
+        return [(d.id.replace(suffix, "") if suffix else d.id, d.text) for d in documents], stats
+
+    plain, plain_stats = read("plain", "jsonl")
+    packed, packed_stats = read("packed", "jsonl")
+    assert packed == plain and len(plain) == 200 and packed_stats == plain_stats
+    assert packed_stats.malformed_skipped == 1
+    plain, plain_stats = read("plain/t", "text_dir")
+    packed, packed_stats = read("packed/t", "text_dir")
+    assert packed == plain and len(plain) > 20 and packed_stats == plain_stats
+    assert packed_stats.huge_split == 1
+
+
+def test_a_pattern_selects_files_in_sorted_order_and_ids_are_relative_to_its_folder(tmp_path):
+    for name in ("b/2.txt", "a/1.txt", "a/skip.md", "c/3.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"text of {name}")
+    documents, _ = _read(DataConfig(source="text_dir", path=str(tmp_path / "[ab]" / "*.txt")))
+    assert [d.id for d in documents] == ["a/1.txt", "b/2.txt"]
+    documents, _ = _read(DataConfig(source="text_dir", path=str(tmp_path / "**" / "*.txt")))
+    assert [d.text for d in documents] == ["text of a/1.txt", "text of b/2.txt", "text of c/3.txt"]
 
 
 def test_split_text_prefers_whitespace_and_keeps_every_character():
@@ -88,6 +141,7 @@ def test_embedded_source_is_the_encyclopedia():
     assert stats.documents == len(documents)
 
 
+@pytest.mark.extras  # tests/run_extras.sh
 def test_seqio_task_text_feature_becomes_documents():
     seqio = pytest.importorskip("seqio", reason="the optional `seqio` extra is not installed")
     import tensorflow as tf

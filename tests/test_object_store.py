@@ -4,12 +4,10 @@ A moto server (`python -m moto.server`) stands in for S3: AWS_ENDPOINT_URL point
 credentials are dummies. Nothing here needs the network.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from helpers.bank import KILL_MID_WRITE_BACK, streamed_bank
+from helpers.object_store import moto_server, s3_environment, upload_jsonl_corpus
 from helpers.small import run_entry_point, tree_hashes
 from helpers.training import MEMORY_BINDINGS, memory_config
 
@@ -28,71 +27,11 @@ BUCKET = "hmem-test"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@contextlib.contextmanager
-def _moto_server(env=None):
-    """A moto S3 server on a free loopback port (extra environment `env`) -> its endpoint."""
-    import portpicker
-
-    port = portpicker.pick_unused_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        deadline = time.time() + 30
-        while True:  # until it listens
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    """A moto S3 server on a free loopback port with bucket BUCKET; the AWS_* variables point at
-    it for the module (child processes inherit them). Stopped at the end."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-
-    with _moto_server() as endpoint:
-        env = {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-        }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-            deadline = time.time() + 30
-            while True:
-                try:
-                    client.create_bucket(Bucket=BUCKET)
-                    break
-                except Exception:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(0.2)
-            yield endpoint, client
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    """A moto S3 server with bucket BUCKET, the AWS_* variables pointing at it (module-wide)."""
+    with s3_environment(BUCKET) as server:
+        yield server
 
 
 def test_paths_read_and_write_objects_and_make_kvstore_specs(s3_server):
@@ -141,7 +80,7 @@ def test_missing_and_refused_credentials_are_one_line_errors(s3_server, tmp_path
     finally:
         paths._aws_credentials_found.cache_clear()
 
-    with _moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:  # checks signatures
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:  # checks signatures
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-key")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unknown-secret")
         spec = {**spec, "endpoint": endpoint}
@@ -259,6 +198,67 @@ def test_a_tree_and_prepared_data_written_to_s3_equal_local_ones(
         made.pop(varying), local.pop(varying)
     assert made == local
     assert ensure_prepared(cfg, remote_data, remote_tree, progress=False) == remote_data  # reused
+
+
+def test_a_corpus_pattern_on_s3_reads_and_prepares_like_its_local_copy(
+    s3_server, small_prepared_tree_data, tmp_path
+):
+    """DataConfig.path = 's3://.../part-*.jsonl*': compressed and plain shards are read in name
+    order from the object store, and prepare makes the folder a local copy of them makes."""
+    from hmem_jax.data import encyclopedia
+    from hmem_jax.data.prepare import prepare
+    from hmem_jax.data.sources import read_documents, source_units
+    from hmem_jax.main.common import load_train_config
+
+    _, tree, params = small_prepared_tree_data
+    _, client = s3_server
+    documents = encyclopedia.generate_corpus(120, seed=1).documents
+    local_corpus = tmp_path / "corpus"
+    local_corpus.mkdir()
+    for name, data in upload_jsonl_corpus(client, BUCKET, "corpus", documents).items():
+        (local_corpus / name).write_bytes(data)
+
+    def config(path):
+        extra = ("DataConfig.source = 'jsonl'", f"DataConfig.path = '{path}'")
+        return load_train_config((), params + extra)
+
+    remote, local = config(f"s3://{BUCKET}/corpus/part-*.jsonl*"), config(local_corpus)
+    assert [u.rsplit("/", 1)[1] for u in source_units(remote.data)] == [
+        "part-0.jsonl",
+        "part-1.jsonl.gz",
+        "part-2.jsonl.zst",
+        "part-3.jsonl",
+    ]
+    assert list(read_documents(remote.data)) == list(read_documents(local.data))
+    remote_out, local_out = tmp_path / "from_s3", tmp_path / "from_local"
+    prepare(remote.data, remote.seq_len, str(remote_out), tree_dir=tree, progress=False)
+    prepare(local.data, local.seq_len, str(local_out), tree_dir=tree, progress=False)
+    manifest = "manifest.json"
+    assert {k: v for k, v in tree_hashes(remote_out).items() if k != manifest} == {
+        k: v for k, v in tree_hashes(local_out).items() if k != manifest
+    }
+
+
+def test_the_embedding_cache_on_s3_is_read_back_without_re_embedding(s3_server):
+    from hmem_jax.hierarchy import embed_cached, get_embedder
+
+    class Counting:
+        def __init__(self):
+            self.inner, self.embedded = get_embedder("hashed"), 0
+            self.name, self.dim, self.version = self.inner.name, self.inner.dim, "1"
+
+        def embed(self, texts):
+            self.embedded += len(texts)
+            return self.inner.embed(texts)
+
+    texts = ["alpha beta", "gamma delta", "epsilon"]
+    first, second = Counting(), Counting()
+    cache = f"s3://{BUCKET}/embedding-cache"
+    stored = embed_cached(first, texts, cache)
+    again = embed_cached(second, texts, cache)
+    assert (first.embedded, second.embedded) == (3, 0)
+    np.testing.assert_array_equal(stored, again)
+    assert sorted(name.rsplit(".", 1)[1] for name in paths.find_files(cache)) == ["json", "npy"]
 
 
 KILLED_CLI = (

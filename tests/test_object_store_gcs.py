@@ -7,6 +7,7 @@ emulator by the environment variables each engine documents for that; nothing ne
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -99,8 +100,55 @@ def _losses(text):
     return {row["step"]: row["train/loss"] for row in map(json.loads, text.splitlines())}
 
 
+GS_ENGINES = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from hmem_jax import paths
+from hmem_jax.data.sources import source_units
+from hmem_jax.config import DataConfig
+from hmem_jax.train.checkpoint import Checkpointer
+
+root = sys.argv[1]
+for name in ("corpus/a.jsonl", "corpus/b.jsonl.gz", "corpus/notes.md"):
+    paths.write_bytes(paths.join(root, name), b"x")
+units = source_units(DataConfig(source="jsonl", path=root + "/corpus/*.jsonl*"))
+assert [u.rsplit("/", 1)[1] for u in units] == ["a.jsonl", "b.jsonl.gz"], units
+state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}}
+saver = Checkpointer(root + "/ckpt", every=1, keep=2, async_save=False)
+for step in (1, 2, 3):
+    saver.save(step, {"params": {"w": state["params"]["w"] * step}}, {"step": step})
+saver.close()
+reader = Checkpointer(root + "/ckpt", every=1, keep=2, async_save=False)
+step, restored, _ = reader.restore_newest(state)
+reader.close()
+np.testing.assert_array_equal(restored["params"]["w"], 3 * state["params"]["w"])
+paths.remove_tree(root + "/corpus")
+print(step)
+"""
+
+
+def test_checkpoints_files_and_corpus_patterns_on_gs(gcs_server):
+    """orbax's native gcs checkpoints (commit markers, keep) restore, and hmem_jax.paths lists,
+    matches, writes and removes objects, against the emulator (a child process: gcsfs reads
+    the emulator's address when first imported)."""
+    url, env = gcs_server
+    done = subprocess.run(
+        [sys.executable, "-c", GS_ENGINES, f"gs://{BUCKET}/engines"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[0] == "3"
+    names = _objects(url, "engines")
+    assert not any(name.startswith("corpus/") for name in names)
+    assert {name.split("/")[1] for name in names if name.startswith("ckpt/")} >= {"2", "3"}
+    assert "ckpt/2/commit_success.txt" in names and not any(n.startswith("ckpt/1/") for n in names)
+
+
 @pytest.mark.slow
-@pytest.mark.ci
 def test_a_run_on_gs_fits_prepares_trains_and_evaluates_like_a_local_run(tmp_path, gcs_server):
     """With only --workdir=gs://..., the run fits its tree and prepares its data into the bucket,
     trains from a local copy of the data (orbax's gcs checkpoints with commit markers, metrics

@@ -30,24 +30,34 @@ same records in the same order with per-stage work spread over workers:
 The result equals the in-process folder file for file (the manifest up to its
 `created` time and timings): the same records in the same shards and the same
 leaf table, so a run over either trains identically. What reading found is
-counted in Beam's metrics (documents, each kind of skip or repair, tokens and
-sequences per leaf) and recorded in the manifest as the in-process path does.
+counted in Beam's metrics (namespace `hmem_jax.prepare`: documents, each kind
+of skip or repair, tokens, sequences and leaves) and recorded in the manifest
+as the in-process path does. Per leaf, Beam's distributions `leaf_documents`,
+`leaf_tokens` and `leaf_sequences` give min / mean / max over the leaves (a
+counter per leaf would be 65,536 of them); each leaf's own counts are in the
+manifest.
 A failed pipeline leaves only its hidden staging folder (removed), never a
-folder with a manifest.
+folder with a manifest. The output may be a gs:// or s3:// URL (on Dataflow it
+must be storage every worker reaches): workers then write their shards into
+it, and the manifest is uploaded after everything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from hmem_jax import paths
 from hmem_jax.config import DataConfig
 from hmem_jax.data import elements
 from hmem_jax.data import tokenizer as tokenizer_lib
@@ -61,7 +71,7 @@ from hmem_jax.data.prepare import (
     staging_dir_for,
     write_manifest,
 )
-from hmem_jax.data.prepared import RECORD_LEAVES_FILE, SHARD_PATTERN
+from hmem_jax.data.prepared import MANIFEST_FILE, RECORD_LEAVES_FILE, SHARD_PATTERN
 from hmem_jax.data.routing import TreeRouter
 from hmem_jax.data.sources import SourceStats, read_unit, source_units
 from hmem_jax.errors import PreparedDataError
@@ -82,12 +92,18 @@ def prepare_with_beam(
     --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing);
     returns the manifest. Like `prepare`, `out_dir` must not exist yet."""
 
-    if os.path.exists(out_dir):
+    if paths.exists(out_dir):
         raise PreparedDataError(
             f"{out_dir!r} already exists; prepare never overwrites data. "
             "Delete it or choose another --out."
         )
-    staging = staging_dir_for(out_dir)
+    remote = paths.is_remote(out_dir)
+    # Workers write the shards where the folder will be: beside it (renamed into place at the
+    # end) for a local folder, into it for a URL (an object store has no rename; the manifest,
+    # uploaded last, is what makes the folder complete). The files made here (tokenizer,
+    # leaf tables, manifest) go into `staging`, a local folder, uploaded at the end for a URL.
+    staging = tempfile.mkdtemp(prefix="hmem_beam_") if remote else staging_dir_for(out_dir)
+    shards_dir = out_dir if remote else staging
     try:
         started = time.perf_counter()
         tokenizer = make_tokenizer(data, staging)
@@ -101,19 +117,27 @@ def prepare_with_beam(
             tokenizer_kind=tokenizer.kind,
             tokenizer_data=tokenizer.data,
             per_shard=records_per_shard(record_bytes),
-            parts=os.path.join(staging, _PARTS_DIR),
-            shards_dir=staging,
+            parts=paths.join(shards_dir, _PARTS_DIR),
+            shards_dir=shards_dir,
         )
-        os.makedirs(stage.parts)
-        _run_pipeline(stage, source_units(data), pipeline_args)
-        packed = _collect(stage, tokenizer_seconds)
+        paths.makedirs(stage.parts)
+        metrics = _run_pipeline(stage, source_units(data), pipeline_args)
+        logging.info("Beam metrics of %s: %s", out_dir, json.dumps(metrics, sort_keys=True))
+        packed = _collect(stage, staging, tokenizer_seconds)
         router = TreeRouter.load(tree_dir) if tree_dir else None
-        shutil.rmtree(stage.parts)
+        paths.remove_tree(stage.parts)
         manifest = write_manifest(staging, data, seq_len, tokenizer, router, packed, started)
-        publish(staging, out_dir)
+        if remote:
+            paths.upload_tree(staging, out_dir, last=(MANIFEST_FILE,))
+        else:
+            publish(staging, out_dir)
     except BaseException:
+        if remote:
+            paths.remove_tree(out_dir)  # it did not exist: everything in it is this run's
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if remote:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -128,65 +152,86 @@ class _Stages:
     tokenizer_data: bytes
     per_shard: int
     parts: str  # small per-stage outputs (leaf summaries, counts, shard leaf tables)
-    shards_dir: str
+    shards_dir: str  # a local folder or a URL every worker can write
 
     def tokenizer(self) -> tokenizer_lib.Tokenizer:
         return tokenizer_lib.tokenizer_from_bytes(self.tokenizer_kind, self.tokenizer_data)
 
 
-def _run_pipeline(stage: _Stages, units: list[str], pipeline_args: Sequence[str]) -> None:
+def _run_pipeline(stage: _Stages, units: list[str], pipeline_args: Sequence[str]) -> dict[str, Any]:
+    """Runs the pipeline to its end; returns its metrics (`_metric_values`)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(list(pipeline_args))
-    with beam.Pipeline(options=options) as pipeline:
-        documents = (
-            pipeline
-            | "units" >> beam.Create(list(enumerate(units)))
-            | "spread units" >> beam.Reshuffle()
-            | "read" >> beam.ParDo(_ReadUnit(stage))
+    pipeline = beam.Pipeline(options=options)
+    documents = (
+        pipeline
+        | "units" >> beam.Create(list(enumerate(units)))
+        | "spread units" >> beam.Reshuffle()
+        | "read" >> beam.ParDo(_ReadUnit(stage))
+    )
+    _ = (
+        documents
+        | "element names" >> beam.Map(lambda item: _element_counts([item[1]]))
+        | "sum names" >> beam.CombineGlobally(_sum_counts)
+        | "write names" >> beam.Map(_write_json, paths.join(stage.parts, "elements.json"))
+    )
+    routed = (
+        documents
+        | "batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+        | "route and tokenize" >> beam.ParDo(_RouteAndTokenize(stage))
+    )
+    packed = (
+        routed
+        | "by leaf" >> beam.GroupByKey()
+        | "pack leaf" >> beam.ParDo(_PackLeaf(stage)).with_outputs("leaf", main="sequence")
+    )
+    leaves = (
+        packed.leaf
+        | "all leaves" >> beam.combiners.ToList()
+        | "number leaves" >> beam.Map(_number_leaves, stage.parts)
+    )
+    sequences = packed.sequence
+    firsts = (
+        sequences
+        | "bucket of each" >> beam.Map(lambda item: item[0])
+        | "count per bucket" >> beam.combiners.Count.PerElement()
+        | "all counts" >> beam.combiners.ToList()
+        | "first positions" >> beam.Map(_first_positions)
+    )
+    _ = (
+        sequences
+        | "by bucket" >> beam.GroupByKey()
+        | "place"
+        >> beam.ParDo(
+            _Place(stage),
+            firsts=beam.pvalue.AsSingleton(firsts),
+            leaf_index=beam.pvalue.AsSingleton(leaves),
         )
-        _ = (
-            documents
-            | "element names" >> beam.Map(lambda item: _element_counts([item[1]]))
-            | "sum names" >> beam.CombineGlobally(_sum_counts)
-            | "write names" >> beam.Map(_write_json, os.path.join(stage.parts, "elements.json"))
-        )
-        routed = (
-            documents
-            | "batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
-            | "route and tokenize" >> beam.ParDo(_RouteAndTokenize(stage))
-        )
-        packed = (
-            routed
-            | "by leaf" >> beam.GroupByKey()
-            | "pack leaf" >> beam.ParDo(_PackLeaf(stage)).with_outputs("leaf", main="sequence")
-        )
-        leaves = (
-            packed.leaf
-            | "all leaves" >> beam.combiners.ToList()
-            | "number leaves" >> beam.Map(_number_leaves, stage.parts)
-        )
-        sequences = packed.sequence
-        firsts = (
-            sequences
-            | "bucket of each" >> beam.Map(lambda item: item[0])
-            | "count per bucket" >> beam.combiners.Count.PerElement()
-            | "all counts" >> beam.combiners.ToList()
-            | "first positions" >> beam.Map(_first_positions)
-        )
-        _ = (
-            sequences
-            | "by bucket" >> beam.GroupByKey()
-            | "place"
-            >> beam.ParDo(
-                _Place(stage),
-                firsts=beam.pvalue.AsSingleton(firsts),
-                leaf_index=beam.pvalue.AsSingleton(leaves),
-            )
-            | "by shard" >> beam.GroupByKey()
-            | "write shard" >> beam.ParDo(_WriteShard(stage))
-        )
+        | "by shard" >> beam.GroupByKey()
+        | "write shard" >> beam.ParDo(_WriteShard(stage))
+    )
+    result = pipeline.run()
+    result.wait_until_finish()
+    return _metric_values(result)
+
+
+def _metric_values(result: Any) -> dict[str, Any]:
+    """The pipeline's `hmem_jax.prepare` counters (name -> total) and distributions (name ->
+    min, mean, max over the leaves), as the runner committed them."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))
+    values: dict[str, Any] = {c.key.metric.name: c.committed for c in found["counters"]}
+    for d in found["distributions"]:
+        if d.committed is not None and d.committed.count:
+            values[d.key.metric.name] = {
+                "min": d.committed.min,
+                "mean": round(d.committed.mean, 1),
+                "max": d.committed.max,
+            }
+    return values
 
 
 def _element_counts(texts: Iterable[str]) -> dict[str, int]:
@@ -204,8 +249,11 @@ def _sum_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
 
 
 def _write_json(value: Any, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
+    paths.write_text(path, json.dumps(value))
+
+
+def _read_json(path: str) -> Any:
+    return json.loads(paths.read_text(path))
 
 
 class _ReadUnit:
@@ -221,7 +269,7 @@ class _ReadUnit:
                 stats = SourceStats()
                 for k, document in enumerate(read_unit(stage.data, unit, stats)):
                     yield (number, k), document.text
-                _write_json(stats.as_dict(), os.path.join(stage.parts, f"stats-{number:08d}.json"))
+                _write_json(stats.as_dict(), paths.join(stage.parts, f"stats-{number:08d}.json"))
                 for name, value in stats.as_dict().items():
                     beam.metrics.Metrics.counter(_NAMESPACE, name).inc(value)
 
@@ -278,8 +326,16 @@ class _PackLeaf:
                 for j, (_, t, s) in enumerate(packer.finish()):
                     sequences += 1
                     yield self.finish_bucket, ((_FINISH, first, j), path, encode_record(t, s))
-                beam.metrics.Metrics.counter(_NAMESPACE, "sequences").inc(sequences)
-                beam.metrics.Metrics.counter(_NAMESPACE, "tokens").inc(tokens)
+                metrics = beam.metrics.Metrics
+                metrics.counter(_NAMESPACE, "sequences").inc(sequences)
+                metrics.counter(_NAMESPACE, "tokens").inc(tokens)
+                metrics.counter(_NAMESPACE, "leaves").inc()
+                for name, value in (
+                    ("leaf_documents", len(ordered)),
+                    ("leaf_tokens", tokens),
+                    ("leaf_sequences", sequences),
+                ):
+                    metrics.distribution(_NAMESPACE, name).update(value)
                 yield beam.pvalue.TaggedOutput(
                     "leaf",
                     {
@@ -298,7 +354,7 @@ def _number_leaves(summaries: list[dict[str, Any]], parts: str) -> dict[tuple[in
     """Leaf index of each path: its first-seen rank (the in-process numbering); the summaries
     in that order are written for the manifest."""
     ordered = sorted(summaries, key=lambda leaf: tuple(leaf["first"]))
-    _write_json(ordered, os.path.join(parts, "leaves.json"))
+    _write_json(ordered, paths.join(parts, "leaves.json"))
     return {tuple(leaf["path"]): index for index, leaf in enumerate(ordered)}
 
 
@@ -342,48 +398,60 @@ class _WriteShard:
 
         class WriteShard(beam.DoFn):
             def process(self, element: tuple[int, Iterable[Any]]) -> Iterator[int]:
-                from array_record.python.array_record_module import ArrayRecordWriter
-
                 shard, items = element
                 ordered = sorted(items, key=lambda item: item[0])
-                path = os.path.join(stage.shards_dir, SHARD_PATTERN.format(shard))
-                writer = ArrayRecordWriter(path, "group_size:1")
-                try:
-                    for _, _, record in ordered:
-                        writer.write(record)
-                finally:
-                    writer.close()
+                _write_array_record(
+                    [record for _, _, record in ordered],
+                    paths.join(stage.shards_dir, SHARD_PATTERN.format(shard)),
+                )
                 leaves = np.array([leaf for _, leaf, _ in ordered], dtype="<i4")
-                leaves.tofile(os.path.join(stage.parts, f"leaves-{shard:08d}.bin"))
+                paths.write_bytes(
+                    paths.join(stage.parts, f"leaves-{shard:08d}.bin"), leaves.tobytes()
+                )
                 yield shard
 
         return WriteShard()
 
 
-def _collect(stage: _Stages, tokenizer_seconds: float) -> PackedCorpus:
+def _write_array_record(records: list[bytes], path: str) -> None:
+    """An ArrayRecord file of `records` at `path`; for a URL written locally, then uploaded
+    (the ArrayRecord writer writes local files)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    with contextlib.ExitStack() as stack:
+        local = path
+        if paths.is_remote(path):
+            local = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "shard")
+        writer = ArrayRecordWriter(local, "group_size:1")
+        try:
+            for record in records:
+                writer.write(record)
+        finally:
+            writer.close()
+        if local != path:
+            paths.upload_file(local, path)
+
+
+def _collect(stage: _Stages, staging: str, tokenizer_seconds: float) -> PackedCorpus:
     """Read the pipeline's small outputs back into what the manifest records; join the
-    per-shard leaf tables into the record leaf table."""
-    with open(os.path.join(stage.parts, "leaves.json"), encoding="utf-8") as handle:
-        leaves = json.load(handle)
+    per-shard leaf tables into the record leaf table (written into `staging`)."""
+    leaves = _read_json(paths.join(stage.parts, "leaves.json"))
+    parts = {os.path.basename(name.rstrip("/")): name for name in paths.find_files(stage.parts)}
     stats = SourceStats()
-    for name in sorted(os.listdir(stage.parts)):
+    for name in sorted(parts):
         if name.startswith("stats-"):
-            with open(os.path.join(stage.parts, name), encoding="utf-8") as handle:
-                for field, value in json.load(handle).items():
-                    setattr(stats, field, getattr(stats, field) + value)
+            for field, value in _read_json(parts[name]).items():
+                setattr(stats, field, getattr(stats, field) + value)
     counts = elements.ElementCounter().counts
-    names_file = os.path.join(stage.parts, "elements.json")
-    if os.path.isfile(names_file):
-        with open(names_file, encoding="utf-8") as handle:
-            counts.update(json.load(handle))
-    parts = sorted(name for name in os.listdir(stage.parts) if name.startswith("leaves-"))
+    if "elements.json" in parts:
+        counts.update(_read_json(parts["elements.json"]))
+    tables = sorted(name for name in parts if name.startswith("leaves-"))
     shards, num_records = [], 0
-    with open(os.path.join(stage.shards_dir, RECORD_LEAVES_FILE), "wb") as table:
-        for number, name in enumerate(parts):
+    with open(os.path.join(staging, RECORD_LEAVES_FILE), "wb") as table:
+        for number, name in enumerate(tables):
             if name != f"leaves-{number:08d}.bin":
                 raise PreparedDataError(f"Beam wrote no shard {number}; the pipeline is broken.")
-            with open(os.path.join(stage.parts, name), "rb") as handle:
-                data = handle.read()
+            data = paths.read_bytes(parts[name])
             table.write(data)
             shards.append({"file": SHARD_PATTERN.format(number), "records": len(data) // 4})
             num_records += len(data) // 4

@@ -48,8 +48,15 @@ from hmem_jax.data.prepared import (
     settings_mismatches,
     token_dtype_for,
 )
+from hmem_jax.data.progress import PrepareProgress
 from hmem_jax.data.routing import TreeRouter
-from hmem_jax.data.sources import SourceStats, describe_source, read_documents
+from hmem_jax.data.sources import (
+    SourceStats,
+    describe_source,
+    read_documents,
+    read_unit,
+    source_units,
+)
 from hmem_jax.data.tokenize_pool import TokenizerPool
 from hmem_jax.errors import PreparedDataError, SourceError
 
@@ -188,8 +195,6 @@ def record_dtypes(tokenizer: tokenizer_lib.Tokenizer, seq_len: int) -> tuple[np.
 def _prepare_into(
     staging: str, data: DataConfig, seq_len: int, router: TreeRouter | None, progress: bool
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     tokenizer = make_tokenizer(data, staging)
     tokenizer_seconds = time.perf_counter() - started
@@ -204,7 +209,8 @@ def _prepare_into(
     stats = SourceStats()
     route_seconds = 0.0
     tokenization = TokenizerPool(tokenizer, data.prepare_workers)
-    bar = tqdm(desc="prepare", unit="doc", disable=not progress, dynamic_ncols=True)
+    units = source_units(data)
+    report = PrepareProgress(len(units), enabled=progress)
     element_counter = elements.ElementCounter()
 
     def emit(completed: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
@@ -213,7 +219,7 @@ def _prepare_into(
             leaf_sequences[leaf] += 1
 
     try:
-        chunks = _chunks(read_documents(data, stats), data.prepare_chunk_documents)
+        chunks = _chunks(_read_reporting(data, units, stats, report), data.prepare_chunk_documents)
         for chunk, flat_ids, lengths in tokenization.map(chunks):
             element_counter.add(document.text for document in chunk)
             route_started = time.perf_counter()
@@ -231,11 +237,11 @@ def _prepare_into(
                 leaf_documents[leaf] += 1
                 leaf_tokens[leaf] += len(ids) + 1  # + EOT
                 emit(packer.add(leaf, ids))
-            bar.update(len(chunk))
+            report.add_documents(len(chunk))
         emit(packer.finish())
     finally:
         tokenization.close()
-        bar.close()
+        report.close()
         shards = writer.close()
 
     packed = PackedCorpus(
@@ -250,6 +256,15 @@ def _prepare_into(
         timing_s={"tokenizer": tokenizer_seconds, "route": route_seconds},
     )
     return write_manifest(staging, data, seq_len, tokenizer, router, packed, started)
+
+
+def _read_reporting(
+    data: DataConfig, units: list[str], stats: SourceStats, report: PrepareProgress
+) -> Iterator[Document]:
+    """`read_documents`, unit by unit, telling `report` when each unit (file) is done."""
+    for unit in units:
+        yield from read_unit(data, unit, stats)
+        report.file_done()
 
 
 def route_keys(router: TreeRouter | None, texts: list[str]) -> list[tuple[int, ...]]:
@@ -379,7 +394,10 @@ def ensure_prepared(
 
     if paths.is_remote(out_dir):
         if not paths.isfile(paths.join(out_dir, MANIFEST_FILE)):
-            _prepare_and_upload(make, out_dir)
+            if beam_args:  # the pipeline's workers write into the URL themselves
+                make(out_dir)
+            else:
+                _prepare_and_upload(make, out_dir)
     elif not os.path.exists(out_dir):
         try:
             make(out_dir)

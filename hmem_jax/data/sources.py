@@ -6,9 +6,15 @@ the same documents in the same order. Sources:
 
 - 'embedded': the synthetic encyclopedia of `encyclopedia.py` (no files needed);
 - 'jsonl': one JSON object per line with a `text` field and an optional `id`;
-  `path` may be one file or a folder of `*.jsonl` files (read in sorted order);
-- 'text_dir': every `*.txt` file below `path`, recursively, one document each;
+  `path` may be one file, a folder of `*.jsonl` files (recursively) or a
+  pattern (`corpus/part-*.jsonl.zst`, `**` across folders), read in sorted order;
+- 'text_dir': every `*.txt` file below the folder `path`, recursively (or the
+  files a pattern matches), one document each;
 - 'seqio': the `seqio_feature` of a seqio Task or Mixture named by `path`.
+
+Files may be local or on an object store (`gs://`, `s3://`, through
+hmem_jax.paths), and gzip (`.gz`) or zstandard (`.zst`) compressed, as
+corpora like DCLM ship: they are decompressed while read, never staged whole.
 
 Bad input never crashes a long prepare run. Each problem is repaired or the
 document is skipped, and counted in a `SourceStats` that the caller reports
@@ -25,18 +31,25 @@ document is skipped, and counted in a `SourceStats` that the caller reports
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
+import gzip
 import importlib
+import io
 import json
 import os
+import posixpath
 from collections.abc import Iterator
+from typing import IO
 
+from hmem_jax import paths
 from hmem_jax.config import DataConfig, check_given
 from hmem_jax.data.document import Document
 from hmem_jax.errors import SourceError
 
-_TEXT_FILE_SUFFIX = ".txt"
-_JSONL_SUFFIX = ".jsonl"
+_COMPRESSED_SUFFIXES = (".gz", ".zst")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+_TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 _READ_CHUNK_BYTES = 1 << 20
 
 
@@ -74,7 +87,7 @@ def describe_source(config: DataConfig) -> dict[str, object]:
         description.update(entities=config.embedded_entities, seed=config.embedded_seed)
     else:
         description["path"] = (
-            config.path if config.source == "seqio" else os.path.abspath(config.path)
+            config.path if config.source == "seqio" else paths.absolute(config.path)
         )
     if config.source == "seqio":
         description.update(
@@ -101,9 +114,13 @@ def source_units(config: DataConfig) -> list[str]:
     documents of unit u in order are those `read_documents` yields between u-1 and u+1."""
     check_given(config)  # a paper gin's %gin.REQUIRED corpus, not given
     if config.source == "jsonl":
-        return _jsonl_files(config.path)
+        return _corpus_files(
+            config.path,
+            _JSONL_SUFFIXES,
+            "a .jsonl file (one JSON object with a 'text' field per line)",
+        )
     if config.source == "text_dir":
-        return _text_files(config.path)
+        return _corpus_files(config.path, _TEXT_SUFFIXES, "a .txt file")
     return [""]
 
 
@@ -197,31 +214,63 @@ def _read_embedded(config: DataConfig, stats: SourceStats) -> Iterator[Document]
     yield from corpus.documents
 
 
-def _jsonl_files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, name)
-            for root, _, names in os.walk(path)
-            for name in names
-            if name.endswith(_JSONL_SUFFIX)
-        )
+def _corpus_files(path: str, suffixes: tuple[str, ...], kind: str) -> list[str]:
+    """The files of a file-based source, in reading order: a pattern's matching files, a
+    folder's files with one of `suffixes` (recursively), or the one file `path` names; local
+    or on an object store (gs://, s3://)."""
+    if paths.has_glob(path):
+        files = paths.glob_files(path)
         if not files:
             raise SourceError(
-                f"DataConfig.path = {path!r} is a folder with no *.jsonl files; "
-                "point it at a .jsonl file or a folder that holds some."
+                f"DataConfig.path = {path!r} matches no files; fix the pattern "
+                f"(e.g. 'corpus/*{suffixes[0]}', '**' matches across folders)."
             )
         return files
-    if not os.path.isfile(path):
+    if paths.isdir(path):
+        files = [name for name in paths.find_files(path) if name.endswith(suffixes)]
+        if not files:
+            raise SourceError(
+                f"DataConfig.path = {path!r} is a folder with no {' / '.join(suffixes)} files; "
+                f"point it at a folder that holds some, or at {kind}."
+            )
+        return files
+    if not paths.isfile(path):
         raise SourceError(
-            f"DataConfig.path = {path!r} does not exist; expected a .jsonl file "
-            "(one JSON object with a 'text' field per line) or a folder of them."
+            f"DataConfig.path = {path!r} does not exist; expected {kind}, a folder of them or "
+            "a pattern."
         )
     return [path]
 
 
+@contextlib.contextmanager
+def _open_decompressed(file_path: str) -> Iterator[IO[bytes]]:
+    """A file's bytes, decompressed when its name says it is compressed (.gz, .zst)."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(paths.open_file(file_path, "rb"))
+        if file_path.endswith(".gz"):
+            yield stack.enter_context(io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb")))
+        elif file_path.endswith(".zst"):
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            yield stack.enter_context(io.BufferedReader(reader, _READ_CHUNK_BYTES))
+        else:
+            yield raw
+
+
+def _stem(file_path: str) -> str:
+    """A file's name without its folder, compression suffix and extension ('a.jsonl.zst': 'a')."""
+    name = (
+        posixpath.basename(file_path) if paths.is_remote(file_path) else os.path.basename(file_path)
+    )
+    for suffix in _COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return os.path.splitext(name)[0]
+
+
 def _read_jsonl_file(file_path: str, stats: SourceStats) -> Iterator[Document]:
-    stem = os.path.splitext(os.path.basename(file_path))[0]
-    with open(file_path, "rb") as handle:
+    stem = _stem(file_path)
+    with _open_decompressed(file_path) as handle:
         for line_number, raw_line in enumerate(handle, start=1):
             if not raw_line.strip():
                 continue
@@ -253,59 +302,57 @@ def _strip_surrogates(text: str) -> str:
     return "".join("\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char for char in text)
 
 
-def _text_files(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        raise SourceError(
-            f"DataConfig.path = {root!r} is not a folder; source 'text_dir' "
-            "expects a folder of .txt files (searched recursively)."
-        )
-    files = sorted(
-        os.path.join(folder, name)
-        for folder, _, names in os.walk(root)
-        for name in names
-        if name.endswith(_TEXT_FILE_SUFFIX)
-    )
-    if not files:
-        raise SourceError(
-            f"DataConfig.path = {root!r} holds no *.txt files; add some or use source 'jsonl'."
-        )
-    return files
-
-
 def _read_text_file(config: DataConfig, file_path: str, stats: SourceStats) -> Iterator[Document]:
-    doc_id = os.path.relpath(file_path, config.path)
-    # A UTF-8 character is at most 4 bytes: files under this size are read whole (and
-    # split by `_finish` if needed); bigger ones are certainly huge and are streamed.
-    if os.path.getsize(file_path) <= 4 * config.max_document_chars:
-        with open(file_path, "rb") as handle:
-            text, replaced = decode_utf8(handle.read())
-        stats.non_utf8_replaced += int(replaced)
-        yield Document(id=doc_id, text=text)
-    else:
-        yield from _read_huge_text_file(file_path, doc_id, config.max_document_chars, stats)
+    root = paths.glob_root(config.path) if paths.has_glob(config.path) else config.path
+    relative = posixpath.relpath if paths.is_remote(file_path) else os.path.relpath
+    doc_id = relative(file_path, root)
+    # A UTF-8 character is at most 4 bytes: a file that ends within this many bytes is read
+    # whole (and split by `_finish` if needed); a longer one is certainly huge and is streamed.
+    whole_limit = 4 * config.max_document_chars
+    with _open_decompressed(file_path) as handle:
+        head = _read_up_to(handle, whole_limit + 1)
+        if len(head) <= whole_limit:
+            text, replaced = decode_utf8(head)
+            stats.non_utf8_replaced += int(replaced)
+            yield Document(id=doc_id, text=text)
+        else:
+            yield from _stream_pieces(head, handle, doc_id, config.max_document_chars, stats)
 
 
-def _read_huge_text_file(
-    file_path: str, doc_id: str, max_chars: int, stats: SourceStats
+def _read_up_to(handle: IO[bytes], size: int) -> bytes:
+    """`size` bytes, or all that is left (a decompressing reader may return less per read)."""
+    chunks, left = [], size
+    while left > 0:
+        data = handle.read(min(left, _READ_CHUNK_BYTES))
+        if not data:
+            break
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def _stream_pieces(
+    head: bytes, handle: IO[bytes], doc_id: str, max_chars: int, stats: SourceStats
 ) -> Iterator[Document]:
-    """Streams a file too big for one document as pieces, never holding it whole."""
+    """Streams a file too big for one document as pieces, never holding it whole (`head`: its
+    bytes read so far)."""
     decoder = _CountingDecoder()
     buffer = ""
     piece_number = 0
     stats.huge_split += 1
-    with open(file_path, "rb") as handle:
-        while True:
-            data = handle.read(_READ_CHUNK_BYTES)
-            buffer += decoder.decode(data, final=not data)
-            ready = split_text(buffer, max_chars)
-            keep_last = bool(data)  # the tail may still grow with the next chunk
-            for piece in ready[:-1] if keep_last else ready:
-                if piece.strip():
-                    piece_number += 1
-                    yield Document(id=f"{doc_id}#{piece_number}", text=piece)
-            buffer = ready[-1] if keep_last else ""
-            if not data:
-                break
+    data = head
+    while True:
+        buffer += decoder.decode(data, final=not data)
+        ready = split_text(buffer, max_chars)
+        keep_last = bool(data)  # the tail may still grow with the next chunk
+        for piece in ready[:-1] if keep_last else ready:
+            if piece.strip():
+                piece_number += 1
+                yield Document(id=f"{doc_id}#{piece_number}", text=piece)
+        buffer = ready[-1] if keep_last else ""
+        if not data:
+            break
+        data = handle.read(_READ_CHUNK_BYTES)
     stats.non_utf8_replaced += int(decoder.replaced)
 
 

@@ -6,19 +6,21 @@ the branching, depth, budget or seed changes. The cache key covers exactly
 what determines the vectors: the corpus content (every text, in order) and
 the embedder's name, dimension and version. Each entry is `<key>.npy` with a
 `<key>.json` sidecar that says what it holds; entries are written to a
-temporary file and renamed, so a crash never leaves a truncated entry.
+temporary file and renamed, so a crash never leaves a truncated entry. The
+cache may be a gs:// or s3:// folder, shared by the hosts that cluster.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
+from hmem_jax import paths
 from hmem_jax.hierarchy.embedders import Embedder
 
 
@@ -56,10 +58,10 @@ def embed_cached(
         return embedder.embed(texts)
     content_hash = corpus_hash(texts)
     key = cache_key(embedder, content_hash)
-    directory = Path(cache_dir)
-    array_path = directory / f"{key}.npy"
-    if array_path.is_file():
-        cached = np.load(array_path, allow_pickle=False)
+    directory = str(cache_dir)
+    array_path = paths.join(directory, f"{key}.npy")
+    if paths.isfile(array_path):
+        cached = np.load(io.BytesIO(paths.read_bytes(array_path)), allow_pickle=False)
         if cached.shape == (len(texts), embedder.dim) and cached.dtype == np.float32:
             return cached
         # A mismatched entry can only come from a foreign file; recompute and replace it.
@@ -69,10 +71,7 @@ def embed_cached(
             f"Embedder '{embedder.name}' returned shape {vectors.shape}; expected "
             f"{(len(texts), embedder.dim)}."
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f"{key}.{os.getpid()}.tmp.npy"
-    np.save(temporary, vectors)
-    os.replace(temporary, array_path)
+    _store(vectors, directory, key)
     sidecar = {
         "embedder": embedder.name,
         "dim": int(embedder.dim),
@@ -80,5 +79,21 @@ def embed_cached(
         "documents": len(texts),
         "corpus_hash": content_hash,
     }
-    (directory / f"{key}.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    paths.write_text(
+        paths.join(directory, f"{key}.json"), json.dumps(sidecar, indent=2, sort_keys=True)
+    )
     return vectors
+
+
+def _store(vectors: np.ndarray, directory: str, key: str) -> None:
+    """`<key>.npy` whole or not at all: locally a temporary file renamed into place; on an
+    object store one upload (an object appears whole)."""
+    if paths.is_remote(directory):
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        paths.write_bytes(paths.join(directory, f"{key}.npy"), buffer.getvalue())
+        return
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f"{key}.{os.getpid()}.tmp.npy")
+    np.save(temporary, vectors)
+    os.replace(temporary, os.path.join(directory, f"{key}.npy"))

@@ -1,10 +1,15 @@
-"""Fit a ClusterTree on a corpus: read, embed (cached), fit, route every document, report.
+"""Fit a ClusterTree on a corpus: read, embed (cached), fit, route, report.
 
 What `python -m hmem_jax.main.cluster` and a memory run's first start (which
 fits WORKDIR/tree) both do. Writes into `out_dir`, which is then a tree folder
-(`ClusterTree.load(out_dir)`): the tree, `paths.npy` (int32[N, depth], every
-document's route), `doc_ids.json` (the N document ids, in that order),
-`report.json` and the gin configuration used.
+(`ClusterTree.load(out_dir)`): the tree, `paths.npy` (int32[N, depth], the
+route of each document the tree was fitted on), `doc_ids.json` (those N
+document ids, in that order), `report.json` and the gin configuration used.
+
+With `HierarchyConfig.fit_sample = S` the tree is fitted on a uniform sample
+of at most S documents drawn while the corpus streams past
+(`reservoir_sample`): reading holds S documents, not the corpus, and only the
+sample is embedded. `prepare` routes every document afterwards either way.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,33 @@ import numpy as np
 
 from hmem_jax import paths as hmem_paths
 from hmem_jax.config import DataConfig, HierarchyConfig
+from hmem_jax.data.document import Document
 from hmem_jax.errors import SourceError
+
+
+def reservoir_sample(
+    documents: Iterable[Document], size: int, seed: int, block: int = 4096
+) -> tuple[list[Document], int]:
+    """A uniform sample of at most `size` of `documents`, drawn in one pass holding at most
+    `size` of them (reservoir sampling, Vitter's algorithm R), returned in corpus order, and
+    how many documents there were. Deterministic in `seed`; with no more than `size`
+    documents the sample is all of them, so the fit is the fit on the whole corpus."""
+    rng = np.random.default_rng([seed, 0x5A17])
+    kept: list[tuple[int, Document]] = []
+    draws, used = rng.random(block), 0
+    count = 0
+    for count, document in enumerate(documents, start=1):
+        if count <= size:
+            kept.append((count - 1, document))
+            continue
+        if used == block:
+            draws, used = rng.random(block), 0
+        slot = int(draws[used] * count)  # uniform in [0, count): keep with chance size/count
+        used += 1
+        if slot < size:
+            kept[slot] = (count - 1, document)
+    kept.sort(key=lambda item: item[0])
+    return [document for _, document in kept], count
 
 
 def cluster_corpus(
@@ -42,7 +74,12 @@ def cluster_corpus(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     stats = SourceStats()
-    documents = list(read_documents(data, stats))
+    stream = read_documents(data, stats)
+    if hierarchy.fit_sample:
+        documents, seen = reservoir_sample(stream, hierarchy.fit_sample, hierarchy.seed)
+    else:
+        documents = list(stream)
+        seen = len(documents)
     timings["read_s"] = time.perf_counter() - started
     if not documents:
         raise SourceError(
@@ -51,7 +88,8 @@ def cluster_corpus(
         )
     texts = [document.text for document in documents]
     say(
-        f"read {len(texts)} documents from {data.source} {data.path!r}"
+        f"read {seen} documents from {data.source} {data.path!r}"
+        + (f", fitting on a sample of {len(texts)}" if len(texts) < seen else "")
         + (f" (repairs: {stats.problems()})" if stats.problems() else "")
     )
 
@@ -70,7 +108,13 @@ def cluster_corpus(
         hierarchy,
         embedder,
         progress=say,
-        fit_info={"corpus_hash": corpus, "source": data.source, "path": data.path},
+        fit_info={
+            "corpus_hash": corpus,
+            "source": data.source,
+            "path": data.path,
+            "documents_read": seen,
+            "documents_fitted": len(texts),
+        },
     )
     timings["fit_s"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -88,6 +132,7 @@ def cluster_corpus(
         report.update(
             corpus_hash=corpus,
             source=stats.as_dict(),
+            documents_read=seen,
             timings_s={k: round(v, 3) for k, v in timings.items()},
             hierarchy={
                 **dataclasses.asdict(hierarchy),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -62,15 +63,27 @@ class DocumentFrequencies:
 
     def buckets(self, hashes: np.ndarray) -> np.ndarray:
         """int64 bucket of each uint64 feature hash (its top `bucket_bits` bits)."""
-        return (np.asarray(hashes, np.uint64) >> np.uint64(64 - self.bucket_bits)).astype(np.int64)
+        return _buckets(hashes, self.bucket_bits)
 
-    def add(self, documents: np.ndarray, hashes: np.ndarray, count: int) -> DocumentFrequencies:
-        """This table plus `count` new documents whose features are (`documents[i]`, `hashes[i]`)
-        pairs (document indices in [0, count)); a feature counts once per document."""
-        buckets = self.buckets(hashes)
-        pairs = np.unique(np.asarray(documents, np.int64) * len(self.counts) + buckets)
-        added = np.bincount(pairs % len(self.counts), minlength=len(self.counts))
-        return DocumentFrequencies(self.counts + added, self.documents + int(count))
+    @classmethod
+    def count(
+        cls,
+        batches: Iterable[tuple[np.ndarray, np.ndarray, int]],
+        bucket_bits: int = DEFAULT_BUCKET_BITS,
+    ) -> DocumentFrequencies:
+        """The table of a corpus given batch by batch as (`documents`, `hashes`, `count`):
+        `count` documents whose features are (`documents[i]`, `hashes[i]`) pairs (document
+        indices in [0, count)); a feature counts once per document. The counts accumulate in
+        place, so a batch costs its features, not a pass over the whole table."""
+        counts = np.zeros(1 << bucket_bits, np.int64)
+        total = 0
+        for documents, hashes, count in batches:
+            buckets = _buckets(hashes, bucket_bits)
+            pairs = np.unique(np.asarray(documents, np.int64) * len(counts) + buckets)
+            found, times = np.unique(pairs % len(counts), return_counts=True)
+            counts[found] += times
+            total += int(count)
+        return cls(counts, total)
 
     def merge(self, other: DocumentFrequencies) -> DocumentFrequencies:
         """The table of both corpora together (the tables must have the same size)."""
@@ -113,3 +126,7 @@ class DocumentFrequencies:
                 "'hashed_idf' embedder. Re-fit the tree."
             )
         return cls(np.asarray(arrays[_COUNTS_KEY]), int(np.asarray(arrays[_DOCUMENTS_KEY])[0]))
+
+
+def _buckets(hashes: np.ndarray, bucket_bits: int) -> np.ndarray:
+    return (np.asarray(hashes, np.uint64) >> np.uint64(64 - bucket_bits)).astype(np.int64)

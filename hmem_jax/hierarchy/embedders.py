@@ -38,7 +38,7 @@ Embedders with corpus statistics have `fit(texts)` and `state()`;
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -205,13 +205,15 @@ class HashedNgramEmbedder:
         corpus the tree is fitted on). Other embedders' vectors need no corpus statistics."""
         if not self.idf:
             return
-        table = DocumentFrequencies.empty()
         texts = list(texts)
-        for start in range(0, len(texts), self.batch_size):
-            batch = texts[start : start + self.batch_size]
-            docs, hashes, _ = self._features(batch)
-            table = table.add(docs, hashes, len(batch))
-        self.document_frequencies = table
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+            for start in range(0, len(texts), self.batch_size):
+                batch = texts[start : start + self.batch_size]
+                docs, hashes, _ = self._features(batch)
+                yield docs, hashes, len(batch)
+
+        self.document_frequencies = DocumentFrequencies.count(batches())
 
     def state(self) -> dict[str, np.ndarray]:
         """The corpus statistics the vectors depend on (saved with a tree); {} for 'hashed'."""
