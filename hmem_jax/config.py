@@ -244,7 +244,6 @@ class ModelConfig:
             norm_eps=self.norm_eps,
             init_std=self.init_std,
             attention_block=self.attention_block,
-            attention_max_documents=self.attention_max_documents,
         )
         kv = self.kv_heads
         _require(
@@ -266,6 +265,11 @@ class ModelConfig:
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
         _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))
         _check_choice("ModelConfig", "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        _require(
+            self.attention_max_documents >= 2,
+            f"ModelConfig.attention_max_documents = {self.attention_max_documents} must be >= 2 "
+            "(cuDNN's packed layout holds at least two documents a row).",
+        )
 
     @property
     def kv_heads(self) -> int:

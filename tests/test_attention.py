@@ -1,6 +1,7 @@
 """The attention implementations equal the dense 'xla' reference, in values and gradients."""
 
 import dataclasses
+import types
 
 import flax.linen as nn
 import jax
@@ -89,6 +90,25 @@ def test_auto_is_xla_on_cpu_and_picks_by_the_mesh_platform():
         assert attention.resolve("auto", q[:, :200], 512) == "chunked"  # no 128-multiple tile
 
 
+@pytest.mark.parametrize(
+    "capability, dtype, head_dim, expected",
+    [
+        ("9.0", jnp.bfloat16, 64, "cudnn"),
+        ("10.0", jnp.float16, 256, "cudnn"),
+        ("8.0", jnp.bfloat16, 64, "chunked"),  # the packed layout needs Hopper
+        ("9.0", jnp.float32, 64, "chunked"),
+        ("9.0", jnp.bfloat16, 12, "chunked"),
+    ],
+)
+def test_auto_on_a_gpu_is_cudnn_where_it_applies(
+    monkeypatch, capability, dtype, head_dim, expected
+):
+    device = types.SimpleNamespace(compute_capability=capability)
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda backend=None: [device])
+    assert attention.resolve("auto", jnp.zeros((1, 64, 2, head_dim), dtype), 512) == expected
+
+
 def test_splash_runs_per_shard_under_a_mesh():
     length = 128
     segments = _packed_segments(length)[:2]
@@ -106,22 +126,23 @@ def test_splash_runs_per_shard_under_a_mesh():
 
 
 def test_document_tables_describe_the_document_causal_mask():
+    """cuDNN's packed layout (offsets[B, M + 1] of document starts, lengths[B, M], -1 where
+    unused, as jax's cuDNN wrapper takes them) covers every token, padding runs included."""
     segments = _packed_segments(40)[:2]
     tables = jax.jit(document_tables, static_argnums=1)
-    lengths, offsets, fits = tables(jnp.asarray(segments), 6)
-    assert bool(fits)
+    lengths, offsets, fits = (np.asarray(x) for x in tables(jnp.asarray(segments), 6))
+    assert fits and offsets.shape == (2, 7) and lengths.shape == (2, 6)
     implied = np.zeros((2, 40, 40), bool)
     for row in range(2):
-        for slot in range(6):
-            start, size = int(offsets[row, slot]), int(lengths[row, slot])
-            if size < 0:
-                assert start in (-1, 40)  # after the last document: the row's end, then -1
-                continue
+        used = lengths[row] >= 0
+        assert (offsets[row, :6][~used] == -1).all() and offsets[row, 6] == -1
+        assert lengths[row][used].sum() == 40
+        for start, size in zip(offsets[row][:6][used], lengths[row][used]):
             implied[row, start : start + size, start : start + size] = np.tril(
                 np.ones((size, size), bool)
             )
     np.testing.assert_array_equal(implied, np.asarray(document_causal_mask(segments))[:, 0])
-    assert not bool(tables(jnp.asarray(segments), 4)[2])  # the second row has 5 runs
+    assert not tables(jnp.asarray(segments), 4)[2]  # the second row has 5 runs
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
@@ -204,6 +225,8 @@ def test_a_bad_attention_setting_is_named():
         ModelConfig(attention="flash")
     with pytest.raises(ConfigError, match="attention_block"):
         ModelConfig(attention_block=0)
+    with pytest.raises(ConfigError, match="attention_max_documents"):
+        ModelConfig(attention_max_documents=1)
 
 
 def test_chunked_attention_at_8192_tokens_needs_no_length_squared_memory():

@@ -286,9 +286,10 @@ def document_tables(segment_ids: Array, max_documents: int) -> tuple[Array, Arra
     """cuDNN's packed layout of each row: (lengths[B, M], offsets[B, M + 1], fits).
 
     A document is a run of equal segment ids (as packing writes them; a padding run is one
-    too, so every token is covered). offsets hold each document's first token and, after
-    the last, the row's end; unused entries are -1. `fits`: every row has at most
-    M = `max_documents` documents.
+    too, so every token is covered: cuDNN leaves uncovered rows undefined). offsets hold each
+    document's first token, lengths its token count; unused entries (and the last column,
+    which jax's cuDNN wrapper fills with the batch's end) are -1. `fits`: every row has at
+    most M = `max_documents` documents.
     """
     length = segment_ids.shape[1]
     starts = jnp.concatenate(
@@ -296,11 +297,14 @@ def document_tables(segment_ids: Array, max_documents: int) -> tuple[Array, Arra
         axis=1,
     )
     count = starts.sum(axis=1, keepdims=True)
-    first = jax.vmap(lambda row: jnp.nonzero(row, size=max_documents, fill_value=-1)[0])(starts)
+    # Each document's first token, then the row's end: [B, M + 1].
+    bounds = jax.vmap(lambda row: jnp.nonzero(row, size=max_documents + 1, fill_value=length)[0])(
+        starts
+    )
     slot = jnp.arange(max_documents + 1)[None]
-    offsets = jnp.concatenate([first, jnp.full_like(first[:, :1], -1)], axis=1)
-    offsets = jnp.where(slot < count, offsets, jnp.where(slot == count, length, -1))
-    lengths = jnp.where(slot[:, :-1] < count, offsets[:, 1:] - offsets[:, :-1], -1)
+    used = (slot < count) & (slot < max_documents)
+    offsets = jnp.where(used, bounds, -1)
+    lengths = jnp.where(used[:, :-1], bounds[:, 1:] - bounds[:, :-1], -1)
     return lengths.astype(jnp.int32), offsets.astype(jnp.int32), jnp.all(count <= max_documents)
 
 
