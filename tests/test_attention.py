@@ -110,11 +110,13 @@ def test_auto_on_a_gpu_is_cudnn_where_it_applies(
 
 
 def test_splash_runs_per_shard_under_a_mesh():
+    """Rows over 'data', heads (and their kv heads) over 'tensor', as `MeshConfig.rules` do."""
     length = 128
     segments = _packed_segments(length)[:2]
     q, k, v, _ = (x[:2] for x in _qkv(length))
-    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    rules = (("batch", "data"), ("heads", None), ("kv_heads", None), ("head_dim", None))
+    axes = ("data", "tensor")
+    mesh = jax.make_mesh((2, 2), axes, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = jax.jit(
             lambda q, k, v: attend(

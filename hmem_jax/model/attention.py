@@ -373,8 +373,10 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, block: in
     )
 
     def one_row(q: Array, k: Array, v: Array, segments: Array) -> Array:
-        # q[T, N, H] -> per key/value head [K, G, T, H] against its k/v [K, T, H].
-        grouped = (q / math.sqrt(head_dim)).reshape(length, kv_heads, groups, head_dim)
+        # q[T, n, H] -> per key/value head [k, G, T, H] against its k/v [k, T, H], with this
+        # shard's n = k * G heads.
+        shard_heads, shard_kv_heads = q.shape[1], k.shape[1]
+        grouped = (q / math.sqrt(head_dim)).reshape(length, shard_kv_heads, groups, head_dim)
         ids = splash.SegmentIds(q=segments, kv=segments)
         out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(
             jnp.transpose(grouped, (1, 2, 0, 3)),
@@ -382,7 +384,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, block: in
             jnp.transpose(v, (1, 0, 2)),
             ids,
         )
-        return jnp.transpose(out, (2, 0, 1, 3)).reshape(length, heads, head_dim)
+        return jnp.transpose(out, (2, 0, 1, 3)).reshape(length, shard_heads, head_dim)
 
     return _per_shard(jax.vmap(one_row), q, k, v, segment_ids)
 
