@@ -98,6 +98,7 @@ def test_auto_is_xla_on_cpu_and_picks_by_the_mesh_platform():
         ("8.0", jnp.bfloat16, 64, "chunked"),  # the packed layout needs Hopper
         ("9.0", jnp.float32, 64, "chunked"),
         ("9.0", jnp.bfloat16, 12, "chunked"),
+        ("gfx942", jnp.bfloat16, 64, "chunked"),  # not CUDA
     ],
 )
 def test_auto_on_a_gpu_is_cudnn_where_it_applies(

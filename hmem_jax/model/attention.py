@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -270,12 +271,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _cudnn_supports(q: Array) -> bool:
     """Whether cuDNN's packed flash attention takes queries like `q` on this GPU."""
-    devices = jax.local_devices(backend="gpu")
-    capability = getattr(devices[0], "compute_capability", None)  # CUDA devices only
+    # CUDA devices give "major.minor"; other GPUs give something else or nothing.
+    capability = str(getattr(jax.local_devices(backend="gpu")[0], "compute_capability", ""))
+    cuda = re.fullmatch(r"(\d+)\.(\d+)", capability)
     head_dim = q.shape[-1]
     return (
-        capability is not None
-        and tuple(int(x) for x in str(capability).split(".")) >= (9, 0)  # packed: Hopper+
+        cuda is not None
+        and (int(cuda[1]), int(cuda[2])) >= (9, 0)  # the packed layout needs Hopper
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and head_dim % 8 == 0
         and head_dim <= 256
