@@ -28,6 +28,7 @@ import gin
 from hmem_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 
 
 class Role(enum.Enum):
@@ -198,6 +199,14 @@ class ModelConfig:
     `rope_llama3`: () for plain RoPE, or Llama 3's frequency rescaling as
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
     e.g. (32.0, 1.0, 4.0, 8192) for an imported Llama 3.2.
+    `attention`: how training's causal attention within documents is computed
+    (hmem_jax/model/attention.py): 'xla' (dense mask and scores, [T, T] per head),
+    'chunked' (flash-style in plain JAX, tiles of `attention_block`; any backend),
+    'cudnn' (cuDNN flash attention over document tables of `attention_max_documents`
+    rows; NVIDIA Hopper+, bfloat16/float16), 'splash' (Pallas, TPU), or 'auto': 'xla' on
+    CPU, 'cudnn' on a GPU it supports (else 'chunked'), 'splash' on TPU where the length
+    divides into 128-multiple tiles (else 'chunked'). Decoding with a KV cache always
+    runs 'xla'.
     """
 
     vocab_size: int = 2048
@@ -217,6 +226,9 @@ class ModelConfig:
     init_std: float = 0.02
     qkv_bias: bool = False
     rope_llama3: tuple[float, ...] = ()
+    attention: str = compute("auto")
+    attention_block: int = compute(512)
+    attention_max_documents: int = compute(64)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -231,6 +243,7 @@ class ModelConfig:
             rope_base=self.rope_base,
             norm_eps=self.norm_eps,
             init_std=self.init_std,
+            attention_block=self.attention_block,
         )
         kv = self.kv_heads
         _require(
@@ -251,6 +264,12 @@ class ModelConfig:
         _check_choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
         _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
         _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))
+        _check_choice("ModelConfig", "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        _require(
+            self.attention_max_documents >= 2,
+            f"ModelConfig.attention_max_documents = {self.attention_max_documents} must be >= 2 "
+            "(cuDNN's packed layout holds at least two documents a row).",
+        )
 
     @property
     def kv_heads(self) -> int:

@@ -7,7 +7,8 @@ import pytest
 
 from hmem_jax.config import ConfigError, ModelConfig, model_preset
 from hmem_jax.model import Transformer, count_params, init_abstract
-from hmem_jax.model.layers import document_causal_mask, rotary
+from hmem_jax.model.attention import document_causal_mask
+from hmem_jax.model.layers import rotary
 
 TINY = ModelConfig(vocab_size=97, num_layers=2, d_model=32, num_heads=4, head_dim=8, d_ff=64)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.model.attention import attend
 from hmem_jax.model.memory import Memory, add_lora, ffn_memory, kv_memory_attention
 
 Array = jax.Array
@@ -117,29 +118,19 @@ def rotary(x: Array, positions: Array, base: float, llama3: tuple[float, ...] = 
     return rotated.astype(x.dtype)
 
 
-def document_causal_mask(segment_ids: Array) -> Array:
-    """mask[B, 1, T, T]: query t may attend key s iff s <= t and both are in the same document.
-
-    Segment id 0 marks padding; padding attends only to padding, so its rows
-    stay finite, and the loss ignores it.
-    """
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_doc)[:, None]
-
-
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with qk-norm and RoPE, no biases.
 
     `memory` (this layer's, per sequence) may add LoRA to q/k/v/o and KV-memory slots.
+    Without a cache (training) `segments_or_mask` is segment_ids[B, T]: queries attend
+    causally within their document, computed as `cfg.attention` says
+    (hmem_jax/model/attention.py), and the second output is None.
     With a `cache` (all layers' {"k", "v"}: [layers, B, S, kv_heads, head_dim],
     see hmem_jax/model/cache.py) the new keys/values are written at
     [`layer`, :, `cache_index`] and the queries attend over this layer's S slots
-    (`mask` is [B, 1, T, S]); the updated cache is returned. The whole cache
-    travels in the scan's carry, so each step updates it in place instead of
-    copying every layer's slice out and back. Without one (training) the second
-    output is None.
+    (`segments_or_mask` is then the dense mask[B, 1, T, S]); the updated cache is
+    returned. The whole cache travels in the scan's carry, so each step updates it in
+    place instead of copying every layer's slice out and back.
     """
 
     cfg: ModelConfig
@@ -149,7 +140,7 @@ class Attention(nn.Module):
     def __call__(
         self,
         x: Array,
-        mask: Array,
+        segments_or_mask: Array,
         positions: Array,
         memory: Memory | None = None,
         cache: Mapping[str, Array] | None = None,
@@ -189,7 +180,17 @@ class Attention(nn.Module):
         k = rotary(k, positions, cfg.rope_base, cfg.rope_llama3)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         new_cache = None
-        if cache is not None:
+        if cache is None:
+            out = attend(
+                q,
+                k,
+                v,
+                segment_ids=segments_or_mask,
+                implementation=cfg.attention,
+                block=cfg.attention_block,
+                max_documents=cfg.attention_max_documents,
+            )
+        else:
             assert layer is not None and cache_index is not None, "a cache needs both"
             zero = jnp.zeros((), jnp.int32)
             start = (layer, zero, cache_index, zero, zero)
@@ -205,7 +206,7 @@ class Attention(nn.Module):
                 )
                 for name in ("k", "v")
             )
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H]
+            out = attend(q, k, v, mask=segments_or_mask)  # [B, T, N, H]
         if memory and "keys" in memory:
             out = out + kv_memory_attention(q_unrotated, memory)
         out = out.reshape(batch, length, q_width)

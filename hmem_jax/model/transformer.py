@@ -26,7 +26,6 @@ from hmem_jax.model.layers import (
     RMSNorm,
     SwiGLU,
     dense,
-    document_causal_mask,
     dtype_of,
     truncated_normal,
 )
@@ -44,6 +43,7 @@ class Block(nn.Module):
 
     The scan carry is the residual stream x, or, when decoding with a KV cache,
     (x, layer index, the whole cache), so the cache is updated in place.
+    `segments_or_mask`: segment_ids[B, T], or with a cache its dense mask (see `Attention`).
     """
 
     cfg: ModelConfig
@@ -53,7 +53,7 @@ class Block(nn.Module):
     def __call__(
         self,
         carry: Any,
-        mask: Array,
+        segments_or_mask: Array,
         positions: Array,
         memory: Any,
         cache_index: Array | None = None,
@@ -63,7 +63,7 @@ class Block(nn.Module):
         mlp = SwiGLU(self.cfg, self.lora_scale, name="mlp")
         attended, cache = attn(
             RMSNorm(self.cfg, "embed", name="attn_norm")(x),
-            mask,
+            segments_or_mask,
             positions,
             memory,
             cache,
@@ -132,8 +132,7 @@ class Transformer(nn.Module):
         self, tokens: Array, segment_ids: Array, positions: Array, memory: Any = None
     ) -> Array:
         """Final-normed hidden states[B, T, d] in the compute dtype."""
-        mask = document_causal_mask(segment_ids)
-        x, _ = self.blocks(self.embed(tokens), mask, positions, memory, None)
+        x, _ = self.blocks(self.embed(tokens), segment_ids, positions, memory, None)
         return self.final_norm(x)
 
     def extend(

@@ -40,6 +40,8 @@ _LEGACY_MEMORY_STRUCTURE = (
     "generic_probability",
     "init_seed",
 )
+# ModelConfig fields added since records hold every field: a legacy model fingerprint lacks them.
+_LEGACY_MODEL_ABSENT = ("attention", "attention_block", "attention_max_documents")
 
 
 def fingerprint(obj: Any) -> str:
@@ -125,8 +127,11 @@ def describe_changes(found: list[Change]) -> str:
 def _check_legacy(record: dict[str, Any], cfg: TrainConfig, where: str, fix: str) -> None:
     """A record written before fields were recorded held these fingerprints and values."""
     memory = dataclasses.asdict(cfg.memory)
+    model = {
+        k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _LEGACY_MODEL_ABSENT
+    }
     expected = {
-        "model": fingerprint(dataclasses.asdict(cfg.model)),
+        "model": fingerprint(model),
         "memory": fingerprint({k: memory[k] for k in _LEGACY_MEMORY_STRUCTURE}),
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
