@@ -194,6 +194,12 @@ class ModelConfig:
     head with one shared gain of width head_dim (Qwen3/Gemma3 style); 'none'.
     `remat`: 'none', 'full' (recompute each block in the backward pass) or
     'dots' (save matmul outputs only).
+    `param_dtype` is how parameters and the optimizer's state are kept (the
+    master copy), `dtype` what the forward and backward passes compute in;
+    'auto' is bfloat16 on GPU and TPU and float32 on CPU
+    (hmem_jax/model/platform.py). The paper presets keep float32 masters and
+    compute in 'auto': bfloat16 matmuls on accelerators with float32 updates,
+    so small updates to large weights are not rounded away.
     `qkv_bias`: biases on the query, key and value projections (Qwen2-style
     anchors imported from `transformers`); the paper's anchors have none.
     `rope_llama3`: () for plain RoPE, or Llama 3's frequency rescaling as
@@ -262,7 +268,7 @@ class ModelConfig:
             "low_freq_factor, high_freq_factor, original_max_position_embeddings).",
         )
         _check_choice("ModelConfig", "param_dtype", self.param_dtype, DTYPES)
-        _check_choice("ModelConfig", "dtype", self.dtype, DTYPES)
+        _check_choice("ModelConfig", "dtype", self.dtype, (*DTYPES, "auto"))
         _check_choice("ModelConfig", "remat", self.remat, ("none", "full", "dots"))
         _check_choice("ModelConfig", "attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _require(
@@ -296,8 +302,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         head_dim=32,
         d_ff=2048,
         tie_embeddings=True,
-        param_dtype="bfloat16",
-        dtype="bfloat16",
+        dtype="auto",
     ),
     "410m": dict(
         vocab_size=50_432,
@@ -307,8 +312,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         head_dim=64,
         d_ff=2816,
         tie_embeddings=False,
-        param_dtype="bfloat16",
-        dtype="bfloat16",
+        dtype="auto",
     ),
     "1p4b": dict(
         vocab_size=50_432,
@@ -318,8 +322,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         head_dim=128,
         d_ff=5632,
         tie_embeddings=False,
-        param_dtype="bfloat16",
-        dtype="bfloat16",
+        dtype="auto",
     ),
 }
 

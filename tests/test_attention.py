@@ -77,6 +77,38 @@ def test_implementation_equals_xla_in_values_and_gradients(implementation, lengt
         _assert_close(grad, ref)
 
 
+@pytest.mark.parametrize("filled, block", [(90, 32), (90, 512), (7, 32), (100, 32), (100, 64)])
+def test_cached_attention_reads_the_filled_blocks_and_equals_the_dense_masked_path(filled, block):
+    """The decoding path over a cache of 100 slots (not a multiple of the block: the last
+    block is moved back and its overlap left out), 3 new tokens per row, left-padded rows:
+    equal to 'xla' over the whole cache with the same mask, and blind to slots past
+    `filled`."""
+    from hmem_jax.model.attention import cached_attention
+
+    slots, new, layers, layer = 100, 3, 3, 1
+    rng = np.random.default_rng(1)
+    cache_k, cache_v = (
+        jnp.asarray(rng.normal(size=(layers, 3, slots, KV_HEADS, HEAD_DIM)), jnp.float32)
+        for _ in range(2)
+    )
+    q = jnp.asarray(rng.normal(size=(3, new, HEADS, HEAD_DIM)), jnp.float32)
+    key_segments = np.ones((3, slots), np.int32)
+    key_segments[1, : min(20, filled - new)] = 0  # left padding of a shorter prompt
+    key_segments[:, filled:] = 0  # empty slots
+    query_slots = filled - new + np.arange(new)
+    causal = np.arange(slots)[None, :] <= query_slots[:, None]
+    same = key_segments[:, None, :] == 1  # the new tokens belong to document 1
+    mask = jnp.asarray((causal[None] & same)[:, None])
+    out = jax.jit(cached_attention, static_argnums=(6,))(
+        q, cache_k, cache_v, jnp.int32(layer), mask, jnp.int32(filled), block
+    )
+    reference = attend(q, cache_k[layer], cache_v[layer], mask=mask)
+    _assert_close(out, reference)
+    garbage = cache_k.at[:, :, filled:].set(1e6)  # slots never filled are never read
+    again = cached_attention(q, garbage, cache_v, jnp.int32(layer), mask, jnp.int32(filled), block)
+    _assert_close(again, reference)
+
+
 def test_auto_is_xla_on_cpu_and_picks_by_the_mesh_platform():
     q = jnp.zeros((1, 256, HEADS, HEAD_DIM))
     assert attention.resolve("auto", q, 512) == "xla"
@@ -88,6 +120,22 @@ def test_auto_is_xla_on_cpu_and_picks_by_the_mesh_platform():
     with jax.sharding.use_abstract_mesh(tpu):
         assert attention.resolve("auto", q, 512) == "splash"
         assert attention.resolve("auto", q[:, :200], 512) == "chunked"  # no 128-multiple tile
+
+
+def test_the_auto_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    """The paper presets keep float32 masters and compute in 'auto'."""
+    from hmem_jax.config import model_preset
+    from hmem_jax.model.platform import compute_dtype
+
+    preset = model_preset("160m")
+    assert (preset.param_dtype, preset.dtype) == ("float32", "auto")
+    assert compute_dtype("auto") == jnp.float32 and compute_dtype("bfloat16") == jnp.bfloat16
+    for platform, kind in (("tpu", "TPU v5e"), ("gpu", "NVIDIA H100")):
+        mesh = jax.sharding.AbstractMesh(
+            (1,), ("data",), abstract_device=AbstractDevice(kind, None, platform)
+        )
+        with jax.sharding.use_abstract_mesh(mesh):
+            assert compute_dtype("auto") == jnp.bfloat16
 
 
 @pytest.mark.parametrize(

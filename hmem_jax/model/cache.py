@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hmem_jax.config import ModelConfig
+from hmem_jax.model.platform import compute_dtype
 
 Array = jax.Array
 
@@ -35,7 +36,7 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> KVCache:
     """An empty cache for `batch` sequences of at most `max_length` tokens (prompt + output)."""
     shape = (cfg.num_layers, batch, max_length, cfg.kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype)
     return KVCache(
         layers={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
         segment_ids=jnp.zeros((batch, max_length), jnp.int32),

@@ -17,14 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from hmem_jax.config import ModelConfig
-from hmem_jax.model.attention import attend
+from hmem_jax.model.attention import attend, cached_attention
 from hmem_jax.model.memory import Memory, add_lora, ffn_memory, kv_memory_attention
+from hmem_jax.model.platform import compute_dtype
 
 Array = jax.Array
 
 
 def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
+    """A dtype by name; the compute dtype 'auto' by platform (`platform.compute_dtype`)."""
+    return compute_dtype(name)
 
 
 def truncated_normal(std: float) -> nn.initializers.Initializer:
@@ -127,8 +129,9 @@ class Attention(nn.Module):
     (hmem_jax/model/attention.py), and the second output is None.
     With a `cache` (all layers' {"k", "v"}: [layers, B, S, kv_heads, head_dim],
     see hmem_jax/model/cache.py) the new keys/values are written at
-    [`layer`, :, `cache_index`] and the queries attend over this layer's S slots
-    (`segments_or_mask` is then the dense mask[B, 1, T, S]); the updated cache is
+    [`layer`, :, `cache_index`] and the queries attend over this layer's filled slots,
+    a block at a time straight out of the whole cache (`attention.cached_attention`;
+    `segments_or_mask` is then the dense mask[B, 1, T, S]); the updated cache is
     returned. The whole cache travels in the scan's carry, so each step updates it in
     place instead of copying every layer's slice out and back.
     """
@@ -200,13 +203,14 @@ class Attention(nn.Module):
                 )
                 for name, value in (("k", k), ("v", v))
             }
-            k, v = (
-                jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False).astype(
-                    q.dtype
-                )
-                for name in ("k", "v")
-            )
-            out = attend(q, k, v, mask=segments_or_mask)  # [B, T, N, H]
+            out = cached_attention(
+                q,
+                new_cache["k"],
+                new_cache["v"],
+                layer,
+                segments_or_mask,
+                cache_index + length,
+            )  # [B, T, N, H]
         if memory and "keys" in memory:
             out = out + kv_memory_attention(q_unrotated, memory)
         out = out.reshape(batch, length, q_width)

@@ -82,7 +82,7 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> tuple[float, str]:
     kind = jax.devices()[0].device_kind
     for prefix, flops in sorted(PEAK_FLOPS_BY_DEVICE_KIND.items(), key=lambda kv: -len(kv[0])):
         if kind.startswith(prefix):
-            return flops, f"data sheet ({kind})"
+            return flops, f"dense bf16 data sheet ({kind})"
     if jax.default_backend() == "cpu":
         # Forced host devices share the same cores: the peak is of the whole host.
         return measure_matmul_peak() / jax.local_device_count(), "measured fp32 matmul"
