@@ -1,11 +1,16 @@
 """Generation throughput (tokens/s) with a KV cache, with and without fetched FFN memory.
 
     python bench/bench_generate.py [--preset tiny] [--batch 1,8] [--new 64] [--repeats 3]
+    python bench/bench_generate.py --cache_scaling [--batch 8]
 
 A randomly initialised anchor (speed does not depend on the weights) and a
 random path memory per row of the batch (level sizes `--levels`). Reports the
 best of `--repeats` interleaved timed runs after one compile run, prefill included
 (the best is the least disturbed by other processes on a shared machine).
+
+`--cache_scaling` times one compiled decode step (`Transformer.extend` of one token per row)
+against caches of several sizes and fill levels, the cache index set to the fill: how a step's
+cost depends on the room the cache was made with and on the tokens written so far.
 """
 
 from __future__ import annotations
@@ -53,12 +58,16 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--levels", default="64,32,16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache_scaling", action="store_true")
     args = parser.parse_args()
     cfg = model_preset(args.preset)
     levels = tuple(int(x) for x in args.levels.split(","))
     model = Transformer(cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     params = model.init(jax.random.key(0), ids, ids + 1, ids)["params"]
+    if args.cache_scaling:
+        cache_scaling(model, params, int(args.batch.split(",")[-1]), args.repeats)
+        return
     decoder = Decoder(model, params)
     print(
         f"preset {args.preset}: {count_params(params):,} anchor parameters, "
@@ -86,6 +95,38 @@ def main() -> None:
                 f"{1000 * seconds / args.new:>14.2f}",
                 flush=True,
             )
+
+
+def cache_scaling(model: Transformer, params, batch: int, repeats: int) -> None:
+    from hmem_jax.model.cache import init_cache
+
+    def extend(params, tokens, cache):
+        return model.apply(
+            {"params": params}, tokens, tokens, tokens + 2, cache, None, method=Transformer.extend
+        )
+
+    step = jax.jit(extend, donate_argnums=(2,))
+    tokens = jnp.ones((batch, 1), jnp.int32)
+    print(f"{'slots':>6} {'filled':>7} {'ms per decode step':>19}")
+    for slots, filled in (
+        (128, 127),
+        (512, 64),
+        (512, 511),
+        (2048, 64),
+        (2048, 1024),
+        (2048, 2047),
+    ):
+        cache = init_cache(model.cfg, batch, slots)
+        best = float("inf")
+        for attempt in range(repeats + 1):  # the first compiles
+            start = time.perf_counter()
+            for _ in range(30):
+                at = cache.replace(index=jnp.array(filled - 1, jnp.int32))
+                logits, cache = step(params, tokens, at)
+            jax.block_until_ready(logits)
+            if attempt:
+                best = min(best, (time.perf_counter() - start) / 30)
+        print(f"{slots:>6} {filled:>7} {1000 * best:>19.2f}", flush=True)
 
 
 if __name__ == "__main__":
