@@ -42,9 +42,7 @@ def _value_and_grads(implementation: str, segments: np.ndarray, block: int, *arr
     q, k, v, cotangent = arrays
 
     def weighted(q, k, v):
-        out = attend(
-            q, k, v, segment_ids=jnp.asarray(segments), implementation=implementation, block=block
-        )
+        out = attend(q, k, v, jnp.asarray(segments), implementation=implementation, block=block)
         return jnp.sum(out * cotangent), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(weighted, (0, 1, 2), has_aux=True))(q, k, v)
@@ -102,7 +100,7 @@ def test_cached_attention_reads_the_filled_blocks_and_equals_the_dense_masked_pa
     out = jax.jit(cached_attention, static_argnums=(6,))(
         q, cache_k, cache_v, jnp.int32(layer), mask, jnp.int32(filled), block
     )
-    reference = attend(q, cache_k[layer], cache_v[layer], mask=mask)
+    reference = jax.nn.dot_product_attention(q, cache_k[layer], cache_v[layer], mask=mask)
     _assert_close(out, reference)
     garbage = cache_k.at[:, :, filled:].set(1e6)  # slots never filled are never read
     again = cached_attention(q, garbage, cache_v, jnp.int32(layer), mask, jnp.int32(filled), block)

@@ -50,13 +50,7 @@ from hmem_jax.data.prepared import (
 )
 from hmem_jax.data.progress import PrepareProgress
 from hmem_jax.data.routing import TreeRouter
-from hmem_jax.data.sources import (
-    SourceStats,
-    describe_source,
-    read_documents,
-    read_unit,
-    source_units,
-)
+from hmem_jax.data.sources import SourceStats, describe_source, read_documents, source_units
 from hmem_jax.data.tokenize_pool import TokenizerPool
 from hmem_jax.errors import PreparedDataError, SourceError
 
@@ -219,7 +213,8 @@ def _prepare_into(
             leaf_sequences[leaf] += 1
 
     try:
-        chunks = _chunks(_read_reporting(data, units, stats, report), data.prepare_chunk_documents)
+        documents = read_documents(data, stats, units, unit_done=report.file_done)
+        chunks = _chunks(documents, data.prepare_chunk_documents)
         for chunk, flat_ids, lengths in tokenization.map(chunks):
             element_counter.add(document.text for document in chunk)
             route_started = time.perf_counter()
@@ -256,15 +251,6 @@ def _prepare_into(
         timing_s={"tokenizer": tokenizer_seconds, "route": route_seconds},
     )
     return write_manifest(staging, data, seq_len, tokenizer, router, packed, started)
-
-
-def _read_reporting(
-    data: DataConfig, units: list[str], stats: SourceStats, report: PrepareProgress
-) -> Iterator[Document]:
-    """`read_documents`, unit by unit, telling `report` when each unit (file) is done."""
-    for unit in units:
-        yield from read_unit(data, unit, stats)
-        report.file_done()
 
 
 def route_keys(router: TreeRouter | None, texts: list[str]) -> list[tuple[int, ...]]:

@@ -39,7 +39,7 @@ import io
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
 from hmem_jax import paths
@@ -96,15 +96,24 @@ def describe_source(config: DataConfig) -> dict[str, object]:
     return description
 
 
-def read_documents(config: DataConfig, stats: SourceStats | None = None) -> Iterator[Document]:
+def read_documents(
+    config: DataConfig,
+    stats: SourceStats | None = None,
+    units: Sequence[str] | None = None,
+    unit_done: Callable[[], None] | None = None,
+) -> Iterator[Document]:
     """Yields the source's documents in a deterministic order, repaired as described above.
 
     `stats`, when given, is updated as documents are produced, so after the
     iterator is exhausted it counts everything that was skipped or repaired.
+    `units`: the source's `source_units`, when the caller has listed them already;
+    `unit_done` is called after each unit's last document (progress reports).
     """
     stats = stats if stats is not None else SourceStats()
-    for unit in source_units(config):
+    for unit in source_units(config) if units is None else units:
         yield from read_unit(config, unit, stats)
+        if unit_done is not None:
+            unit_done()
 
 
 def source_units(config: DataConfig) -> list[str]:

@@ -53,10 +53,6 @@ class DocumentFrequencies:
         counts.setflags(write=False)
         object.__setattr__(self, "counts", counts)
 
-    @classmethod
-    def empty(cls, bucket_bits: int = DEFAULT_BUCKET_BITS) -> DocumentFrequencies:
-        return cls(np.zeros(1 << bucket_bits, np.int64), 0)
-
     @property
     def bucket_bits(self) -> int:
         return int(len(self.counts)).bit_length() - 1

@@ -67,24 +67,18 @@ def attend(
     q: Array,
     k: Array,
     v: Array,
+    segment_ids: Array,
     *,
-    segment_ids: Array | None = None,
-    mask: Array | None = None,
     implementation: str = "xla",
     block: int = 512,
     max_documents: int = 64,
 ) -> Array:
-    """Attention of q over k/v: causal within documents (`segment_ids[B, T]`, self-attention),
-    or as a dense boolean `mask[B, 1, T, S]` says (always 'xla'); exactly one of the two.
+    """Self-attention of q over k/v, causal within the documents of `segment_ids[B, T]`.
 
     `block`: the query/key tile of 'chunked' and 'splash'; `max_documents`: how many
-    documents a row may hold in 'cudnn''s tables.
+    documents a row may hold in 'cudnn''s tables. (Decoding through a KV cache is
+    `cached_attention`.)
     """
-    if (segment_ids is None) == (mask is None):
-        raise ValueError("attend takes exactly one of segment_ids and mask.")
-    if mask is not None:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
-    assert segment_ids is not None
     chosen = resolve(implementation, q, block)
     if chosen == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=document_causal_mask(segment_ids))

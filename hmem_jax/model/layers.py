@@ -188,7 +188,7 @@ class Attention(nn.Module):
                 q,
                 k,
                 v,
-                segment_ids=segments_or_mask,
+                segments_or_mask,
                 implementation=cfg.attention,
                 block=cfg.attention_block,
                 max_documents=cfg.attention_max_documents,
